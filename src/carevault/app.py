@@ -1,0 +1,48 @@
+"""`create_app(settings)`: wires routers, middleware and lifespan; nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from carevault import __version__
+from carevault.config import Settings
+from carevault.edge import problems
+from carevault.edge.limits import RequestLimits
+from carevault.health import router as health_router
+from carevault.identity.accounts import ProfileCache
+from carevault.identity.routes import router as auth_router
+from carevault.runtime import Services, build_services
+from carevault.tokens.routes import router as jwks_router
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or Settings()
+    services = services or build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(
+        title="carevault",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        debug=False,  # never render tracebacks, whatever CAREVAULT_DEBUG says
+    )
+    app.state.services = services
+    app.state.profiles = ProfileCache(services.users)
+    problems.install(app)
+    app.include_router(health_router)
+    app.include_router(jwks_router)
+    app.include_router(auth_router)
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
+    return app

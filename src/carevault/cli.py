@@ -1,0 +1,261 @@
+"""The `carevault` command (typer): init, serve, user ..., keys ..., demo ..."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from carevault.config import Settings, UnsafeSettingsError, check_production
+from carevault.db import migrate
+from carevault.identity.accounts import AccountError
+from carevault.identity.admin import generate_password
+from carevault.identity.events import SecurityEvent
+from carevault.identity.password_policy import PasswordPolicyError
+from carevault.identity.roles import Role
+from carevault.runtime import Services, build_services, ensure_key_material
+from carevault.tokens.keys import rotate_keyset
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="carevault server and admin.")
+user_app = typer.Typer(no_args_is_help=True, help="Manage user accounts.")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage signing keys.")
+app.add_typer(user_app, name="user")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+DEMO_ACCOUNTS: list[tuple[str, Role, dict[str, str]]] = [
+    ("demo-admin", Role.admin, {}),
+    ("demo-physician", Role.physician, {"organization_id": "demo-hospital",
+                                        "practitioner_id": "demo-practitioner-1"}),
+    ("demo-nurse", Role.nurse, {"organization_id": "demo-hospital",
+                                "practitioner_id": "demo-practitioner-2"}),
+    ("demo-registrar", Role.registrar, {"organization_id": "demo-hospital"}),
+    ("demo-billing", Role.billing, {"organization_id": "demo-hospital"}),
+    ("demo-auditor", Role.auditor, {}),
+    ("demo-patient", Role.patient, {"patient_id": "demo-patient-1"}),
+    ("demo-service", Role.service, {"organization_id": "demo-hospital"}),
+]
+
+
+def _run(settings: Settings, work: Callable[[Services], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        services = build_services(settings)
+        try:
+            await services.start()
+            return await work(services)
+        finally:
+            await services.close()
+
+    return asyncio.run(runner())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _read_password_stdin() -> str:
+    data = sys.stdin.readline()
+    return data[:-1] if data.endswith("\n") else data
+
+
+def _initialise(settings: Settings) -> None:
+    ensure_key_material(settings)
+    migrate.upgrade(settings)
+
+
+@app.command()
+def init(
+    demo: Annotated[bool, typer.Option(help="Create one demo account per role.")] = False,
+) -> None:
+    """Create the data directory, keys and database schema (idempotent)."""
+    settings = Settings()
+    _initialise(settings)
+    console.print(f"carevault initialised in [bold]{settings.data_dir}[/bold]")
+    if demo:
+        created = _run(settings, _create_demo_accounts)
+        _print_demo(settings, created)
+
+
+async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]]:
+    created = []
+    for username, role, links in DEMO_ACCOUNTS:
+        if await services.users.by_username(username) is not None:
+            continue
+        password = generate_password()
+        await services.accounts.add_user(username, password, role, is_demo=True, **links)
+        created.append((username, str(role), password))
+    return created
+
+
+def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    if not created:
+        console.print("Demo accounts already exist; their passwords were shown when they were "
+                      "created. Reset one with: [bold]carevault user reset-password "
+                      "demo-physician[/bold]")
+        return
+    table = Table(title="Demo accounts (passwords are shown once)")
+    table.add_column("username")
+    table.add_column("role")
+    table.add_column("password")
+    for username, role, password in created:
+        table.add_row(username, role, password)
+    console.print(table)
+    physician = next((c for c in created if c[0] == "demo-physician"), created[0])
+    console.print("\nQuick start (in another terminal):\n")
+    console.print(
+        f"  TOKEN=$(curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
+        f"    -d '{{\"username\":\"{physician[0]}\",\"password\":\"{physician[2]}\"}}' "
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
+        f"  curl -s {base}/auth/me -H \"Authorization: Bearer $TOKEN\"\n",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+) -> None:
+    """Apply migrations and serve HTTP(S)."""
+    import uvicorn
+
+    for name, value in (("HOST", host), ("PORT", port), ("TLS_CERT", tls_cert),
+                        ("TLS_KEY", tls_key)):
+        if value is not None:
+            os.environ[f"CAREVAULT_{name}"] = str(value)  # so that worker processes agree
+    settings = Settings()
+    _initialise(settings)
+    demo_count = _run(settings, lambda s: s.users.count_demo())
+    try:
+        check_production(settings, bind_host=settings.host, demo_accounts=demo_count)
+    except UnsafeSettingsError as err:
+        raise _fail(str(err), 2) from None
+    from carevault.logs import configure
+
+    configure()
+    scheme = "https" if settings.tls_enabled else "http"
+    console.print(f"carevault serving on {scheme}://{settings.host}:{settings.port} "
+                  f"({workers} worker{'s' if workers > 1 else ''}); try "
+                  f"{scheme}://{settings.host}:{settings.port}/healthz", highlight=False)
+    uvicorn.run(
+        "carevault.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        access_log=False,  # URLs can carry search values; issue-8 logging replaces this
+        server_header=False,
+        proxy_headers=False,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
+
+
+@user_app.command("add")
+def user_add(
+    name: str,
+    role: Annotated[Role, typer.Option(help="The user's role.")],
+    org: Annotated[str | None, typer.Option(help="FHIR Organization id.")] = None,
+    practitioner: Annotated[str | None, typer.Option(help="FHIR Practitioner id.")] = None,
+    patient: Annotated[str | None, typer.Option(help="FHIR Patient id (patients).")] = None,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                 help="Read the password from stdin.")] = False,
+) -> None:
+    """Create a user. Without --password-stdin a random password is generated and shown once."""
+    settings = Settings()
+    _initialise(settings)
+    password = _read_password_stdin() if password_stdin else generate_password()
+    try:
+        user = _run(settings, lambda s: s.accounts.add_user(
+            name, password, role, organization_id=org, practitioner_id=practitioner,
+            patient_id=patient))
+    except (PasswordPolicyError, AccountError) as err:
+        raise _fail(err.message) from None
+    console.print_json(data={"id": user.id, "username": user.username, "roles": list(user.roles)})
+    if not password_stdin:
+        console.print(f"generated password (shown once): {password}", highlight=False)
+
+
+def _account_change(work: Callable[[Services], Awaitable[object]]) -> None:
+    settings = Settings()
+    _initialise(settings)
+    try:
+        _run(settings, work)
+    except (PasswordPolicyError, AccountError) as err:
+        raise _fail(err.message) from None
+
+
+@user_app.command("disable")
+def user_disable(name: str) -> None:
+    """Disable a user and end all their sessions at once."""
+    _account_change(lambda s: s.accounts.set_enabled(name, False))
+    console.print(f"disabled {name}; all sessions ended")
+
+
+@user_app.command("enable")
+def user_enable(name: str) -> None:
+    """Enable a disabled user."""
+    _account_change(lambda s: s.accounts.set_enabled(name, True))
+    console.print(f"enabled {name}")
+
+
+@user_app.command("set-role")
+def user_set_role(name: str, role: Role) -> None:
+    """Replace a user's role and end all their sessions at once."""
+    _account_change(lambda s: s.accounts.set_role(name, role))
+    console.print(f"{name} is now {role}; all sessions ended")
+
+
+@user_app.command("reset-password")
+def user_reset_password(
+    name: str,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                 help="Read the password from stdin.")] = False,
+) -> None:
+    """Set a new password (generated unless --password-stdin) and end all sessions."""
+    password = _read_password_stdin() if password_stdin else generate_password()
+    _account_change(lambda s: s.accounts.reset_password(name, password))
+    console.print(f"password of {name} reset; all sessions ended")
+    if not password_stdin:
+        console.print(f"new password (shown once): {password}", highlight=False)
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Promote the next signing key to current; the old one verifies until its tokens expire."""
+    settings = Settings()
+    _initialise(settings)
+    retire_after = settings.access_token_ttl_seconds + settings.clock_leeway_seconds
+    kid = rotate_keyset(settings.keys_dir, settings.signing_algorithm, retire_after, time.time())
+
+    async def record(services: Services) -> None:
+        await services.events.record(SecurityEvent("key_rotation", "success",
+                                                   details={"kid": kid}))
+
+    _run(settings, record)
+    console.print(f"signing key rotated; current kid {kid}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""One `Settings` object for the whole process (env `CAREVAULT_*`, optional `.env`).
+
+`check_production` refuses settings that would be unsafe outside a developer's machine; each
+refusal names the setting and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# OWASP Password Storage Cheat Sheet, Argon2id minimum: m=19456 KiB, t=2, p=1.
+OWASP_ARGON2_MEMORY_KIB = 19456
+OWASP_ARGON2_TIME_COST = 2
+OWASP_ARGON2_PARALLELISM = 1
+
+# RFC 9068 access tokens are bearer credentials; an hour is the longest we allow them to live.
+MAX_ACCESS_TOKEN_TTL_SECONDS = 3600
+# RFC 7519 leeway for clock skew; the issue allows at most 60 s.
+MAX_CLOCK_LEEWAY_SECONDS = 60
+
+SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
+
+
+class Environment(StrEnum):
+    development = "development"
+    production = "production"
+
+
+class UnsafeSettingsError(Exception):
+    """Raised when production mode meets a setting that must not be used there."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            "Refusing to start in production mode:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAREVAULT_", env_file=".env", extra="ignore", frozen=True,
+        populate_by_name=True,
+    )
+
+    environment: Environment = Environment.development
+    debug: bool = False
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    # Defaults to the URL the server binds (http(s)://host:port); set it to the public URL.
+    issuer_url: str | None = Field(None, alias="CAREVAULT_ISSUER")
+    audience: str = "carevault"
+    signing_algorithm: str = "ES256"
+    access_token_ttl_seconds: int = Field(600, ge=30, le=MAX_ACCESS_TOKEN_TTL_SECONDS)
+    clock_leeway_seconds: int = Field(30, ge=0, le=MAX_CLOCK_LEEWAY_SECONDS)
+    max_token_bytes: int = Field(8192, ge=1024, le=8192)
+
+    refresh_absolute_ttl_seconds: int = Field(12 * 3600, ge=60)
+    refresh_idle_ttl_seconds: int = Field(30 * 60, ge=60)
+    # Two tabs refreshing at once must not log the user out (Keycloak users' most common
+    # complaint); 0 turns the grace window off and every reuse is treated as theft.
+    refresh_grace_seconds: float = Field(5.0, ge=0, le=60)
+
+    argon2_memory_kib: int = Field(OWASP_ARGON2_MEMORY_KIB, ge=OWASP_ARGON2_MEMORY_KIB)
+    argon2_time_cost: int = Field(OWASP_ARGON2_TIME_COST, ge=OWASP_ARGON2_TIME_COST)
+    argon2_parallelism: int = Field(OWASP_ARGON2_PARALLELISM, ge=1, le=16)
+    password_hash_threads: int = Field(0, ge=0, le=64)  # 0: one per CPU core
+
+    login_max_failures: int = Field(5, ge=1, le=100)
+    login_lockout_seconds: int = Field(15 * 60, ge=1)
+    login_backoff_base_seconds: float = Field(1.0, ge=0)
+    login_backoff_max_seconds: float = Field(30.0, ge=0)
+    login_max_failures_per_address: int = Field(50, ge=1)
+    login_address_window_seconds: int = Field(15 * 60, ge=1)
+
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    key_reload_interval_seconds: float = Field(1.0, ge=0.05)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("signing_algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        if value not in SIGNING_ALGORITHMS:
+            raise ValueError(f"signing_algorithm must be one of {', '.join(SIGNING_ALGORITHMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """Async SQLAlchemy URL: PostgreSQL through psycopg 3, else the embedded SQLite file."""
+        if self.database_url:
+            return to_async_url(self.database_url)
+        return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'carevault.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    @property
+    def issuer(self) -> str:
+        if self.issuer_url:
+            return self.issuer_url.rstrip("/")
+        scheme = "https" if self.tls_cert is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+def to_async_url(url: str) -> str:
+    """Accept the usual spellings of a PostgreSQL URL and select psycopg 3 for them."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def secret_files(settings: Settings) -> list[Path]:
+    """Every file in the data directory that holds key material or credentials."""
+    keys = settings.keys_dir
+    return sorted(p for p in keys.glob("*") if p.is_file()) if keys.is_dir() else []
+
+
+def exposed_secret_files(settings: Settings) -> list[tuple[Path, int]]:
+    """Secret files (and the keys directory) that users other than the owner may read."""
+    exposed: list[tuple[Path, int]] = []
+    candidates = [settings.keys_dir, *secret_files(settings)]
+    db_file = settings.data_dir / "carevault.db"
+    if settings.database_url is None and db_file.exists():
+        candidates.append(db_file)
+    for path in candidates:
+        if path.exists():
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                exposed.append((path, mode))
+    return exposed
+
+
+def check_production(settings: Settings, *, bind_host: str, demo_accounts: int) -> None:
+    """Refuse unsafe settings in production mode; list every problem with its fix."""
+    if settings.environment is not Environment.production:
+        return
+    problems: list[str] = []
+    if not is_loopback(bind_host) and not settings.tls_enabled:
+        problems.append(
+            f"binding to {bind_host} without TLS. Fix: set CAREVAULT_TLS_CERT and "
+            "CAREVAULT_TLS_KEY (or pass --tls-cert/--tls-key), or bind to 127.0.0.1 behind a "
+            "TLS-terminating proxy"
+        )
+    if settings.debug:
+        problems.append("debug is on. Fix: unset CAREVAULT_DEBUG (or set it to false)")
+    if demo_accounts:
+        problems.append(
+            f"{demo_accounts} demo account(s) exist. Fix: remove them with "
+            "`carevault user disable NAME`, or start from a fresh data directory"
+        )
+    for path, mode in exposed_secret_files(settings):
+        problems.append(
+            f"{path} is readable by other users (mode {mode:04o}). Fix: chmod "
+            f"{'700' if path.is_dir() else '600'} {path}"
+        )
+    if settings.issuer.startswith("http://") and not is_loopback_url(settings.issuer):
+        problems.append(
+            f"issuer {settings.issuer} is not https. Fix: set CAREVAULT_ISSUER to the https URL "
+            "clients use"
+        )
+    if problems:
+        raise UnsafeSettingsError(problems)
+
+
+def is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return is_loopback(urlsplit(url).hostname or "")

@@ -1,0 +1,1 @@
+"""Cryptographic building blocks: password hashing, secret files, keyed hashes."""

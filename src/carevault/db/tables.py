@@ -1,0 +1,113 @@
+"""Table definitions (SQLAlchemy Core). Migrations in `migrations/versions` mirror these."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(36), primary_key=True),  # opaque UUID: the token `sub`
+    Column("username", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("roles", JSON, nullable=False),
+    Column("organization_id", String(64)),
+    Column("practitioner_id", String(64)),
+    Column("patient_id", String(64)),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("is_demo", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per login: every refresh token descended from that login belongs to the family.
+refresh_families = Table(
+    "refresh_families",
+    metadata,
+    Column("id", String(36), primary_key=True),  # also the access tokens' `sid`
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("client_id", String(128), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("amr", JSON, nullable=False),
+    Column("auth_time", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # absolute lifetime
+    Column("revoked_at", Float),
+    Column("revoked_reason", String(32)),
+)
+
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),  # SHA-256 of the opaque token
+    Column("family_id", String(36), ForeignKey("refresh_families.id"), nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("idle_expires_at", Float, nullable=False),
+    Column("used_at", Float),  # high resolution: a same-second replay is still a replay
+    Column("successor_hash", String(64)),
+    Index("ix_refresh_tokens_family_id", "family_id"),
+)
+
+# Denials checked on every request. Rows expire once no token they could match is alive.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),  # jti | sid | user
+    Column("value", String(64), nullable=False),
+    Column("not_before", Float),  # kind=user: tokens issued before this are dead
+    Column("expires_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_revocations_expires_at", "expires_at"),
+)
+
+login_throttle = Table(
+    "login_throttle",
+    metadata,
+    Column("key", String(80), primary_key=True),  # acct:<keyed hash> | addr:<address>
+    Column("failures", Integer, nullable=False),
+    Column("window_started_at", Float, nullable=False),
+    Column("last_failure_at", Float, nullable=False),
+    Column("locked_until", Float),
+    Column("in_flight", Integer, nullable=False, default=0),  # attempts being checked now
+    Column("in_flight_at", Float),
+)
+
+# Interim store of security events; the audit trail takes these over.
+security_events = Table(
+    "security_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("user_id", String(36)),
+    Column("client_id", String(128)),
+    Column("subject_hash", String(64)),  # keyed hash of an attempted username, never the name
+    Column("source_address", String(64)),
+    Column("request_id", String(64)),
+    Column("details", JSON),
+    Index("ix_security_events_occurred_at", "occurred_at"),
+)

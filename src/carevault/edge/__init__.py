@@ -1,0 +1,1 @@
+"""The HTTP edge: request limits, problem+json errors, client addresses."""

@@ -1,0 +1,1 @@
+"""Accounts, roles, password policy, login throttling."""

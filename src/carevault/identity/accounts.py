@@ -1,0 +1,191 @@
+"""User accounts: create, look up, enable/disable, change roles and passwords.
+
+Ids are opaque UUIDs (the token `sub`); links to FHIR resources (organization, practitioner,
+patient) are what access control will use. Changes that should end existing sessions
+(disable, role change, password reset) return so the caller can revoke; see `AccountAdmin`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.tables import users
+from carevault.identity.roles import CLINICIAN_ROLES, Role
+
+USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._@-]{2,63}$")
+FHIR_ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 `id` datatype
+
+
+class AccountError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    username: str
+    password_hash: str
+    roles: tuple[str, ...]
+    organization_id: str | None
+    practitioner_id: str | None
+    patient_id: str | None
+    enabled: bool
+    is_demo: bool
+
+
+def normalize_username(username: str) -> str:
+    return username.strip().lower()
+
+
+def validate_links(roles: list[Role], org: str | None, practitioner: str | None,
+                   patient: str | None) -> None:
+    for label, value in (("organization", org), ("practitioner", practitioner),
+                         ("patient", patient)):
+        if value is not None and not FHIR_ID_PATTERN.fullmatch(value):
+            raise AccountError("bad_link", f"{label} id must be a FHIR id ([A-Za-z0-9-.]{{1,64}})")
+    if practitioner is not None and not set(roles) & CLINICIAN_ROLES:
+        raise AccountError("bad_link", "only physicians and nurses link to a Practitioner")
+    if Role.patient in roles and patient is None:
+        raise AccountError("bad_link", "a patient account must link to its Patient (--patient)")
+    if patient is not None and Role.patient not in roles:
+        raise AccountError("bad_link", "only patient accounts link to a Patient")
+
+
+def _row_to_user(row) -> User:  # type: ignore[no-untyped-def]
+    return User(
+        id=row.id,
+        username=row.username,
+        password_hash=row.password_hash,
+        roles=tuple(row.roles),
+        organization_id=row.organization_id,
+        practitioner_id=row.practitioner_id,
+        patient_id=row.patient_id,
+        enabled=bool(row.enabled),
+        is_demo=bool(row.is_demo),
+    )
+
+
+class UserStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self,
+        *,
+        username: str,
+        password_hash: str,
+        roles: list[Role],
+        organization_id: str | None = None,
+        practitioner_id: str | None = None,
+        patient_id: str | None = None,
+        is_demo: bool = False,
+    ) -> User:
+        username = normalize_username(username)
+        if not USERNAME_PATTERN.fullmatch(username):
+            raise AccountError(
+                "bad_username",
+                "username must be 3-64 characters: lowercase letters, digits, . _ @ -",
+            )
+        validate_links(roles, organization_id, practitioner_id, patient_id)
+        now = dt.datetime.now(dt.UTC)
+        user_id = str(uuid.uuid4())
+        try:
+            async with write_transaction(self._engine) as conn:
+                await conn.execute(
+                    insert(users).values(
+                        id=user_id,
+                        username=username,
+                        password_hash=password_hash,
+                        roles=[str(r) for r in roles],
+                        organization_id=organization_id,
+                        practitioner_id=practitioner_id,
+                        patient_id=patient_id,
+                        enabled=True,
+                        is_demo=is_demo,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except IntegrityError as err:
+            raise AccountError("exists", "a user with that username already exists") from err
+        user = await self.by_id(user_id)
+        assert user is not None
+        return user
+
+    async def by_username(self, username: str) -> User | None:
+        async with read_connection(self._engine) as conn:
+            row = (
+                await conn.execute(select(users).where(users.c.username == normalize_username(username)))
+            ).first()
+        return _row_to_user(row) if row else None
+
+    async def by_id(self, user_id: str) -> User | None:
+        async with read_connection(self._engine) as conn:
+            row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        return _row_to_user(row) if row else None
+
+    async def _update(self, user_id: str, **values: object) -> None:
+        async with write_transaction(self._engine) as conn:
+            await conn.execute(
+                update(users)
+                .where(users.c.id == user_id)
+                .values(updated_at=dt.datetime.now(dt.UTC), **values)
+            )
+
+    async def set_enabled(self, user_id: str, enabled: bool) -> None:
+        await self._update(user_id, enabled=enabled)
+
+    async def set_roles(self, user_id: str, roles: list[Role]) -> None:
+        await self._update(user_id, roles=[str(r) for r in roles])
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        await self._update(user_id, password_hash=password_hash)
+
+    async def count_demo(self) -> int:
+        async with read_connection(self._engine) as conn:
+            return (
+                await conn.execute(
+                    select(func.count()).select_from(users).where(
+                        users.c.is_demo.is_(True), users.c.enabled.is_(True)
+                    )
+                )
+            ).scalar_one()
+
+
+class ProfileCache:
+    """Short-lived cache of user rows for hot read paths such as `/auth/me`.
+
+    Only descriptive fields are served from it; whether a token is still good is decided by
+    the revocation list on every request, which account changes update at once.
+    """
+
+    def __init__(self, users: UserStore, ttl_seconds: float = 5.0, max_entries: int = 10_000):
+        import time
+
+        self._users = users
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._entries: dict[str, tuple[float, User | None]] = {}
+        self._now = time.monotonic
+
+    async def get(self, user_id: str) -> User | None:
+        now = self._now()
+        hit = self._entries.get(user_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        user = await self._users.by_id(user_id)
+        if len(self._entries) >= self._max:
+            self._entries.clear()
+        self._entries[user_id] = (now + self._ttl, user)
+        return user

@@ -1,0 +1,154 @@
+"""`/auth/*`: password login, refresh, logout, logout-all and `me`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Cookie, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from carevault.edge.client_address import client_address
+from carevault.edge.problems import ProblemError, problem_response
+from carevault.identity.authentication import LoginFailed, RequestContext, TokenGrant
+from carevault.identity.events import SecurityEvent
+from carevault.identity.principal import Principal
+from carevault.identity.throttle import AddressThrottled
+from carevault.tokens.bearer import authenticate
+from carevault.tokens.refresh import RefreshError
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+REFRESH_COOKIE = "__Secure-carevault-refresh"
+LOGIN_FAILED_DETAIL = "Invalid username or password."
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str = Field(min_length=1, max_length=256)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class RefreshRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    refresh_token: str = Field(min_length=1, max_length=512)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_in: int
+    refresh_token: str
+
+
+class MeResponse(BaseModel):
+    id: str
+    username: str
+    roles: list[str]
+    organization: str | None
+    practitioner: str | None
+    patient: str | None
+    client_id: str
+    expires_at: int
+
+
+def _context(request: Request) -> RequestContext:
+    settings = request.app.state.services.settings
+    return RequestContext(address=client_address(request, settings.trusted_proxies),
+                          request_id=request.headers.get("x-request-id"))
+
+
+def _token_response(request: Request, grant: TokenGrant) -> JSONResponse:
+    settings = request.app.state.services.settings
+    body = TokenResponse(access_token=grant.access_token, expires_in=grant.expires_in,
+                         refresh_token=grant.refresh_token)
+    response = JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store",
+                                                        "Pragma": "no-cache"})
+    response.set_cookie(REFRESH_COOKIE, grant.refresh_token,
+                        max_age=settings.refresh_absolute_ttl_seconds, path="/auth",
+                        secure=True, httponly=True, samesite="strict")
+    return response
+
+
+def _clear_cookie(response: Response) -> None:
+    response.delete_cookie(REFRESH_COOKIE, path="/auth", secure=True, httponly=True,
+                           samesite="strict")
+
+
+@router.post("/login", response_model=TokenResponse,
+             responses={401: {"description": "Invalid credentials"},
+                        429: {"description": "Too many failed logins from this address"}})
+async def login(body: LoginRequest, request: Request) -> Response:
+    services = request.app.state.services
+    try:
+        grant = await services.authenticator.login(body.username, body.password, _context(request))
+    except LoginFailed:
+        # Identical bytes for unknown user, wrong password, disabled and locked accounts.
+        return problem_response(401, LOGIN_FAILED_DETAIL)
+    except AddressThrottled as err:
+        return problem_response(429, "Too many failed logins; try again later.",
+                                headers={"Retry-After": str(err.retry_after)})
+    return _token_response(request, grant)
+
+
+@router.post("/refresh", response_model=TokenResponse,
+             responses={401: {"description": "Invalid, expired or reused refresh token"}})
+async def refresh(
+    request: Request,
+    body: RefreshRequest | None = None,
+    cookie_token: Annotated[str | None, Cookie(alias=REFRESH_COOKIE)] = None,
+) -> Response:
+    services = request.app.state.services
+    token = body.refresh_token if body is not None else cookie_token
+    if not token:
+        raise ProblemError(401, "A refresh token is required.")
+    try:
+        grant = await services.authenticator.refresh(token, _context(request))
+    except RefreshError:
+        response = problem_response(401, "The refresh token is invalid or expired.")
+        _clear_cookie(response)
+        return response
+    return _token_response(request, grant)
+
+
+@router.post("/logout", status_code=204, responses={401: {"description": "Not authenticated"}})
+async def logout(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Response:
+    services = request.app.state.services
+    await services.sessions.end_session(principal.session_id, principal.token_id,
+                                        principal.token_expires_at)
+    ctx = _context(request)
+    await services.events.record(SecurityEvent("logout", "success", user_id=principal.user_id,
+                                               client_id=principal.client_id,
+                                               source_address=ctx.address,
+                                               request_id=ctx.request_id))
+    response = Response(status_code=204)
+    _clear_cookie(response)
+    return response
+
+
+@router.post("/logout-all", status_code=204, responses={401: {"description": "Not authenticated"}})
+async def logout_all(request: Request,
+                     principal: Annotated[Principal, Depends(authenticate)]) -> Response:
+    services = request.app.state.services
+    sessions = await services.sessions.end_all(principal.user_id, "logout_all")
+    ctx = _context(request)
+    await services.events.record(SecurityEvent("logout_all", "success", user_id=principal.user_id,
+                                               client_id=principal.client_id,
+                                               source_address=ctx.address,
+                                               request_id=ctx.request_id,
+                                               details={"sessions": len(sessions)}))
+    response = Response(status_code=204)
+    _clear_cookie(response)
+    return response
+
+
+@router.get("/me", response_model=MeResponse, responses={401: {"description": "Not authenticated"}})
+async def me(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Response:
+    user = await request.app.state.profiles.get(principal.user_id)
+    if user is None or not user.enabled:
+        raise ProblemError(401, "Authentication is required.",
+                           headers={"WWW-Authenticate": 'Bearer realm="carevault", error="invalid_token"'})
+    body = MeResponse(id=user.id, username=user.username, roles=list(principal.roles),
+                      organization=user.organization_id, practitioner=user.practitioner_id,
+                      patient=user.patient_id, client_id=principal.client_id,
+                      expires_at=principal.token_expires_at)
+    return JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store"})

@@ -1,0 +1,107 @@
+"""The long-lived objects of one process, built from `Settings` (shared by the app and the CLI)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from carevault.config import Settings
+from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
+from carevault.crypto.passwords import PasswordHasher
+from carevault.db.engine import create_engine
+from carevault.identity.accounts import UserStore
+from carevault.identity.admin import AccountAdmin
+from carevault.identity.authentication import Authenticator
+from carevault.identity.events import SecurityEventLog
+from carevault.identity.throttle import LoginThrottle
+from carevault.tokens.access import AccessTokenIssuer, AccessTokenVerifier
+from carevault.tokens.keys import KeyRing, create_keyset
+from carevault.tokens.refresh import RefreshTokenService
+from carevault.tokens.revocation import (
+    DatabaseRevocationList,
+    RedisRevocationList,
+    RevocationList,
+)
+from carevault.tokens.sessions import SessionRevoker
+from carevault.tokens.signal import ChangeSignal
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    secrets: InstanceSecrets
+    keyring: KeyRing
+    issuer: AccessTokenIssuer
+    verifier: AccessTokenVerifier
+    revocations: RevocationList
+    refresh: RefreshTokenService
+    sessions: SessionRevoker
+    hasher: PasswordHasher
+    users: UserStore
+    events: SecurityEventLog
+    throttle: LoginThrottle
+    authenticator: Authenticator
+    accounts: AccountAdmin
+    signal: ChangeSignal
+
+    async def start(self) -> None:
+        await self.revocations.start()
+
+    async def close(self) -> None:
+        await self.revocations.close()
+        await self.engine.dispose()
+        self.hasher.close()
+        self.signal.close()
+
+
+def ensure_key_material(settings: Settings) -> None:
+    """Create the data directory's secrets on first use (0700 directory, 0600 files)."""
+    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    create_keyset(settings.keys_dir, settings.signing_algorithm)
+    load_or_create(settings.keys_dir)
+
+
+def build_services(settings: Settings, clock: Callable[[], float] = time.time) -> Services:
+    ensure_key_material(settings)
+    engine = create_engine(settings)
+    instance_secrets = load_or_create(settings.keys_dir)
+    keyring = KeyRing(settings.keys_dir, settings.key_reload_interval_seconds)
+    signal = ChangeSignal(settings.data_dir / "revocation.signal")
+    revocations: RevocationList
+    if settings.redis_url:
+        revocations = RedisRevocationList(engine, settings.redis_url, clock)
+    else:
+        revocations = DatabaseRevocationList(engine, signal, clock)
+    refresh = RefreshTokenService(settings, engine, instance_secrets, clock)
+    sessions = SessionRevoker(settings, refresh, revocations, clock)
+    hasher = PasswordHasher(settings)
+    users = UserStore(engine)
+    events = SecurityEventLog(engine)
+    throttle = LoginThrottle(settings, engine, clock)
+    issuer = AccessTokenIssuer(settings, keyring, clock)
+    authenticator = Authenticator(
+        users=users, hasher=hasher, throttle=throttle, events=events, refresh=refresh,
+        issuer=issuer, sessions=sessions, instance_secrets=instance_secrets, clock=clock,
+    )
+    return Services(
+        settings=settings,
+        engine=engine,
+        secrets=instance_secrets,
+        keyring=keyring,
+        issuer=issuer,
+        verifier=AccessTokenVerifier(settings, keyring, clock),
+        revocations=revocations,
+        refresh=refresh,
+        sessions=sessions,
+        hasher=hasher,
+        users=users,
+        events=events,
+        throttle=throttle,
+        authenticator=authenticator,
+        accounts=AccountAdmin(users, hasher, sessions, events),
+        signal=signal,
+    )
