@@ -100,24 +100,24 @@ async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]
 
 def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None:
     base = f"http://{settings.host}:{settings.port}"
-    if not created:
+    password = "<the password shown when the account was created>"
+    if created:
+        table = Table(title="Demo accounts (passwords are shown once)")
+        for column in ("username", "role", "password"):
+            table.add_column(column)
+        for username, role, secret in created:
+            table.add_row(username, role, secret)
+        console.print(table)
+        password = next((c[2] for c in created if c[0] == "demo-physician"), password)
+    else:
         console.print("Demo accounts already exist; their passwords were shown when they were "
-                      "created. Reset one with: [bold]carevault user reset-password "
-                      "demo-physician[/bold]")
-        return
-    table = Table(title="Demo accounts (passwords are shown once)")
-    table.add_column("username")
-    table.add_column("role")
-    table.add_column("password")
-    for username, role, password in created:
-        table.add_row(username, role, password)
-    console.print(table)
-    physician = next((c for c in created if c[0] == "demo-physician"), created[0])
-    console.print("\nQuick start (in another terminal):\n")
+                      "created. Set a new one with: carevault user reset-password demo-physician",
+                      highlight=False)
     console.print(
+        "\nQuick start (in another terminal, once the server below is up):\n\n"
         f"  TOKEN=$(curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
-        f"    -d '{{\"username\":\"{physician[0]}\",\"password\":\"{physician[2]}\"}}' "
-        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
+        f"    -d '{{\"username\":\"demo-physician\",\"password\":\"{password}\"}}' \\\n"
+        "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
         f"  curl -s {base}/auth/me -H \"Authorization: Bearer $TOKEN\"\n",
         markup=False, highlight=False, soft_wrap=True,
     )

@@ -60,7 +60,8 @@ class Services:
 
 def ensure_key_material(settings: Settings) -> None:
     """Create the data directory's secrets on first use (0700 directory, 0600 files)."""
-    settings.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.keys_dir.mkdir(exist_ok=True, mode=0o700)
     create_keyset(settings.keys_dir, settings.signing_algorithm)
     load_or_create(settings.keys_dir)
 
