@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from carevault.crypto.instance_secrets import InstanceSecrets
 from carevault.crypto.passwords import PasswordHasher
-from carevault.identity.accounts import User, UserStore, normalize_username
+from carevault.identity.accounts import USERNAME_PATTERN, User, UserStore, normalize_username
 from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.roles import Role
 from carevault.identity.throttle import LoginThrottle
@@ -80,7 +80,10 @@ class Authenticator:
         name = normalize_username(username)[:MAX_USERNAME_CHARS]
         subject_hash = self._secrets.keyed_hash(name)
         verdict = await self._throttle.begin_attempt(subject_hash)
-        user = await self._users.by_username(name) if verdict.allowed else None
+        # A name that could never have been registered is not looked up (PostgreSQL refuses
+        # NUL bytes outright), but still costs the dummy verify below.
+        lookup = verdict.allowed and USERNAME_PATTERN.fullmatch(name) is not None
+        user = await self._users.by_username(name) if lookup else None
         stored_hash = user.password_hash if user is not None else None
         matches, needs_rehash = await self._hasher.verify(stored_hash, password[:MAX_PASSWORD_CHARS])
         event = SecurityEvent(
