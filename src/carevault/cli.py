@@ -60,7 +60,7 @@ def _run(settings: Settings, work: Callable[[Services], Awaitable[T]]) -> T:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}")
+    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 

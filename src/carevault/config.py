@@ -139,10 +139,12 @@ class Settings(BaseSettings):
 
 
 def to_async_url(url: str) -> str:
-    """Accept the usual spellings of a PostgreSQL URL and select psycopg 3 for them."""
+    """Accept the usual spellings of a database URL and select the async driver for them."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     return url
 
 

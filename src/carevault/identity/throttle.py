@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -110,6 +110,7 @@ class LoginThrottle:
         key = f"acct:{account_key}"
         async with write_transaction(self._engine) as conn:
             now = self._clock()
+            await _ensure_row(conn, key, now)
             row = (await conn.execute(select(login_throttle).where(login_throttle.c.key == key))).one()
             failures = row.failures + 1
             locked = failures >= self._s.login_max_failures
@@ -123,8 +124,16 @@ class LoginThrottle:
             return locked
 
     async def succeeded(self, account_key: str) -> None:
+        # Reset rather than delete: a concurrent attempt of the same account may be between
+        # its insert-if-missing and its read of this row (PostgreSQL, READ COMMITTED).
         async with write_transaction(self._engine) as conn:
-            await conn.execute(delete(login_throttle).where(login_throttle.c.key == f"acct:{account_key}"))
+            await conn.execute(
+                update(login_throttle)
+                .where(login_throttle.c.key == f"acct:{account_key}")
+                .values(failures=0, locked_until=None,
+                        in_flight=case((login_throttle.c.in_flight > 0,
+                                        login_throttle.c.in_flight - 1), else_=0))
+            )
 
     async def address_failed(self, address: str) -> None:
         key = f"addr:{address}"

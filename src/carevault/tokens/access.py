@@ -6,6 +6,8 @@ only this server's keys: the header may name `alg`, `kid` and `typ` and nothing 
 one bound to that `kid`'s key (no `none`, no HMAC, no key confusion); duplicate JSON member names
 are refused (RFC 7515 §5.2 lets a parser pick either value, so two parsers may disagree).
 JOSE parsing and signature checks are joserfc's; this module only decides what to accept.
+`verify_jws_signature` is the signature step on its own (exactly one algorithm: the one bound to
+the key), so conformance vectors can be run through the same code `verify` runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from carevault.tokens.keys import KeyRing
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 ALLOWED_HEADER_PARAMS = frozenset({"alg", "kid", "typ"})
 REQUIRED_STRING_CLAIMS = ("iss", "sub", "jti", "client_id", "scope", "sid")
+# One registry per algorithm a signing key may be bound to (keys.KEY_TYPES): each allows exactly
+# that algorithm, so the token's own `alg` can never pick another one.
+_SIGNATURE_REGISTRIES = {
+    alg: jws.JWSRegistry(algorithms=[alg]) for alg in ("ES256", "EdDSA", "PS256", "RS256")
+}
 
 
 class InvalidTokenError(Exception):
@@ -69,6 +76,27 @@ def _strict_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidTokenError("not a JSON object")
     return value
+
+
+def verify_jws_signature(raw: bytes, key: Any, alg: str) -> bytes:
+    """Check the JWS compact serialization `raw` with `key` under `alg` only; return the payload.
+
+    `alg` is the algorithm bound to the key (`SigningKey.alg`), never one read from the token.
+    Raises `InvalidTokenError` for an algorithm outside the allowlist, a header naming another
+    algorithm, a malformed JWS or a bad signature.
+    """
+    registry = _SIGNATURE_REGISTRIES.get(alg)
+    if registry is None:
+        raise InvalidTokenError("algorithm not allowed")
+    try:
+        obj = jws.extract_compact(raw, registry=registry)
+        if not jws.validate_compact(obj, key, registry=registry):
+            raise InvalidTokenError("bad signature")
+    except JoseError as err:
+        raise InvalidTokenError(f"JWS rejected: {err.error}") from err
+    except (ValueError, TypeError) as err:
+        raise InvalidTokenError("malformed JWS") from err
+    return obj.payload
 
 
 class AccessTokenIssuer:
@@ -134,9 +162,6 @@ class AccessTokenVerifier:
         self._keyring = keyring
         self._clock = clock
         self._max_bytes = settings.max_token_bytes
-        self._registries = {
-            alg: jws.JWSRegistry(algorithms=[alg]) for alg in ("ES256", "EdDSA", "PS256", "RS256")
-        }
 
     def verify(self, token: str) -> AccessClaims:
         """Return the claims of a valid access token or raise `InvalidTokenError`."""
@@ -171,17 +196,8 @@ class AccessTokenVerifier:
         if header.get("alg") != key.alg:
             raise InvalidTokenError("algorithm not allowed for this key")
 
-        registry = self._registries[key.alg]
-        try:
-            obj = jws.extract_compact(raw, registry=registry)
-            if not jws.validate_compact(obj, key.key, registry=registry):
-                raise InvalidTokenError("bad signature")
-        except JoseError as err:
-            raise InvalidTokenError(f"JWS rejected: {err.error}") from err
-        except (ValueError, TypeError) as err:
-            raise InvalidTokenError("malformed JWS") from err
-
-        claims = _strict_json_object(obj.payload)
+        payload = verify_jws_signature(raw, key.key, key.alg)
+        claims = _strict_json_object(payload)
         self._check_claims(claims, now)
         return AccessClaims(
             sub=claims["sub"],

@@ -67,7 +67,12 @@ class SigningKey:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> SigningKey:
         alg = record["alg"]
-        key = jwk.import_key(record["jwk"])
+        if alg not in KEY_TYPES:
+            raise ValueError("signing key algorithm is not allowed")
+        try:
+            key = jwk.import_key(record["jwk"])
+        except Exception as err:  # joserfc raises its own error types for bad JWKs
+            raise ValueError("signing key is not a valid JWK") from err
         kty, crv = KEY_TYPES[alg]
         if key.key_type != kty or (crv and key.as_dict().get("crv") != crv):
             raise ValueError("signing key type does not match its algorithm")
@@ -147,6 +152,8 @@ class KeyRing:
         current = [k for k in keys if k.state == "current"]
         if len(current) != 1:
             raise ValueError("the signing key set must have exactly one current key")
+        if len({k.kid for k in keys}) != len(keys):
+            raise ValueError("the signing key set has two keys with one kid")
         with self._lock:
             self._current = current[0]
             self._by_kid = {k.kid: k for k in keys}
@@ -162,8 +169,9 @@ class KeyRing:
         try:
             if os.stat(self._path).st_mtime_ns != self._mtime_ns:
                 self.reload()
-        except (OSError, ValueError):
-            # Keep the keys we have: a half-written or missing file must not stop verification.
+        except (OSError, ValueError, KeyError, TypeError):
+            # Keep the keys we have: a damaged or missing file must not stop verification
+            # (`carevault keys rotate` writes atomically, so this is a hand edit gone wrong).
             return
 
     @property

@@ -134,7 +134,6 @@ class RefreshTokenService:
         successor_hash = hash_token(successor)
         reuse: RefreshError | None = None
         async with write_transaction(self._engine) as conn:
-            now = self._clock()
             row = (
                 await conn.execute(
                     select(refresh_tokens, refresh_families)
@@ -142,6 +141,8 @@ class RefreshTokenService:
                     .where(refresh_tokens.c.token_hash == presented)
                 )
             ).mappings().first()
+            # Read the clock after the read: a use committed before it is never in our future.
+            now = self._clock()
             if row is None:
                 raise RefreshError("unknown")
             family = Family(
@@ -191,9 +192,13 @@ class RefreshTokenService:
                         )
                     )
                 ).scalar_one()
+                # PostgreSQL: the winner's `now` can be later than ours (we read the row before
+                # it committed), so look at the clock again.
+                now = self._clock()
 
             grace = self._settings.refresh_grace_seconds
-            if grace > 0 and 0 <= now - used_at <= grace and row["successor_hash"] in (
+            # abs(): another host's clock may run a little ahead of ours.
+            if grace > 0 and abs(now - used_at) <= grace and row["successor_hash"] in (
                 None,
                 successor_hash,
             ):

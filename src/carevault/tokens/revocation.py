@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import structlog
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,6 +27,8 @@ from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import revocations
 from carevault.tokens.access import AccessClaims
 from carevault.tokens.signal import ChangeSignal
+
+log = structlog.get_logger("carevault.tokens")
 
 
 class RevocationUnavailable(Exception):
@@ -152,11 +155,15 @@ class DatabaseRevocationList:
 class RedisRevocationList:
     """Cluster backend: one round trip per check; the database stays the durable record.
 
-    Redis here may keep nothing on disk, so `start` re-loads the unexpired rows from the
-    database: a Redis restart must never resurrect a revoked token.
+    Redis may lose its data (restart without persistence, eviction), which must never bring a
+    revoked token back. A sentinel key without expiry is written after the unexpired rows are
+    loaded from the database; every check reads it in the same MGET, and when it is gone the
+    rows are loaded again before the answer is given. Configure Redis with
+    `maxmemory-policy noeviction` so that denials are not evicted one by one.
     """
 
     PREFIX = "carevault:revoked:"
+    SENTINEL = "carevault:revoked:loaded"
 
     def __init__(self, engine: AsyncEngine, redis_url: str, clock: Callable[[], float] = time.time):
         import redis.asyncio as redis
@@ -166,24 +173,40 @@ class RedisRevocationList:
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
         )
+        self._reload_lock = asyncio.Lock()
 
     def _key(self, kind: str, value: str) -> str:
         return f"{self.PREFIX}{kind}:{value}"
 
     async def start(self) -> None:
+        """Load the denials into Redis; if Redis is down, serve anyway: every check then
+        fails closed (503) until Redis answers and the sentinel path has loaded them."""
+        try:
+            await self._load()
+        except RevocationUnavailable:
+            log.warning("revocation_backend_unavailable")
+
+    async def _load(self) -> None:
         now = self._clock()
-        async with read_connection(self._engine) as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        revocations.c.kind,
-                        revocations.c.value,
-                        revocations.c.not_before,
-                        revocations.c.expires_at,
-                    ).where(revocations.c.expires_at > now)
-                )
-            ).all()
+        try:
+            async with read_connection(self._engine) as conn:
+                rows = (
+                    await conn.execute(
+                        select(
+                            revocations.c.kind,
+                            revocations.c.value,
+                            revocations.c.not_before,
+                            revocations.c.expires_at,
+                        ).where(revocations.c.expires_at > now)
+                    )
+                ).all()
+        except Exception as err:
+            raise RevocationUnavailable from err
         await self._publish([dict(r._mapping) for r in rows])
+        try:
+            await self._redis.set(self.SENTINEL, "1")
+        except Exception as err:
+            raise RevocationUnavailable from err
 
     async def _publish(self, rows: list[dict[str, object]]) -> None:
         if not rows:
@@ -212,14 +235,21 @@ class RedisRevocationList:
             raise RevocationUnavailable from err
 
     async def is_revoked(self, claims: AccessClaims) -> bool:
+        keys = (self._key("jti", claims.jti), self._key("sid", claims.sid),
+                self._key("user", claims.sub), self.SENTINEL)
         try:
-            jti, sid, cutoff = await self._redis.mget(
-                self._key("jti", claims.jti),
-                self._key("sid", claims.sid),
-                self._key("user", claims.sub),
-            )
+            jti, sid, cutoff, loaded = await self._redis.mget(*keys)
+            if loaded is None:  # Redis lost its data: re-load the denials before answering
+                async with self._reload_lock:
+                    if await self._redis.get(self.SENTINEL) is None:
+                        await self._load()
+                jti, sid, cutoff, loaded = await self._redis.mget(*keys)
+        except RevocationUnavailable:
+            raise
         except Exception as err:
             raise RevocationUnavailable from err
+        if loaded is None:
+            raise RevocationUnavailable
         if jti is not None or sid is not None:
             return True
         return cutoff is not None and claims.iat < int(float(cutoff))
