@@ -7,7 +7,9 @@ patient) are what access control will use. Changes that should end existing sess
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -177,6 +179,7 @@ class ProfileCache:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._entries: dict[str, tuple[float, User | None]] = {}
+        self._loading: dict[str, asyncio.Future[User | None]] = {}
         self._now = time.monotonic
 
     async def get(self, user_id: str) -> User | None:
@@ -184,8 +187,28 @@ class ProfileCache:
         hit = self._entries.get(user_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        # One query per user at a time. When an entry expires under load, every request in
+        # flight misses at once; each used to run its own query (32 connections: 32 queries
+        # through a pool of 16, p99 of /auth/me 150+ ms instead of ~23 ms in `python -m bench`).
+        # Callers that arrive while the row is being read share that read; shield() keeps one
+        # caller's cancellation (a client going away) from cancelling it for the others.
+        loading = self._loading.get(user_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(user_id))
+            self._loading[user_id] = loading
+            loading.add_done_callback(functools.partial(self._loaded, user_id))
+        return await asyncio.shield(loading)
+
+    async def _load(self, user_id: str) -> User | None:
+        started = self._now()
         user = await self._users.by_id(user_id)
         if len(self._entries) >= self._max:
             self._entries.clear()
-        self._entries[user_id] = (now + self._ttl, user)
+        self._entries[user_id] = (started + self._ttl, user)
         return user
+
+    def _loaded(self, user_id: str, loading: asyncio.Future[User | None]) -> None:
+        if self._loading.get(user_id) is loading:
+            del self._loading[user_id]
+        if not loading.cancelled():
+            loading.exception()  # retrieved here: every caller may have gone away

@@ -151,4 +151,7 @@ async def me(request: Request, principal: Annotated[Principal, Depends(authentic
                       organization=user.organization_id, practitioner=user.practitioner_id,
                       patient=user.patient_id, client_id=principal.client_id,
                       expires_at=principal.token_expires_at)
-    return JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store"})
+    # pydantic's own serializer writes the same bytes as JSONResponse(body.model_dump()) (compact,
+    # UTF-8, same escapes) in about half the time; `python -m bench` measures this route.
+    return Response(body.model_dump_json(), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})

@@ -1,0 +1,448 @@
+"""`python -m bench`: run a scenario set, print a table, write bench/results/<UTC>.json.
+
+Scenario set "auth" (the default) is the HTTP benchmark (baseline `GET /bench/static` against
+`GET /auth/me` with a bearer token, on the real server in a subprocess, load from wrk in another
+process) and the JWT micro benchmark (full verification against a raw signature check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from bench.app import STATIC_PATH
+from bench.jwt_verify import ALGORITHMS, run_micro_sync, variant_count
+from bench.load import LoadResult, PythonLoadRunner, WrkRunner, ensure_wrk
+from bench.server import ME_PATH, REPO_ROOT, BenchServer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HTTP_RPS_TARGET = 0.7  # auth req/s >= 0.7 x baseline req/s
+MICRO_TARGET = 1.5  # full verification <= 1.5 x raw signature check
+SCENARIO_SETS = {"auth": ("http", "micro"), "http": ("http",), "micro": ("micro",)}
+
+# Piped output (make, CI logs) gets a width that fits the tables instead of rich's default 80.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="carevault benchmarks. Every figure is a ratio to a baseline measured in "
+                    "the same run. Results go to bench/results/<UTC timestamp>.json.",
+    )
+    parser.add_argument("scenarios", nargs="?", default="auth", choices=sorted(SCENARIO_SETS),
+                        help="scenario set: auth = http + micro")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 s load, 1 s warm-up, 500 iterations x 3")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of load per HTTP measurement (default 10, quick 3)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of discarded load before each measurement "
+                             "(default 2, quick 1)")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="concurrent connections (default 32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="baseline/auth pairs per server, order alternating; the median round "
+                             "by ratio is reported (default 3, quick 1)")
+    parser.add_argument("--workers2", action="store_true",
+                        help="also measure the server with 2 uvicorn workers")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk (installed with apt-get if missing and root), "
+                             "or the Python fallback (default auto)")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin server (CPU 0) and load generator (CPU 1)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="micro: calls per measurement (default 3000, quick 500)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="micro: measurements per variant, best kept (default 5, quick 3)")
+    parser.add_argument("--algorithms", default="ES256",
+                        help=f"comma-separated signing algorithms for the micro benchmark "
+                             f"({', '.join(ALGORITHMS)}); the HTTP server uses the first "
+                             f"(default ES256)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
+                        help="where the JSON goes (default bench/results)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data directories")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    args.iterations = args.iterations or (500 if args.quick else 3000)
+    args.repeat = args.repeat or (3 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    for alg in args.algorithms:
+        if alg not in ALGORITHMS:
+            parser.error(f"unknown algorithm {alg}; choose from {', '.join(ALGORITHMS)}")
+    if args.rounds < 1 or args.connections < 1 or args.threads < 1:
+        parser.error("--rounds, --connections and --threads must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------- machine
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_info(load_tool: str | None) -> dict[str, Any]:
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    status = _git("status", "--porcelain")
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "load_generator": load_tool,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "openssl": backend.openssl_version_text(),
+        "packages": {p: _version(p) for p in (
+            "carevault", "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic",
+            "joserfc", "cryptography", "sqlalchemy", "aiosqlite", "orjson")},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------- progress
+
+
+class Steps:
+    """An overall step counter plus a bar for the step under way."""
+
+    def __init__(self, progress: Progress, total_steps: int) -> None:
+        self.progress = progress
+        self.overall: TaskID = progress.add_task("[bold]benchmark", total=total_steps)
+        self.current: TaskID | None = None
+
+    def begin(self, description: str, total: float | None) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.current = self.progress.add_task(description, total=total)
+
+    def tick_to(self, completed: float) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=completed)
+
+    def advance(self, amount: float) -> None:
+        if self.current is not None:
+            self.progress.advance(self.current, amount)
+
+    def done(self) -> None:
+        if self.current is not None:
+            task = self.progress.tasks[self._index(self.current)]
+            if task.total is not None:
+                self.progress.update(self.current, completed=task.total)
+        self.progress.advance(self.overall, 1)
+
+    def _index(self, task_id: TaskID) -> int:
+        return next(i for i, t in enumerate(self.progress.tasks) if t.id == task_id)
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+            self.current = None
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+
+@dataclass
+class HttpPair:
+    workers: int
+    baseline: LoadResult
+    auth: LoadResult
+    rounds: list[dict[str, Any]]
+
+    @property
+    def rps_ratio(self) -> float:
+        return self.auth.rps / self.baseline.rps if self.baseline.rps else 0.0
+
+    @property
+    def p99_ratio(self) -> float:
+        base = self.baseline.latency_us["p99"]
+        return self.auth.latency_us["p99"] / base if base else 0.0
+
+    @property
+    def round_ratios(self) -> list[float]:
+        return [r["auth"]["rps"] / r["baseline"]["rps"] if r["baseline"]["rps"] else 0.0
+                for r in self.rounds]
+
+    @property
+    def passed(self) -> bool:
+        return (self.rps_ratio >= HTTP_RPS_TARGET and self.baseline.error_count == 0
+                and self.auth.error_count == 0)
+
+
+def run_http(args: argparse.Namespace, runner: Any, steps: Steps, workers: int,
+             pin: bool) -> tuple[HttpPair, dict[str, Any]]:
+    server = BenchServer(workers=workers, algorithm=args.algorithms[0],
+                         cpu=0 if pin else None, keep=args.keep)
+    try:
+        steps.begin(f"HTTP w{workers}: carevault init + user add", None)
+        password = server.prepare()
+        steps.done()
+        steps.begin(f"HTTP w{workers}: start server, log in", None)
+        server.start()
+        server.login(password)
+        server.capture_baseline()
+        steps.done()
+        static_url, me_url = server.base_url + STATIC_PATH, server.base_url + ME_PATH
+        scenarios = [("baseline", static_url, None), ("auth", me_url, server.auth_header)]
+        rounds: list[dict[str, Any]] = []
+        for round_no in range(args.rounds):
+            measured: dict[str, LoadResult] = {}
+            order = scenarios if round_no % 2 == 0 else scenarios[::-1]
+            for name, url, auth in order:
+                path = url.removeprefix(server.base_url)
+                total = args.warmup + args.duration
+                steps.begin(f"HTTP w{workers}: {name} GET {path} (round {round_no + 1})", total)
+                if args.warmup > 0:
+                    runner.run(url, args.warmup, auth, tick=steps.tick_to)
+                result = runner.run(url, args.duration, auth,
+                                    tick=lambda t: steps.tick_to(args.warmup + t))
+                measured[name] = result
+                steps.done()
+            rounds.append(measured)
+        server.check_baseline()  # still the same bytes after the load
+        info = {"port": server.port, "body_bytes": len(server.me_body),
+                "content_type": server.me_headers.get("content-type"),
+                "log_tail": server.log_tail(1000)}
+    finally:
+        server.cleanup()
+    # Median round by ratio (with one round: that round).
+    ratios = sorted(range(len(rounds)),
+                    key=lambda i: rounds[i]["auth"].rps / max(rounds[i]["baseline"].rps, 1e-9))
+    chosen = rounds[ratios[len(ratios) // 2]]
+    pair = HttpPair(workers, chosen["baseline"], chosen["auth"],
+                    [{k: v.as_dict() for k, v in r.items()} for r in rounds])
+    return pair, info
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _fmt_ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def http_table(pairs: list[HttpPair]) -> Table:
+    table = Table(title="HTTP: GET /auth/me (bearer) vs GET /bench/static (same bytes, no auth)")
+    for col, justify in (("scenario", "left"), ("req/s", "right"), ("p50 ms", "right"),
+                         ("p99 ms", "right"), ("errors", "right"), ("ratio to baseline", "right"),
+                         ("p99 ratio", "right"), ("target", "right"), ("result", "center")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for pair in pairs:
+        b, a = pair.baseline, pair.auth
+        table.add_row(f"w{pair.workers} baseline GET {STATIC_PATH}", f"{b.rps:,.0f}",
+                      _fmt_ms(b.latency_us["p50"]), _fmt_ms(b.latency_us["p99"]),
+                      str(b.error_count), "1.00", "1.00", "", "baseline")
+        verdict = "[green]PASS[/green]" if pair.passed else "[red]FAIL[/red]"
+        table.add_row(f"w{pair.workers} auth GET {ME_PATH}", f"{a.rps:,.0f}",
+                      _fmt_ms(a.latency_us["p50"]), _fmt_ms(a.latency_us["p99"]),
+                      str(a.error_count), f"{pair.rps_ratio:.2f}", f"{pair.p99_ratio:.2f}",
+                      f">= {HTTP_RPS_TARGET:.2f}", verdict)
+    return table
+
+
+def micro_table(micro: list[dict[str, Any]]) -> Table:
+    table = Table(title="Micro: JWT verification, µs per token (best of repeats)")
+    for col, justify in (("scenario", "left"), ("µs/op best", "right"), ("µs/op median", "right"),
+                         ("ops/s", "right"), ("ratio to raw", "right"), ("target", "right"),
+                         ("result", "center")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for result in micro:
+        alg = result["algorithm"]
+        for name, v in result["variants"].items():
+            if name == "raw":
+                target, verdict = "", "baseline"
+            elif name == "full":
+                target = f"<= {MICRO_TARGET:.2f}"
+                ok = v["ratio_to_raw"] <= MICRO_TARGET
+                verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+            else:
+                target, verdict = "", "info"
+            table.add_row(f"{alg} {name}", f"{v['best_us']:.1f}", f"{v['median_us']:.1f}",
+                          f"{1e6 / v['best_us']:,.0f}", f"{v['ratio_to_raw']:.2f}", target,
+                          verdict)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parts = SCENARIO_SETS[args.scenarios]
+    started = dt.datetime.now(dt.UTC)
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1))
+    pin = not args.no_pin and cpus >= 2
+
+    runner: Any = None
+    if "http" in parts:
+        wrk = None
+        if args.loadgen in ("auto", "wrk"):
+            wrk = ensure_wrk(not args.no_install, lambda m: console.print(f"[yellow]{m}[/yellow]"))
+            if wrk is None and args.loadgen == "wrk":
+                console.print("[red]wrk is not available[/red]")
+                return 2
+        load_cpu = 1 if pin else None
+        runner = (WrkRunner(wrk, args.threads, args.connections, load_cpu) if wrk
+                  else PythonLoadRunner(args.connections, load_cpu))
+        if not wrk:
+            console.print("[yellow]using the Python load generator: on a 2-core machine its own "
+                          "CPU use lowers every req/s figure; ratios stay comparable[/yellow]")
+
+    worker_counts = [1, 2] if args.workers2 else [1]
+    http_steps = len(worker_counts) * (2 + 2 * args.rounds) if "http" in parts else 0
+    micro_steps = len(args.algorithms) if "micro" in parts else 0
+    machine = machine_info(runner.name if runner else None)
+    console.print(f"[bold]carevault bench[/bold] {args.scenarios}: {machine['cpu_count']} CPUs "
+                  f"({machine['cpu_model']}), Python {machine['python']}, load generator "
+                  f"{machine['load_generator'] or '-'}, server/loadgen pinned: {pin}")
+
+    pairs: list[HttpPair] = []
+    http_info: dict[str, Any] = {}
+    micro: list[dict[str, Any]] = []
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                      transient=False) as progress:
+            steps = Steps(progress, http_steps + micro_steps)
+            if "http" in parts:
+                for workers in worker_counts:
+                    pair, info = run_http(args, runner, steps, workers, pin)
+                    pairs.append(pair)
+                    http_info[f"workers_{workers}"] = info
+            if "micro" in parts:
+                for alg in args.algorithms:
+                    steps.begin(f"micro {alg}: {variant_count()} variants x {args.repeat} x "
+                                f"{args.iterations} calls",
+                                variant_count() * args.repeat * args.iterations)
+                    micro.append(run_micro_sync(alg, args.iterations, args.repeat,
+                                                advance=steps.advance))
+                    steps.done()
+            steps.finish()
+    finally:
+        if runner is not None:
+            runner.close()
+
+    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if pairs:
+        console.print(http_table(pairs))
+        for pair in pairs:
+            ratios = pair.round_ratios
+            if len(ratios) > 1:
+                console.print(f"w{pair.workers} ratio per round: "
+                              + ", ".join(f"{x:.2f}" for x in ratios), highlight=False)
+    if micro:
+        console.print(micro_table(micro))
+
+    verdicts = [p.passed for p in pairs] + [
+        m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET for m in micro]
+    report = {
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "command": [sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)],
+        "scenario_set": args.scenarios,
+        "machine": machine,
+        "parameters": {
+            "duration_s": args.duration, "warmup_s": args.warmup,
+            "connections": args.connections, "threads": args.threads, "rounds": args.rounds,
+            "workers": worker_counts, "pinned": pin, "quick": args.quick,
+            "micro_iterations": args.iterations, "micro_repeat": args.repeat,
+            "algorithms": args.algorithms,
+            "server": {"factory": "bench.app:create_bench_app", "access_log": False,
+                       "server_header": False, "proxy_headers": False, "log_level": "warning"},
+        },
+        "targets": {"http_auth_rps_ratio_min": HTTP_RPS_TARGET,
+                    "micro_full_to_raw_ratio_max": MICRO_TARGET},
+        "results": {
+            "http": [{
+                "workers": p.workers,
+                "baseline": p.baseline.as_dict(),
+                "auth": p.auth.as_dict(),
+                "rps_ratio": round(p.rps_ratio, 4),
+                "p99_ratio": round(p.p99_ratio, 4),
+                "round_ratios": [round(x, 4) for x in p.round_ratios],
+                "passed": p.passed,
+                "rounds": p.rounds,
+            } for p in pairs],
+            "http_server": http_info,
+            "micro": [{**m, "target_ratio_max": MICRO_TARGET,
+                       "passed": m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET}
+                      for m in micro],
+        },
+        "passed": all(verdicts),
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    path = args.output_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    load = machine["loadavg_at_start"]
+    if load and load[0] > 0.5 * cpus:
+        console.print(f"[yellow]note: load average was {load[0]:.2f} on {cpus} CPUs at the start: "
+                      "other work was running; compare ratios, not absolute figures[/yellow]")
+    console.print(f"results written to [bold]{_display(path)}[/bold]; "
+                  f"targets {'all met' if all(verdicts) else 'NOT all met'}")
+    return 1 if args.strict and not all(verdicts) else 0
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)

@@ -1,0 +1,100 @@
+"""The JWT micro benchmark's code paths are correct (no timing here: speed is `python -m bench`).
+
+The baseline of `bench/jwt_verify.py` is a raw `cryptography` signature check; a benchmark whose
+baseline accepted anything, or whose product path rejected its own token, would report nonsense.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from bench.jwt_verify import (
+    MicroFixture,
+    RawVerifier,
+    b64url_decode,
+    build_variants,
+    jose_to_der,
+    run_micro,
+    split_token,
+)
+from carevault.tokens.access import InvalidTokenError
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _tamper_payload(token: str) -> str:
+    header, payload, signature = token.split(".")
+    claims = json.loads(b64url_decode(payload))
+    claims["roles"] = ["admin"]
+    return ".".join([header, _b64(json.dumps(claims, separators=(",", ":")).encode()), signature])
+
+
+def _tamper_signature(token: str) -> str:
+    header, payload, signature = token.split(".")
+    raw = bytearray(b64url_decode(signature))
+    raw[len(raw) // 2] ^= 0x01
+    return ".".join([header, payload, _b64(bytes(raw))])
+
+
+@pytest.fixture(params=["ES256", "EdDSA", "PS256"])
+async def fixture(request: pytest.FixtureRequest) -> MicroFixture:
+    micro = MicroFixture(request.param, unrelated_revocations=4)
+    await micro.start()
+    yield micro
+    await micro.close()
+
+
+async def test_raw_baseline_accepts_the_token_and_rejects_tampering(fixture: MicroFixture) -> None:
+    raw = fixture.raw
+    assert isinstance(raw, RawVerifier)
+    assert raw.check_token(fixture.token)
+    assert not raw.check_token(_tamper_payload(fixture.token))
+    assert not raw.check_token(_tamper_signature(fixture.token))
+    assert not raw.check_token(fixture.token.rsplit(".", 1)[0] + ".")
+
+
+async def test_full_path_accepts_the_token_and_rejects_tampering(fixture: MicroFixture) -> None:
+    assert await fixture.full_check(fixture.token)
+    for forged in (_tamper_payload(fixture.token), _tamper_signature(fixture.token)):
+        with pytest.raises(InvalidTokenError):
+            await fixture.full_check(forged)
+
+
+async def test_revoked_token_is_refused_by_the_full_path(fixture: MicroFixture) -> None:
+    claims = fixture.services.verifier.verify(fixture.token)
+    await fixture.services.revocations.revoke_token(claims.jti, claims.exp)
+    assert not await fixture.full_check(fixture.token)
+
+
+async def test_every_variant_accepts_the_token(fixture: MicroFixture) -> None:
+    for variant in build_variants(fixture):
+        result = variant.sync() if variant.sync else await variant.coro()
+        assert result not in (False, None), variant.name
+
+
+def test_jose_to_der_round_trips_and_checks_length() -> None:
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    r, s = 0x1234, (1 << 255) + 7
+    der = jose_to_der(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+    assert decode_dss_signature(der) == (r, s)
+    with pytest.raises(ValueError):
+        jose_to_der(b"\x00" * 63)
+
+
+def test_split_token_separates_signing_input_and_signature() -> None:
+    signing_input, signature = split_token("aGVhZA.cGF5bG9hZA.c2ln")
+    assert signing_input == b"aGVhZA.cGF5bG9hZA"
+    assert signature == b"sig"
+
+
+async def test_run_micro_reports_every_variant_with_ratios() -> None:
+    result = await run_micro("ES256", iterations=5, repeat=2)
+    assert set(result["variants"]) == {"raw", "joserfc", "verify", "full"}
+    assert result["variants"]["raw"]["ratio_to_raw"] == 1.0
+    assert all(len(v["samples_us"]) == 2 for v in result["variants"].values())
