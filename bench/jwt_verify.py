@@ -135,10 +135,19 @@ class MicroFixture:
         )
         key = self.services.keyring.current
         self.raw = RawVerifier(key.alg, key.key.public_key)
+        from carevault.tokens.access import AccessTokenVerifier
+
+        self.first_use_verifier = AccessTokenVerifier(settings, self.services.keyring,
+                                                      cache_entries=0)
 
     async def full_check(self, token: str) -> bool:
         """The product path: verify, then the revocation check. True when accepted."""
         claims = self.services.verifier.verify(token)
+        return not await self.services.revocations.is_revoked(claims)
+
+    async def full_check_first_use(self, token: str) -> bool:
+        """The same path for a token the verifier has not seen yet (its cache off)."""
+        claims = self.first_use_verifier.verify(token)
         return not await self.services.revocations.is_revoked(claims)
 
     async def close(self) -> None:
@@ -202,9 +211,13 @@ def build_variants(fixture: MicroFixture) -> list[Variant]:
                 sync=lambda: raw.check(signing_input, prepared)),
         Variant("joserfc", "joserfc extract_compact + validate_compact only (breakdown)",
                 sync=joserfc_only),
-        Variant("verify", "AccessTokenVerifier.verify (breakdown)",
-                sync=lambda: verifier.verify(token)),
-        Variant("full", "AccessTokenVerifier.verify + await DatabaseRevocationList.is_revoked",
+        Variant("verify", "AccessTokenVerifier.verify, first use of a token (breakdown)",
+                sync=lambda: fixture.first_use_verifier.verify(token)),
+        Variant("full", "first use: AccessTokenVerifier.verify (signature checked) + "
+                "await DatabaseRevocationList.is_revoked",
+                coro=lambda: fixture.full_check_first_use(token)),
+        Variant("full-repeat", "repeat use: verify served from the verified-token cache "
+                "(time, key retirement re-checked) + is_revoked",
                 coro=lambda: fixture.full_check(token)),
     ]
 

@@ -95,6 +95,6 @@ def test_split_token_separates_signing_input_and_signature() -> None:
 
 async def test_run_micro_reports_every_variant_with_ratios() -> None:
     result = await run_micro("ES256", iterations=5, repeat=2)
-    assert set(result["variants"]) == {"raw", "joserfc", "verify", "full"}
+    assert set(result["variants"]) == {"raw", "joserfc", "verify", "full", "full-repeat"}
     assert result["variants"]["raw"]["ratio_to_raw"] == 1.0
     assert all(len(v["samples_us"]) == 2 for v in result["variants"].values())

@@ -253,6 +253,55 @@ def keys_rotate() -> None:
     console.print(f"signing key rotated; current kid {kid}", highlight=False)
 
 
+@keys_app.command("rotate-kek")
+def keys_rotate_kek(
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000,
+                                            help="Data keys re-wrapped per transaction.")] = 500,
+) -> None:
+    """Rotate the data-at-rest KEK: new primary, re-wrap every data key, drop the old keys.
+
+    Safe while the server runs. Resumable: when old KEK keys are still present (an earlier run
+    was interrupted), this continues that rotation instead of adding yet another key.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    settings = Settings()
+    _initialise(settings)
+
+    async def rotate(services: Services) -> tuple[int, bool, int, list[int], int]:
+        kek = services.custody.current_kek()
+        resumed = len(kek.key_ids) > 1
+        primary = kek.primary_id if resumed else services.custody.rotate_kek()
+        with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("re-wrapping data keys", total=None)
+            result = await services.envelope.rewrap_all(
+                batch_size, lambda p: bar.update(task, total=p.total, completed=p.processed))
+            bar.update(task, total=max(result.total, 1), completed=max(result.total, 1))
+        dropped = await services.envelope.retire_unused_kek_keys(batch_size)
+        left = len(services.custody.current_kek().key_ids) - 1
+        details = {"primary_key_id": primary, "rewrapped": result.rewrapped,
+                   "dropped_key_ids": dropped, "resumed": resumed}
+        if result.failed or left:
+            # Counts only: scopes name patients.
+            await services.events.record(SecurityEvent(
+                "kek_rotation", "failure",
+                details={**details, "unwrap_failures": len(result.failed), "old_keys_left": left}))
+        else:
+            await services.events.record(SecurityEvent("kek_rotation", "success",
+                                                       details=details))
+        return primary, resumed, result.rewrapped, dropped, len(result.failed) or left
+
+    primary, resumed, rewrapped, dropped, problems = _run(settings, rotate)
+    verb = "resumed" if resumed else "rotated"
+    console.print(f"KEK {verb}; primary key {primary}; {rewrapped} data key(s) re-wrapped; "
+                  f"{len(dropped)} old KEK key(s) dropped", highlight=False, soft_wrap=True)
+    if problems:
+        raise _fail("some data keys are still wrapped under old KEK keys (or could not be "
+                    "unwrapped); the old keys were kept. Re-run `carevault keys rotate-kek` to "
+                    "continue")
+
+
 def main() -> None:
     app()
 

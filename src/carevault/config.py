@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # OWASP Password Storage Cheat Sheet, Argon2id minimum: m=19456 KiB, t=2, p=1.
@@ -89,6 +89,11 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     key_reload_interval_seconds: float = Field(1.0, ge=0.05)
+    # Data at rest (crypto/custody.py, crypto/envelope.py). The master key, when given here
+    # (base64 of tink's JSON keyset), replaces keys/master.key; it never appears in repr/logs.
+    master_key: SecretStr | None = None
+    dek_cache_size: int = Field(10000, ge=0)  # 0: unwrap the data key on every call
+    dek_cache_ttl_seconds: float = Field(300, ge=0)  # bounds a destroy seen by other hosts
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("trusted_proxies", mode="before")

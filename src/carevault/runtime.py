@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.config import Settings
+from carevault.crypto.blind_index import BlindIndex
+from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
+from carevault.crypto.envelope import EnvelopeCipher
 from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
 from carevault.crypto.passwords import PasswordHasher
 from carevault.db.engine import create_engine
@@ -47,6 +50,9 @@ class Services:
     authenticator: Authenticator
     accounts: AccountAdmin
     signal: ChangeSignal
+    custody: KeyCustody
+    envelope: EnvelopeCipher
+    blind_index: BlindIndex
 
     async def start(self) -> None:
         await self.revocations.start()
@@ -56,6 +62,7 @@ class Services:
         await self.engine.dispose()
         self.hasher.close()
         self.signal.close()
+        self.envelope.close()
 
 
 def ensure_key_material(settings: Settings) -> None:
@@ -64,6 +71,7 @@ def ensure_key_material(settings: Settings) -> None:
     settings.keys_dir.mkdir(exist_ok=True, mode=0o700)
     create_keyset(settings.keys_dir, settings.signing_algorithm)
     load_or_create(settings.keys_dir)
+    ensure_keys(settings.keys_dir, master_key_value(settings))
 
 
 def build_services(settings: Settings, clock: Callable[[], float] = time.time) -> Services:
@@ -83,6 +91,13 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     users = UserStore(engine)
     events = SecurityEventLog(engine)
     throttle = LoginThrottle(settings, engine, clock)
+    custody = KeyCustody.from_settings(settings)
+    envelope = EnvelopeCipher(
+        engine, custody, cache_size=settings.dek_cache_size,
+        cache_ttl_seconds=settings.dek_cache_ttl_seconds,
+        # a separate counter from revocations': a destroy must not make workers re-read those
+        signal=ChangeSignal(settings.data_dir / "dek.signal"), clock=clock,
+    )
     issuer = AccessTokenIssuer(settings, keyring, clock)
     authenticator = Authenticator(
         users=users, hasher=hasher, throttle=throttle, events=events, refresh=refresh,
@@ -105,4 +120,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         authenticator=authenticator,
         accounts=AccountAdmin(users, hasher, sessions, events),
         signal=signal,
+        custody=custody,
+        envelope=envelope,
+        blind_index=BlindIndex(custody.index_prf()),
     )

@@ -97,3 +97,39 @@ def test_other_algorithms_sign_and_verify(tmp_path, alg, kty):
     token = _issue(settings, ring, 1_800_000_000.0)
     claims = AccessTokenVerifier(settings, ring, clock=lambda: 1_800_000_010.0).verify(token)
     assert claims.roles == ("nurse",)
+
+
+def test_verified_token_cache_rechecks_time_and_key_retirement(keyed):
+    """A token served from the verified cache must still expire and die with its key."""
+    now = [1_800_000_000.0]
+    ring = KeyRing(keyed.keys_dir, reload_interval=0.0)
+    verifier = AccessTokenVerifier(keyed, ring, clock=lambda: now[0])
+    token = _issue(keyed, ring, now[0])
+    assert verifier.verify(token).sub == "u"
+    assert verifier.verify(token).sub == "u"  # cached
+
+    retire = 100
+    rotate_keyset(keyed.keys_dir, "ES256", retire, now[0])
+    assert verifier.verify(token).sub == "u"  # old key still trusted: re-verified, fine
+    now[0] += retire + 1  # key retired before the token expired
+    with pytest.raises(InvalidTokenError):
+        verifier.verify(token)
+
+    fresh = _issue(keyed, ring, now[0])
+    assert verifier.verify(fresh).sub == "u"
+    now[0] += keyed.access_token_ttl_seconds + keyed.clock_leeway_seconds + 1
+    with pytest.raises(InvalidTokenError):
+        verifier.verify(fresh)  # expired while cached
+
+
+def test_tampered_copy_of_a_cached_token_is_still_refused(keyed):
+    ring = KeyRing(keyed.keys_dir)
+    verifier = AccessTokenVerifier(keyed, ring)
+    import time
+
+    token = _issue(keyed, ring, time.time())
+    verifier.verify(token)
+    header, payload, signature = token.split(".")
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    with pytest.raises(InvalidTokenError):
+        verifier.verify(".".join((header, payload, flipped)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -11,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -110,4 +112,18 @@ security_events = Table(
     Column("request_id", String(64)),
     Column("details", JSON),
     Index("ix_security_events_occurred_at", "occurred_at"),
+)
+
+# One data key (DEK) per scope ("patient:<id>", "type:<resource type>"), a tink keyset wrapped by
+# the KEK (crypto/envelope.py). Destroying a scope empties `wrapped` for good (crypto-shredding).
+data_keys = Table(
+    "data_keys",
+    metadata,
+    Column("scope", String(100), primary_key=True),
+    Column("wrapped", LargeBinary, nullable=False),  # empty once destroyed
+    # tink key id (uint32, hence 64-bit) of the KEK primary that wrapped it: rotation progress
+    Column("kek_key_id", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("destroyed_at", Float),
+    Index("ix_data_keys_kek_key_id", "kek_key_id"),
 )

@@ -144,6 +144,7 @@ class KeyRing:
         self._mtime_ns = -1
         self._current: SigningKey | None = None
         self._by_kid: dict[str, SigningKey] = {}
+        self.generation = 0  # bumped on every load, so caches of verified tokens can tell
         self.reload()
 
     def reload(self) -> None:
@@ -159,6 +160,7 @@ class KeyRing:
             self._by_kid = {k.kid: k for k in keys}
             self._mtime_ns = stat.st_mtime_ns
             self._checked_at = time.monotonic()
+            self.generation += 1
 
     def refresh(self, force: bool = False) -> None:
         """Pick up a rotation done by another process (checked at most once per interval)."""
