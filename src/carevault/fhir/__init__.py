@@ -1,0 +1,1 @@
+"""FHIR model layer: validation, outcomes, Patient compartment, search-parameter indexing."""
