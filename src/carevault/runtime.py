@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from carevault.config import Settings
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
 from carevault.crypto.envelope import EnvelopeCipher
+from carevault.fhir.compartment import PatientCompartment
+from carevault.fhir.store import ResourceStore
 from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
 from carevault.crypto.passwords import PasswordHasher
 from carevault.db.engine import create_engine
@@ -53,6 +56,7 @@ class Services:
     custody: KeyCustody
     envelope: EnvelopeCipher
     blind_index: BlindIndex
+    store: ResourceStore
 
     async def start(self) -> None:
         await self.revocations.start()
@@ -98,6 +102,8 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         # a separate counter from revocations': a destroy must not make workers re-read those
         signal=ChangeSignal(settings.data_dir / "dek.signal"), clock=clock,
     )
+    blind_index = BlindIndex(custody.index_prf())
+    store = ResourceStore(engine, envelope, blind_index, shared_compartment(), clock)
     issuer = AccessTokenIssuer(settings, keyring, clock)
     authenticator = Authenticator(
         users=users, hasher=hasher, throttle=throttle, events=events, refresh=refresh,
@@ -122,5 +128,12 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         signal=signal,
         custody=custody,
         envelope=envelope,
-        blind_index=BlindIndex(custody.index_prf()),
+        blind_index=blind_index,
+        store=store,
     )
+
+
+@functools.cache
+def shared_compartment() -> PatientCompartment:
+    """The Patient compartment is read-only data that takes ~0.25 s to compile: once a process."""
+    return PatientCompartment()

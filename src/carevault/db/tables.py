@@ -127,3 +127,66 @@ data_keys = Table(
     Column("destroyed_at", Float),
     Index("ix_data_keys_kek_key_id", "kek_key_id"),
 )
+
+# --- FHIR record store --------------------------------------------------------------------
+# Bodies exist only as AEAD ciphertext (crypto/envelope.py); these tables hold nothing a raw
+# dump could read as PHI. Search values are plain only where fhir/search_params.SENSITIVITY
+# says "plain"; PHI search values are keyed blind-index hashes.
+
+fhir_resources = Table(
+    "fhir_resources",
+    metadata,
+    Column("resource_type", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", Float, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("scope", String(100), nullable=False),  # DEK scope: patient:<id> | type:<Type>
+    Index("ix_fhir_resources_last_updated", "last_updated"),
+)
+
+fhir_versions = Table(
+    "fhir_versions",
+    metadata,
+    Column("resource_type", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("last_updated", Float, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("scope", String(100), nullable=False),
+    Column("body", LargeBinary, nullable=False),  # ciphertext; empty for a deletion
+    Index("ix_fhir_versions_last_updated", "last_updated"),
+)
+
+# Patients a resource belongs to (the Patient compartment), for access control and erasure.
+fhir_compartments = Table(
+    "fhir_compartments",
+    metadata,
+    Column("resource_type", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+    Index("ix_fhir_compartments_patient_id", "patient_id"),
+)
+
+fhir_index_keys = Table(
+    "fhir_index_keys",
+    metadata,
+    Column("resource_type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("key", String(512), nullable=False),  # plain token/reference key, or blind hash
+    Index("ix_fhir_index_keys_lookup", "resource_type", "param", "key"),
+    Index("ix_fhir_index_keys_resource", "resource_type", "id"),
+)
+
+fhir_index_dates = Table(
+    "fhir_index_dates",
+    metadata,
+    Column("resource_type", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Index("ix_fhir_index_dates_lookup", "resource_type", "param", "low"),
+    Index("ix_fhir_index_dates_resource", "resource_type", "id"),
+)
