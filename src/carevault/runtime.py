@@ -13,11 +13,11 @@ from carevault.config import Settings
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
 from carevault.crypto.envelope import EnvelopeCipher
-from carevault.fhir.compartment import PatientCompartment
-from carevault.fhir.store import ResourceStore
 from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
 from carevault.crypto.passwords import PasswordHasher
 from carevault.db.engine import create_engine
+from carevault.fhir.compartment import PatientCompartment
+from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import UserStore
 from carevault.identity.admin import AccountAdmin
 from carevault.identity.authentication import Authenticator

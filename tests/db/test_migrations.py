@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, inspect, text
 
-from carevault.db.engine import create_engine as create_async, sync_url
+from carevault.db.engine import create_engine as create_async
+from carevault.db.engine import sync_url
 from carevault.db.tables import metadata
 
 

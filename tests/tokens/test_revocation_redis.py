@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 
 from carevault.config import Settings
 from carevault.db.tables import revocations
-from carevault.runtime import build_services
 from carevault.tokens.revocation import RedisRevocationList, RevocationUnavailable
 from tests.conftest import REDIS_SKIP, REDIS_URL, copy_tree, make_settings
 

@@ -20,7 +20,6 @@ from carevault.config import Settings
 from carevault.db.engine import write_transaction
 from carevault.db.tables import login_throttle
 
-
 # An attempt still "being checked" after this long was abandoned by a crashed worker.
 IN_FLIGHT_STALE_SECONDS = 60.0
 

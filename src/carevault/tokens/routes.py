@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-import orjson
 
 router = APIRouter()
 
