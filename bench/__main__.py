@@ -49,41 +49,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="carevault benchmarks. Every figure is a ratio to a baseline measured in "
-                    "the same run. Results go to bench/results/<UTC timestamp>.json.",
+        "the same run. Results go to bench/results/<UTC timestamp>.json.",
     )
-    parser.add_argument("scenarios", nargs="?", default="auth", choices=sorted(SCENARIO_SETS),
-                        help="scenario set: auth = http + micro")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 s load, 1 s warm-up, 500 iterations x 3")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds of load per HTTP measurement (default 10, quick 3)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds of discarded load before each measurement "
-                             "(default 2, quick 1)")
-    parser.add_argument("--connections", type=int, default=32,
-                        help="concurrent connections (default 32)")
+    parser.add_argument(
+        "scenarios",
+        nargs="?",
+        default="auth",
+        choices=sorted(SCENARIO_SETS),
+        help="scenario set: auth = http + micro",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 3 s load, 1 s warm-up, 500 iterations x 3"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of load per HTTP measurement (default 10, quick 3)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of discarded load before each measurement (default 2, quick 1)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=32, help="concurrent connections (default 32)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="baseline/auth pairs per server, order alternating; the median round "
-                             "by ratio is reported (default 3, quick 1)")
-    parser.add_argument("--workers2", action="store_true",
-                        help="also measure the server with 2 uvicorn workers")
-    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                        help="load generator: wrk (installed with apt-get if missing and root), "
-                             "or the Python fallback (default auto)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="baseline/auth pairs per server, order alternating; the median round "
+        "by ratio is reported (default 3, quick 1)",
+    )
+    parser.add_argument(
+        "--workers2", action="store_true", help="also measure the server with 2 uvicorn workers"
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk (installed with apt-get if missing and root), "
+        "or the Python fallback (default auto)",
+    )
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin server (CPU 0) and load generator (CPU 1)")
-    parser.add_argument("--iterations", type=int, default=None,
-                        help="micro: calls per measurement (default 3000, quick 500)")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="micro: measurements per variant, best kept (default 5, quick 3)")
-    parser.add_argument("--algorithms", default="ES256",
-                        help=f"comma-separated signing algorithms for the micro benchmark "
-                             f"({', '.join(ALGORITHMS)}); the HTTP server uses the first "
-                             f"(default ES256)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
-                        help="where the JSON goes (default bench/results)")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin server (CPU 0) and load generator (CPU 1)"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="micro: calls per measurement (default 3000, quick 500)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="micro: measurements per variant, best kept (default 5, quick 3)",
+    )
+    parser.add_argument(
+        "--algorithms",
+        default="ES256",
+        help=f"comma-separated signing algorithms for the micro benchmark "
+        f"({', '.join(ALGORITHMS)}); the HTTP server uses the first "
+        f"(default ES256)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where the JSON goes (default bench/results)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directories")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -123,8 +162,9 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -144,9 +184,23 @@ def machine_info(load_tool: str | None) -> dict[str, Any]:
         "load_generator": load_tool,
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "openssl": backend.openssl_version_text(),
-        "packages": {p: _version(p) for p in (
-            "carevault", "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic",
-            "joserfc", "cryptography", "sqlalchemy", "aiosqlite", "orjson")},
+        "packages": {
+            p: _version(p)
+            for p in (
+                "carevault",
+                "fastapi",
+                "starlette",
+                "uvicorn",
+                "uvloop",
+                "httptools",
+                "pydantic",
+                "joserfc",
+                "cryptography",
+                "sqlalchemy",
+                "aiosqlite",
+                "orjson",
+            )
+        },
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
     }
@@ -213,19 +267,26 @@ class HttpPair:
 
     @property
     def round_ratios(self) -> list[float]:
-        return [r["auth"]["rps"] / r["baseline"]["rps"] if r["baseline"]["rps"] else 0.0
-                for r in self.rounds]
+        return [
+            r["auth"]["rps"] / r["baseline"]["rps"] if r["baseline"]["rps"] else 0.0
+            for r in self.rounds
+        ]
 
     @property
     def passed(self) -> bool:
-        return (self.rps_ratio >= HTTP_RPS_TARGET and self.baseline.error_count == 0
-                and self.auth.error_count == 0)
+        return (
+            self.rps_ratio >= HTTP_RPS_TARGET
+            and self.baseline.error_count == 0
+            and self.auth.error_count == 0
+        )
 
 
-def run_http(args: argparse.Namespace, runner: Any, steps: Steps, workers: int,
-             pin: bool) -> tuple[HttpPair, dict[str, Any]]:
-    server = BenchServer(workers=workers, algorithm=args.algorithms[0],
-                         cpu=0 if pin else None, keep=args.keep)
+def run_http(
+    args: argparse.Namespace, runner: Any, steps: Steps, workers: int, pin: bool
+) -> tuple[HttpPair, dict[str, Any]]:
+    server = BenchServer(
+        workers=workers, algorithm=args.algorithms[0], cpu=0 if pin else None, keep=args.keep
+    )
     try:
         steps.begin(f"HTTP w{workers}: carevault init + user add", None)
         password = server.prepare()
@@ -247,23 +308,33 @@ def run_http(args: argparse.Namespace, runner: Any, steps: Steps, workers: int,
                 steps.begin(f"HTTP w{workers}: {name} GET {path} (round {round_no + 1})", total)
                 if args.warmup > 0:
                     runner.run(url, args.warmup, auth, tick=steps.tick_to)
-                result = runner.run(url, args.duration, auth,
-                                    tick=lambda t: steps.tick_to(args.warmup + t))
+                result = runner.run(
+                    url, args.duration, auth, tick=lambda t: steps.tick_to(args.warmup + t)
+                )
                 measured[name] = result
                 steps.done()
             rounds.append(measured)
         server.check_baseline()  # still the same bytes after the load
-        info = {"port": server.port, "body_bytes": len(server.me_body),
-                "content_type": server.me_headers.get("content-type"),
-                "log_tail": server.log_tail(1000)}
+        info = {
+            "port": server.port,
+            "body_bytes": len(server.me_body),
+            "content_type": server.me_headers.get("content-type"),
+            "log_tail": server.log_tail(1000),
+        }
     finally:
         server.cleanup()
     # Median round by ratio (with one round: that round).
-    ratios = sorted(range(len(rounds)),
-                    key=lambda i: rounds[i]["auth"].rps / max(rounds[i]["baseline"].rps, 1e-9))
+    ratios = sorted(
+        range(len(rounds)),
+        key=lambda i: rounds[i]["auth"].rps / max(rounds[i]["baseline"].rps, 1e-9),
+    )
     chosen = rounds[ratios[len(ratios) // 2]]
-    pair = HttpPair(workers, chosen["baseline"], chosen["auth"],
-                    [{k: v.as_dict() for k, v in r.items()} for r in rounds])
+    pair = HttpPair(
+        workers,
+        chosen["baseline"],
+        chosen["auth"],
+        [{k: v.as_dict() for k, v in r.items()} for r in rounds],
+    )
     return pair, info
 
 
@@ -276,28 +347,57 @@ def _fmt_ms(us: float) -> str:
 
 def http_table(pairs: list[HttpPair]) -> Table:
     table = Table(title="HTTP: GET /auth/me (bearer) vs GET /bench/static (same bytes, no auth)")
-    for col, justify in (("scenario", "left"), ("req/s", "right"), ("p50 ms", "right"),
-                         ("p99 ms", "right"), ("errors", "right"), ("ratio to baseline", "right"),
-                         ("p99 ratio", "right"), ("target", "right"), ("result", "center")):
+    for col, justify in (
+        ("scenario", "left"),
+        ("req/s", "right"),
+        ("p50 ms", "right"),
+        ("p99 ms", "right"),
+        ("errors", "right"),
+        ("ratio to baseline", "right"),
+        ("p99 ratio", "right"),
+        ("target", "right"),
+        ("result", "center"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for pair in pairs:
         b, a = pair.baseline, pair.auth
-        table.add_row(f"w{pair.workers} baseline GET {STATIC_PATH}", f"{b.rps:,.0f}",
-                      _fmt_ms(b.latency_us["p50"]), _fmt_ms(b.latency_us["p99"]),
-                      str(b.error_count), "1.00", "1.00", "", "baseline")
+        table.add_row(
+            f"w{pair.workers} baseline GET {STATIC_PATH}",
+            f"{b.rps:,.0f}",
+            _fmt_ms(b.latency_us["p50"]),
+            _fmt_ms(b.latency_us["p99"]),
+            str(b.error_count),
+            "1.00",
+            "1.00",
+            "",
+            "baseline",
+        )
         verdict = "[green]PASS[/green]" if pair.passed else "[red]FAIL[/red]"
-        table.add_row(f"w{pair.workers} auth GET {ME_PATH}", f"{a.rps:,.0f}",
-                      _fmt_ms(a.latency_us["p50"]), _fmt_ms(a.latency_us["p99"]),
-                      str(a.error_count), f"{pair.rps_ratio:.2f}", f"{pair.p99_ratio:.2f}",
-                      f">= {HTTP_RPS_TARGET:.2f}", verdict)
+        table.add_row(
+            f"w{pair.workers} auth GET {ME_PATH}",
+            f"{a.rps:,.0f}",
+            _fmt_ms(a.latency_us["p50"]),
+            _fmt_ms(a.latency_us["p99"]),
+            str(a.error_count),
+            f"{pair.rps_ratio:.2f}",
+            f"{pair.p99_ratio:.2f}",
+            f">= {HTTP_RPS_TARGET:.2f}",
+            verdict,
+        )
     return table
 
 
 def micro_table(micro: list[dict[str, Any]]) -> Table:
     table = Table(title="Micro: JWT verification, µs per token (best of repeats)")
-    for col, justify in (("scenario", "left"), ("µs/op best", "right"), ("µs/op median", "right"),
-                         ("ops/s", "right"), ("ratio to raw", "right"), ("target", "right"),
-                         ("result", "center")):
+    for col, justify in (
+        ("scenario", "left"),
+        ("µs/op best", "right"),
+        ("µs/op median", "right"),
+        ("ops/s", "right"),
+        ("ratio to raw", "right"),
+        ("target", "right"),
+        ("result", "center"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for result in micro:
         alg = result["algorithm"]
@@ -310,9 +410,15 @@ def micro_table(micro: list[dict[str, Any]]) -> Table:
                 verdict = "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
             else:
                 target, verdict = "", "info"
-            table.add_row(f"{alg} {name}", f"{v['best_us']:.1f}", f"{v['median_us']:.1f}",
-                          f"{1e6 / v['best_us']:,.0f}", f"{v['ratio_to_raw']:.2f}", target,
-                          verdict)
+            table.add_row(
+                f"{alg} {name}",
+                f"{v['best_us']:.1f}",
+                f"{v['median_us']:.1f}",
+                f"{1e6 / v['best_us']:,.0f}",
+                f"{v['ratio_to_raw']:.2f}",
+                target,
+                verdict,
+            )
     return table
 
 
@@ -320,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parts = SCENARIO_SETS[args.scenarios]
     started = dt.datetime.now(dt.UTC)
-    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1))
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     pin = not args.no_pin and cpus >= 2
 
     runner: Any = None
@@ -333,27 +440,40 @@ def main(argv: list[str] | None = None) -> int:
                 console.print("[red]wrk is not available[/red]")
                 return 2
         load_cpu = 1 if pin else None
-        runner = (WrkRunner(wrk, args.threads, args.connections, load_cpu) if wrk
-                  else PythonLoadRunner(args.connections, load_cpu))
+        runner = (
+            WrkRunner(wrk, args.threads, args.connections, load_cpu)
+            if wrk
+            else PythonLoadRunner(args.connections, load_cpu)
+        )
         if not wrk:
-            console.print("[yellow]using the Python load generator: on a 2-core machine its own "
-                          "CPU use lowers every req/s figure; ratios stay comparable[/yellow]")
+            console.print(
+                "[yellow]using the Python load generator: on a 2-core machine its own "
+                "CPU use lowers every req/s figure; ratios stay comparable[/yellow]"
+            )
 
     worker_counts = [1, 2] if args.workers2 else [1]
     http_steps = len(worker_counts) * (2 + 2 * args.rounds) if "http" in parts else 0
     micro_steps = len(args.algorithms) if "micro" in parts else 0
     machine = machine_info(runner.name if runner else None)
-    console.print(f"[bold]carevault bench[/bold] {args.scenarios}: {machine['cpu_count']} CPUs "
-                  f"({machine['cpu_model']}), Python {machine['python']}, load generator "
-                  f"{machine['load_generator'] or '-'}, server/loadgen pinned: {pin}")
+    console.print(
+        f"[bold]carevault bench[/bold] {args.scenarios}: {machine['cpu_count']} CPUs "
+        f"({machine['cpu_model']}), Python {machine['python']}, load generator "
+        f"{machine['load_generator'] or '-'}, server/loadgen pinned: {pin}"
+    )
 
     pairs: list[HttpPair] = []
     http_info: dict[str, Any] = {}
     micro: list[dict[str, Any]] = []
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                      transient=False) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
             steps = Steps(progress, http_steps + micro_steps)
             if "http" in parts:
                 for workers in worker_counts:
@@ -362,11 +482,14 @@ def main(argv: list[str] | None = None) -> int:
                     http_info[f"workers_{workers}"] = info
             if "micro" in parts:
                 for alg in args.algorithms:
-                    steps.begin(f"micro {alg}: {variant_count()} variants x {args.repeat} x "
-                                f"{args.iterations} calls",
-                                variant_count() * args.repeat * args.iterations)
-                    micro.append(run_micro_sync(alg, args.iterations, args.repeat,
-                                                advance=steps.advance))
+                    steps.begin(
+                        f"micro {alg}: {variant_count()} variants x {args.repeat} x "
+                        f"{args.iterations} calls",
+                        variant_count() * args.repeat * args.iterations,
+                    )
+                    micro.append(
+                        run_micro_sync(alg, args.iterations, args.repeat, advance=steps.advance)
+                    )
                     steps.done()
             steps.finish()
     finally:
@@ -379,13 +502,16 @@ def main(argv: list[str] | None = None) -> int:
         for pair in pairs:
             ratios = pair.round_ratios
             if len(ratios) > 1:
-                console.print(f"w{pair.workers} ratio per round: "
-                              + ", ".join(f"{x:.2f}" for x in ratios), highlight=False)
+                console.print(
+                    f"w{pair.workers} ratio per round: " + ", ".join(f"{x:.2f}" for x in ratios),
+                    highlight=False,
+                )
     if micro:
         console.print(micro_table(micro))
 
     verdicts = [p.passed for p in pairs] + [
-        m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET for m in micro]
+        m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET for m in micro
+    ]
     report = {
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
@@ -393,31 +519,52 @@ def main(argv: list[str] | None = None) -> int:
         "scenario_set": args.scenarios,
         "machine": machine,
         "parameters": {
-            "duration_s": args.duration, "warmup_s": args.warmup,
-            "connections": args.connections, "threads": args.threads, "rounds": args.rounds,
-            "workers": worker_counts, "pinned": pin, "quick": args.quick,
-            "micro_iterations": args.iterations, "micro_repeat": args.repeat,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "workers": worker_counts,
+            "pinned": pin,
+            "quick": args.quick,
+            "micro_iterations": args.iterations,
+            "micro_repeat": args.repeat,
             "algorithms": args.algorithms,
-            "server": {"factory": "bench.app:create_bench_app", "access_log": False,
-                       "server_header": False, "proxy_headers": False, "log_level": "warning"},
+            "server": {
+                "factory": "bench.app:create_bench_app",
+                "access_log": False,
+                "server_header": False,
+                "proxy_headers": False,
+                "log_level": "warning",
+            },
         },
-        "targets": {"http_auth_rps_ratio_min": HTTP_RPS_TARGET,
-                    "micro_full_to_raw_ratio_max": MICRO_TARGET},
+        "targets": {
+            "http_auth_rps_ratio_min": HTTP_RPS_TARGET,
+            "micro_full_to_raw_ratio_max": MICRO_TARGET,
+        },
         "results": {
-            "http": [{
-                "workers": p.workers,
-                "baseline": p.baseline.as_dict(),
-                "auth": p.auth.as_dict(),
-                "rps_ratio": round(p.rps_ratio, 4),
-                "p99_ratio": round(p.p99_ratio, 4),
-                "round_ratios": [round(x, 4) for x in p.round_ratios],
-                "passed": p.passed,
-                "rounds": p.rounds,
-            } for p in pairs],
+            "http": [
+                {
+                    "workers": p.workers,
+                    "baseline": p.baseline.as_dict(),
+                    "auth": p.auth.as_dict(),
+                    "rps_ratio": round(p.rps_ratio, 4),
+                    "p99_ratio": round(p.p99_ratio, 4),
+                    "round_ratios": [round(x, 4) for x in p.round_ratios],
+                    "passed": p.passed,
+                    "rounds": p.rounds,
+                }
+                for p in pairs
+            ],
             "http_server": http_info,
-            "micro": [{**m, "target_ratio_max": MICRO_TARGET,
-                       "passed": m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET}
-                      for m in micro],
+            "micro": [
+                {
+                    **m,
+                    "target_ratio_max": MICRO_TARGET,
+                    "passed": m["variants"]["full"]["ratio_to_raw"] <= MICRO_TARGET,
+                }
+                for m in micro
+            ],
         },
         "passed": all(verdicts),
     }
@@ -426,10 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     load = machine["loadavg_at_start"]
     if load and load[0] > 0.5 * cpus:
-        console.print(f"[yellow]note: load average was {load[0]:.2f} on {cpus} CPUs at the start: "
-                      "other work was running; compare ratios, not absolute figures[/yellow]")
-    console.print(f"results written to [bold]{_display(path)}[/bold]; "
-                  f"targets {'all met' if all(verdicts) else 'NOT all met'}")
+        console.print(
+            f"[yellow]note: load average was {load[0]:.2f} on {cpus} CPUs at the start: "
+            "other work was running; compare ratios, not absolute figures[/yellow]"
+        )
+    console.print(
+        f"results written to [bold]{_display(path)}[/bold]; "
+        f"targets {'all met' if all(verdicts) else 'NOT all met'}"
+    )
     return 1 if args.strict and not all(verdicts) else 0
 
 

@@ -38,7 +38,8 @@ def create_bench_app() -> FastAPI:
                 cached.append(Path(body_file).read_bytes())  # noqa: ASYNC240
             except OSError:
                 return Response(status_code=503)  # not written yet: the harness retries
-        return Response(cached[0], media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+        return Response(
+            cached[0], media_type="application/json", headers={"Cache-Control": "no-store"}
+        )
 
     return app

@@ -117,8 +117,11 @@ class MicroFixture:
         from carevault.runtime import build_services, ensure_key_material
 
         settings = Settings(
-            data_dir=self.root / "var", database_url=None, redis_url=None,
-            signing_algorithm=self.algorithm, issuer_url="http://127.0.0.1:8000",
+            data_dir=self.root / "var",
+            database_url=None,
+            redis_url=None,
+            signing_algorithm=self.algorithm,
+            issuer_url="http://127.0.0.1:8000",
             access_token_ttl_seconds=3600,
         )
         ensure_key_material(settings)
@@ -130,15 +133,21 @@ class MicroFixture:
             await self.services.revocations.revoke_token(uuid.uuid4().hex, now + 3600)
             await self.services.revocations.revoke_sessions([uuid.uuid4().hex], now + 3600)
         self.token, _ = self.services.issuer.issue(
-            subject=str(uuid.uuid4()), session_id=uuid.uuid4().hex, client_id="carevault-bench",
-            scope="openid", roles=["physician"], amr=["pwd"], auth_time=int(now),
+            subject=str(uuid.uuid4()),
+            session_id=uuid.uuid4().hex,
+            client_id="carevault-bench",
+            scope="openid",
+            roles=["physician"],
+            amr=["pwd"],
+            auth_time=int(now),
         )
         key = self.services.keyring.current
         self.raw = RawVerifier(key.alg, key.key.public_key)
         from carevault.tokens.access import AccessTokenVerifier
 
-        self.first_use_verifier = AccessTokenVerifier(settings, self.services.keyring,
-                                                      cache_entries=0)
+        self.first_use_verifier = AccessTokenVerifier(
+            settings, self.services.keyring, cache_entries=0
+        )
 
     async def full_check(self, token: str) -> bool:
         """The product path: verify, then the revocation check. True when accepted."""
@@ -200,30 +209,45 @@ def build_variants(fixture: MicroFixture) -> list[Variant]:
     key = fixture.services.keyring.current
     registry = jws.JWSRegistry(algorithms=[key.alg])
     token_bytes = token.encode("ascii")
-    verifier = fixture.services.verifier
 
     def joserfc_only() -> bool:
         obj = jws.extract_compact(token_bytes, registry=registry)
         return jws.validate_compact(obj, key.key, registry=registry)
 
     return [
-        Variant("raw", f"cryptography {key.alg} verify of the prepared signature (baseline)",
-                sync=lambda: raw.check(signing_input, prepared)),
-        Variant("joserfc", "joserfc extract_compact + validate_compact only (breakdown)",
-                sync=joserfc_only),
-        Variant("verify", "AccessTokenVerifier.verify, first use of a token (breakdown)",
-                sync=lambda: fixture.first_use_verifier.verify(token)),
-        Variant("full", "first use: AccessTokenVerifier.verify (signature checked) + "
-                "await DatabaseRevocationList.is_revoked",
-                coro=lambda: fixture.full_check_first_use(token)),
-        Variant("full-repeat", "repeat use: verify served from the verified-token cache "
-                "(time, key retirement re-checked) + is_revoked",
-                coro=lambda: fixture.full_check(token)),
+        Variant(
+            "raw",
+            f"cryptography {key.alg} verify of the prepared signature (baseline)",
+            sync=lambda: raw.check(signing_input, prepared),
+        ),
+        Variant(
+            "joserfc",
+            "joserfc extract_compact + validate_compact only (breakdown)",
+            sync=joserfc_only,
+        ),
+        Variant(
+            "verify",
+            "AccessTokenVerifier.verify, first use of a token (breakdown)",
+            sync=lambda: fixture.first_use_verifier.verify(token),
+        ),
+        Variant(
+            "full",
+            "first use: AccessTokenVerifier.verify (signature checked) + "
+            "await DatabaseRevocationList.is_revoked",
+            coro=lambda: fixture.full_check_first_use(token),
+        ),
+        Variant(
+            "full-repeat",
+            "repeat use: verify served from the verified-token cache "
+            "(time, key retirement re-checked) + is_revoked",
+            coro=lambda: fixture.full_check(token),
+        ),
     ]
 
 
-async def run_micro(algorithm: str, iterations: int, repeat: int,
-                    advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+async def run_micro(
+    algorithm: str, iterations: int, repeat: int, advance: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """Time every variant; `advance(n)` is told of each n iterations done (progress bar)."""
     fixture = MicroFixture(algorithm)
     await fixture.start()
@@ -283,6 +307,7 @@ def variant_count() -> int:
     return 4
 
 
-def run_micro_sync(algorithm: str, iterations: int, repeat: int,
-                   advance: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_micro_sync(
+    algorithm: str, iterations: int, repeat: int, advance: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     return asyncio.run(run_micro(algorithm, iterations, repeat, advance))

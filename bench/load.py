@@ -112,8 +112,9 @@ def _pin(cpu: int | None) -> Callable[[], None] | None:
     return preexec
 
 
-def _wait(process: subprocess.Popen[str], seconds: float,
-          tick: Callable[[float], None] | None) -> tuple[str, str]:
+def _wait(
+    process: subprocess.Popen[str], seconds: float, tick: Callable[[float], None] | None
+) -> tuple[str, str]:
     start = time.monotonic()
     deadline = start + seconds + 60
     while process.poll() is None:
@@ -144,25 +145,53 @@ class WrkRunner:
     def name(self) -> str:
         return self.version
 
-    def run(self, url: str, seconds: float, authorization: str | None = None,
-            tick: Callable[[float], None] | None = None) -> LoadResult:
+    def run(
+        self,
+        url: str,
+        seconds: float,
+        authorization: str | None = None,
+        tick: Callable[[float], None] | None = None,
+    ) -> LoadResult:
         env = {**os.environ, "BENCH_AUTHORIZATION": authorization or ""}
-        cmd = [self.binary, "-t", str(self.threads), "-c", str(self.connections),
-               "-d", f"{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(self._script), url]
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=env, preexec_fn=_pin(self.cpu))
+        cmd = [
+            self.binary,
+            "-t",
+            str(self.threads),
+            "-c",
+            str(self.connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(self._script),
+            url,
+        ]
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_pin(self.cpu),
+        )
         stdout, stderr = _wait(process, seconds, tick)
         line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
         if process.returncode != 0 or line is None:
-            raise LoadError(f"wrk failed ({process.returncode}): {stderr.strip()[-500:]} "
-                            f"{stdout.strip()[-500:]}")
+            raise LoadError(
+                f"wrk failed ({process.returncode}): {stderr.strip()[-500:]} "
+                f"{stdout.strip()[-500:]}"
+            )
         data = json.loads(line.removeprefix("BENCH_JSON "))
         return LoadResult(
-            tool=self.version, url=url, requests=int(data["requests"]),
+            tool=self.version,
+            url=url,
+            requests=int(data["requests"]),
             duration_s=data["duration_us"] / 1e6,
             errors={k: int(v) for k, v in data["errors"].items()},
             latency_us={k: float(v) for k, v in data["latency_us"].items()},
-            connections=self.connections, threads=self.threads,
+            connections=self.connections,
+            threads=self.threads,
             extra={"bytes": int(data["bytes"])},
         )
 
@@ -181,23 +210,52 @@ class PythonLoadRunner:
         self.cpu = cpu
         self.version = "python-loadgen"
 
-    def run(self, url: str, seconds: float, authorization: str | None = None,
-            tick: Callable[[float], None] | None = None) -> LoadResult:
-        env = {**os.environ, "BENCH_AUTHORIZATION": authorization or "",
-               "PYTHONPATH": os.pathsep.join(
-                   p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-        cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--connections",
-               str(self.connections), "--duration", str(seconds)]
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=env, preexec_fn=_pin(self.cpu))
+    def run(
+        self,
+        url: str,
+        seconds: float,
+        authorization: str | None = None,
+        tick: Callable[[float], None] | None = None,
+    ) -> LoadResult:
+        env = {
+            **os.environ,
+            "BENCH_AUTHORIZATION": authorization or "",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--url",
+            url,
+            "--connections",
+            str(self.connections),
+            "--duration",
+            str(seconds),
+        ]
+        process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_pin(self.cpu),
+        )
         stdout, stderr = _wait(process, seconds, tick)
         if process.returncode != 0 or not stdout.strip():
             raise LoadError(f"bench.loadgen failed ({process.returncode}): {stderr.strip()[-500:]}")
         data = json.loads(stdout.strip().splitlines()[-1])
         return LoadResult(
-            tool=self.name, url=url, requests=int(data["requests"]),
-            duration_s=float(data["duration_s"]), errors=data["errors"],
-            latency_us=data["latency_us"], connections=self.connections, threads=1,
+            tool=self.name,
+            url=url,
+            requests=int(data["requests"]),
+            duration_s=float(data["duration_s"]),
+            errors=data["errors"],
+            latency_us=data["latency_us"],
+            connections=self.connections,
+            threads=1,
         )
 
     def close(self) -> None:

@@ -25,8 +25,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def _connection(host: str, port: int, request: bytes, stop_at: float,
-                      latencies: list[float], errors: dict[str, int]) -> None:
+async def _connection(
+    host: str,
+    port: int,
+    request: bytes,
+    stop_at: float,
+    latencies: list[float],
+    errors: dict[str, int],
+) -> None:
     perf = time.perf_counter
     while perf() < stop_at:
         try:
@@ -71,8 +77,9 @@ async def run(url: str, connections: int, duration: float, authorization: str) -
     errors = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
     started = time.perf_counter()
     stop_at = started + duration
-    await asyncio.gather(*(_connection(host, port, request, stop_at, latencies, errors)
-                           for _ in range(connections)))
+    await asyncio.gather(
+        *(_connection(host, port, request, stop_at, latencies, errors) for _ in range(connections))
+    )
     elapsed = time.perf_counter() - started
     latencies.sort()
     mean = sum(latencies) / len(latencies) if latencies else 0.0

@@ -41,8 +41,11 @@ DEFAULT_FACTORY = "bench.app:create_bench_app"
 def serve_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.server")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--factory", default=DEFAULT_FACTORY,
-                        help="app factory import string (for profiling experiments)")
+    parser.add_argument(
+        "--factory",
+        default=DEFAULT_FACTORY,
+        help="app factory import string (for profiling experiments)",
+    )
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -75,14 +78,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _http(method: str, url: str, body: bytes | None = None,
-          headers: dict[str, str] | None = None, timeout: float = 10.0
-          ) -> tuple[int, dict[str, str], bytes]:
+def _http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback)
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, \
-                response.read()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
     except urllib.error.HTTPError as err:
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
@@ -126,37 +136,59 @@ class BenchServer:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAREVAULT_")}
-        env.update({
-            "CAREVAULT_DATA_DIR": str(self.data_dir),
-            "CAREVAULT_HOST": "127.0.0.1",
-            "CAREVAULT_PORT": str(self.port),
-            "CAREVAULT_SIGNING_ALGORITHM": self.algorithm,
-            # The longest lifetime allowed, so that one token outlives a long run.
-            "CAREVAULT_ACCESS_TOKEN_TTL_SECONDS": "3600",
-            STATIC_BODY_ENV: str(self.static_body_file),
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO_ROOT), *self.extra_pythonpath,
-                            os.environ.get("PYTHONPATH", "")) if p),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CAREVAULT_DATA_DIR": str(self.data_dir),
+                "CAREVAULT_HOST": "127.0.0.1",
+                "CAREVAULT_PORT": str(self.port),
+                "CAREVAULT_SIGNING_ALGORITHM": self.algorithm,
+                # The longest lifetime allowed, so that one token outlives a long run.
+                "CAREVAULT_ACCESS_TOKEN_TTL_SECONDS": "3600",
+                STATIC_BODY_ENV: str(self.static_body_file),
+                "PYTHONPATH": os.pathsep.join(
+                    p
+                    for p in (
+                        str(REPO_ROOT),
+                        *self.extra_pythonpath,
+                        os.environ.get("PYTHONPATH", ""),
+                    )
+                    if p
+                ),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def _cli(self, *args: str, stdin: bytes | None = None) -> bytes:
         result = subprocess.run(
-            [sys.executable, "-m", "carevault.cli", *args], input=stdin, capture_output=True,
-            env=self.env(), cwd=self._root, timeout=120, check=False,
+            [sys.executable, "-m", "carevault.cli", *args],
+            input=stdin,
+            capture_output=True,
+            env=self.env(),
+            cwd=self._root,
+            timeout=120,
+            check=False,
         )
         if result.returncode != 0:
-            raise ServerError(f"carevault {' '.join(args)} failed ({result.returncode}):\n"
-                              + result.stderr.decode(errors="replace")[-2000:])
+            raise ServerError(
+                f"carevault {' '.join(args)} failed ({result.returncode}):\n"
+                + result.stderr.decode(errors="replace")[-2000:]
+            )
         return result.stdout
 
     def prepare(self) -> str:
         """`carevault init` and `carevault user add`; returns the user's password."""
         self._cli("init")
         password = secrets.token_urlsafe(24) + "-Bench-9"
-        self._cli("user", "add", BENCH_USER, "--role", "physician", "--password-stdin",
-                  stdin=(password + "\n").encode())
+        self._cli(
+            "user",
+            "add",
+            BENCH_USER,
+            "--role",
+            "physician",
+            "--password-stdin",
+            stdin=(password + "\n").encode(),
+        )
         return password
 
     def start(self, on_wait: Callable[[], None] | None = None, timeout: float = 60.0) -> None:
@@ -168,17 +200,30 @@ class BenchServer:
                 os.sched_setaffinity(0, {pin})
 
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "bench.server", "--workers", str(self.workers),
-             "--factory", self.factory],
-            env=self.env(), cwd=self._root, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
+            [
+                sys.executable,
+                "-m",
+                "bench.server",
+                "--workers",
+                str(self.workers),
+                "--factory",
+                self.factory,
+            ],
+            env=self.env(),
+            cwd=self._root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=preexec,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise ServerError(
-                    f"server exited with {self._process.returncode}:\n{self.log_tail()}")
+                    f"server exited with {self._process.returncode}:\n{self.log_tail()}"
+                )
             try:
                 status, _, _ = _http("GET", self.base_url + "/healthz", timeout=1.0)
                 if status == 200:
@@ -191,21 +236,31 @@ class BenchServer:
                 on_wait()
             time.sleep(0.1)
         raise ServerError(
-            f"server did not answer /healthz within {timeout:.0f}s:\n{self.log_tail()}")
+            f"server did not answer /healthz within {timeout:.0f}s:\n{self.log_tail()}"
+        )
 
     def _workers_up(self) -> int:
         assert self._process is not None
         try:
-            out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self._process.pid)],
-                                 capture_output=True, text=True, check=False).stdout
+            out = subprocess.run(
+                ["ps", "-o", "pid=", "--ppid", str(self._process.pid)],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
         except OSError:
             return self.workers
         return len(out.split())
 
     def login(self, password: str) -> None:
         body = json.dumps({"username": BENCH_USER, "password": password}).encode()
-        status, _, data = _http("POST", self.base_url + "/auth/login", body,
-                                {"Content-Type": "application/json"}, timeout=30.0)
+        status, _, data = _http(
+            "POST",
+            self.base_url + "/auth/login",
+            body,
+            {"Content-Type": "application/json"},
+            timeout=30.0,
+        )
         if status != 200:
             raise ServerError(f"login failed: HTTP {status} {data[:300]!r}")
         self.token = json.loads(data)["access_token"]
@@ -216,8 +271,9 @@ class BenchServer:
 
     def capture_baseline(self) -> None:
         """Fetch `/auth/me`, hand its bytes to the baseline route and check they match."""
-        status, headers, body = _http("GET", self.base_url + ME_PATH,
-                                      headers={"Authorization": self.auth_header})
+        status, headers, body = _http(
+            "GET", self.base_url + ME_PATH, headers={"Authorization": self.auth_header}
+        )
         if status != 200:
             raise ServerError(f"GET {ME_PATH} failed: HTTP {status} {body[:300]!r}")
         self.me_body, self.me_headers = body, headers
@@ -234,8 +290,10 @@ class BenchServer:
                 raise ServerError(f"GET {STATIC_PATH} differs from {ME_PATH}: HTTP {status}")
             for name in ("content-type", "content-length", "cache-control"):
                 if headers.get(name) != self.me_headers.get(name):
-                    raise ServerError(f"GET {STATIC_PATH} header {name} differs: "
-                                      f"{headers.get(name)!r} != {self.me_headers.get(name)!r}")
+                    raise ServerError(
+                        f"GET {STATIC_PATH} header {name} differs: "
+                        f"{headers.get(name)!r} != {self.me_headers.get(name)!r}"
+                    )
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

@@ -26,8 +26,14 @@ from carevault.runtime import Services, build_services, ensure_key_material
 
 PG_URL = os.environ.get("CAREVAULT_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("CAREVAULT_TEST_REDIS_URL")
-PG_SKIP = "PostgreSQL not available: CAREVAULT_TEST_DATABASE_URL is not set (no server answered on 127.0.0.1:5432)"
-REDIS_SKIP = "Redis not available: CAREVAULT_TEST_REDIS_URL is not set (no server answered on 127.0.0.1:6379)"
+PG_SKIP = (
+    "PostgreSQL not available: CAREVAULT_TEST_DATABASE_URL is not set "
+    "(no server answered on 127.0.0.1:5432)"
+)
+REDIS_SKIP = (
+    "Redis not available: CAREVAULT_TEST_REDIS_URL is not set "
+    "(no server answered on 127.0.0.1:6379)"
+)
 
 STRONG_PASSWORD = "correct-Horse-battery-staple-91"
 
@@ -132,22 +138,30 @@ class Harness:
         self.services = services
         self.client = client
 
-    async def add_user(self, username: str, role: Role = Role.physician,
-                       password: str = STRONG_PASSWORD, **links: Any) -> Any:
+    async def add_user(
+        self,
+        username: str,
+        role: Role = Role.physician,
+        password: str = STRONG_PASSWORD,
+        **links: Any,
+    ) -> Any:
         if role is Role.patient and "patient_id" not in links:
             links["patient_id"] = f"pat-{username}"
         return await self.services.accounts.add_user(username, password, role, **links)
 
-    async def login(self, username: str, password: str = STRONG_PASSWORD,
-                    expect: int = 200) -> dict[str, Any]:
-        response = await self.client.post("/auth/login",
-                                          json={"username": username, "password": password})
+    async def login(
+        self, username: str, password: str = STRONG_PASSWORD, expect: int = 200
+    ) -> dict[str, Any]:
+        response = await self.client.post(
+            "/auth/login", json={"username": username, "password": password}
+        )
         assert response.status_code == expect, response.text
         return response.json()
 
     async def me(self, access_token: str) -> httpx.Response:
-        return await self.client.get("/auth/me",
-                                     headers={"Authorization": f"Bearer {access_token}"})
+        return await self.client.get(
+            "/auth/me", headers={"Authorization": f"Bearer {access_token}"}
+        )
 
     async def refresh(self, refresh_token: str) -> httpx.Response:
         return await self.client.post("/auth/refresh", json={"refresh_token": refresh_token})
@@ -164,8 +178,9 @@ async def harness_factory() -> AsyncIterator[Any]:
         built = build_services(settings, clock) if clock is not None else build_services(settings)
         app = create_app(settings, built)
         await stack.enter_async_context(app.router.lifespan_context(app))
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                   base_url="http://testserver")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
         await stack.enter_async_context(client)
         return Harness(app, built, client)
 

@@ -12,8 +12,12 @@ from carevault.runtime import ensure_key_material
 
 
 def _prod(tmp_path, **values):
-    settings = Settings(environment="production", data_dir=tmp_path / "var",
-                        issuer_url="https://ehr.example.org", **values)
+    settings = Settings(
+        environment="production",
+        data_dir=tmp_path / "var",
+        issuer_url="https://ehr.example.org",
+        **values,
+    )
     ensure_key_material(settings)
     return settings
 
@@ -37,8 +41,9 @@ def test_non_loopback_with_tls_is_allowed(tmp_path):
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     cert.write_text("x")
     key.write_text("x")
-    check_production(_prod(tmp_path, tls_cert=cert, tls_key=key), bind_host="10.0.0.5",
-                     demo_accounts=0)
+    check_production(
+        _prod(tmp_path, tls_cert=cert, tls_key=key), bind_host="10.0.0.5", demo_accounts=0
+    )
 
 
 def test_debug_demo_accounts_and_readable_secrets_are_each_named(tmp_path):
@@ -55,21 +60,25 @@ def test_debug_demo_accounts_and_readable_secrets_are_each_named(tmp_path):
 
 
 def test_http_issuer_off_loopback_is_refused(tmp_path):
-    settings = Settings(environment="production", data_dir=tmp_path,
-                        issuer_url="http://ehr.example.org")
+    settings = Settings(
+        environment="production", data_dir=tmp_path, issuer_url="http://ehr.example.org"
+    )
     with pytest.raises(UnsafeSettingsError, match="not https"):
         check_production(settings, bind_host="127.0.0.1", demo_accounts=0)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("access_token_ttl_seconds", 3601),
-    ("clock_leeway_seconds", 61),
-    ("argon2_memory_kib", 19455),
-    ("argon2_time_cost", 1),
-    ("signing_algorithm", "HS256"),
-    ("signing_algorithm", "none"),
-    ("max_token_bytes", 9000),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("access_token_ttl_seconds", 3601),
+        ("clock_leeway_seconds", 61),
+        ("argon2_memory_kib", 19455),
+        ("argon2_time_cost", 1),
+        ("signing_algorithm", "HS256"),
+        ("signing_algorithm", "none"),
+        ("max_token_bytes", 9000),
+    ],
+)
 def test_unsafe_values_are_rejected(field, value):
     with pytest.raises(ValidationError):
         Settings(**{field: value})

@@ -11,6 +11,7 @@ from carevault import __version__
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
+from carevault.fhir.bundle_routes import router as fhir_bundle_router
 from carevault.fhir.routes import FhirError, error_response
 from carevault.fhir.routes import router as fhir_router
 from carevault.health import router as health_router
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health_router)
     app.include_router(jwks_router)
     app.include_router(auth_router)
+    app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)

@@ -28,6 +28,8 @@ user_app = typer.Typer(no_args_is_help=True, help="Manage user accounts.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage signing keys.")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
+patient_app = typer.Typer(no_args_is_help=True, help="Patient records (erasure).")
+app.add_typer(patient_app, name="patient")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,10 +37,16 @@ T = TypeVar("T")
 
 DEMO_ACCOUNTS: list[tuple[str, Role, dict[str, str]]] = [
     ("demo-admin", Role.admin, {}),
-    ("demo-physician", Role.physician, {"organization_id": "demo-hospital",
-                                        "practitioner_id": "demo-practitioner-1"}),
-    ("demo-nurse", Role.nurse, {"organization_id": "demo-hospital",
-                                "practitioner_id": "demo-practitioner-2"}),
+    (
+        "demo-physician",
+        Role.physician,
+        {"organization_id": "demo-hospital", "practitioner_id": "demo-practitioner-1"},
+    ),
+    (
+        "demo-nurse",
+        Role.nurse,
+        {"organization_id": "demo-hospital", "practitioner_id": "demo-practitioner-2"},
+    ),
     ("demo-registrar", Role.registrar, {"organization_id": "demo-hospital"}),
     ("demo-billing", Role.billing, {"organization_id": "demo-hospital"}),
     ("demo-auditor", Role.auditor, {}),
@@ -100,7 +108,7 @@ async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]
 
 def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None:
     base = f"http://{settings.host}:{settings.port}"
-    password = "<the password shown when the account was created>"
+    password = "<the password shown when the account was created>"  # noqa: S105 - a placeholder
     if created:
         table = Table(title="Demo accounts (passwords are shown once)")
         for column in ("username", "role", "password"):
@@ -110,16 +118,20 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         console.print(table)
         password = next((c[2] for c in created if c[0] == "demo-physician"), password)
     else:
-        console.print("Demo accounts already exist; their passwords were shown when they were "
-                      "created. Set a new one with: carevault user reset-password demo-physician",
-                      highlight=False)
+        console.print(
+            "Demo accounts already exist; their passwords were shown when they were "
+            "created. Set a new one with: carevault user reset-password demo-physician",
+            highlight=False,
+        )
     console.print(
         "\nQuick start (in another terminal, once the server below is up):\n\n"
         f"  TOKEN=$(curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
-        f"    -d '{{\"username\":\"demo-physician\",\"password\":\"{password}\"}}' \\\n"
+        f'    -d \'{{"username":"demo-physician","password":"{password}"}}\' \\\n'
         "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
-        f"  curl -s {base}/auth/me -H \"Authorization: Bearer $TOKEN\"\n",
-        markup=False, highlight=False, soft_wrap=True,
+        f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n',
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -134,8 +146,12 @@ def serve(
     """Apply migrations and serve HTTP(S)."""
     import uvicorn
 
-    for name, value in (("HOST", host), ("PORT", port), ("TLS_CERT", tls_cert),
-                        ("TLS_KEY", tls_key)):
+    for name, value in (
+        ("HOST", host),
+        ("PORT", port),
+        ("TLS_CERT", tls_cert),
+        ("TLS_KEY", tls_key),
+    ):
         if value is not None:
             os.environ[f"CAREVAULT_{name}"] = str(value)  # so that worker processes agree
     settings = Settings()
@@ -149,9 +165,12 @@ def serve(
 
     configure()
     scheme = "https" if settings.tls_enabled else "http"
-    console.print(f"carevault serving on {scheme}://{settings.host}:{settings.port} "
-                  f"({workers} worker{'s' if workers > 1 else ''}); try "
-                  f"{scheme}://{settings.host}:{settings.port}/healthz", highlight=False)
+    console.print(
+        f"carevault serving on {scheme}://{settings.host}:{settings.port} "
+        f"({workers} worker{'s' if workers > 1 else ''}); try "
+        f"{scheme}://{settings.host}:{settings.port}/healthz",
+        highlight=False,
+    )
     uvicorn.run(
         "carevault.app:create_app",
         factory=True,
@@ -175,17 +194,26 @@ def user_add(
     org: Annotated[str | None, typer.Option(help="FHIR Organization id.")] = None,
     practitioner: Annotated[str | None, typer.Option(help="FHIR Practitioner id.")] = None,
     patient: Annotated[str | None, typer.Option(help="FHIR Patient id (patients).")] = None,
-    password_stdin: Annotated[bool, typer.Option("--password-stdin",
-                                                 help="Read the password from stdin.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
 ) -> None:
     """Create a user. Without --password-stdin a random password is generated and shown once."""
     settings = Settings()
     _initialise(settings)
     password = _read_password_stdin() if password_stdin else generate_password()
     try:
-        user = _run(settings, lambda s: s.accounts.add_user(
-            name, password, role, organization_id=org, practitioner_id=practitioner,
-            patient_id=patient))
+        user = _run(
+            settings,
+            lambda s: s.accounts.add_user(
+                name,
+                password,
+                role,
+                organization_id=org,
+                practitioner_id=practitioner,
+                patient_id=patient,
+            ),
+        )
     except (PasswordPolicyError, AccountError) as err:
         raise _fail(err.message) from None
     console.print_json(data={"id": user.id, "username": user.username, "roles": list(user.roles)})
@@ -226,8 +254,9 @@ def user_set_role(name: str, role: Role) -> None:
 @user_app.command("reset-password")
 def user_reset_password(
     name: str,
-    password_stdin: Annotated[bool, typer.Option("--password-stdin",
-                                                 help="Read the password from stdin.")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
 ) -> None:
     """Set a new password (generated unless --password-stdin) and end all sessions."""
     password = _read_password_stdin() if password_stdin else generate_password()
@@ -246,8 +275,7 @@ def keys_rotate() -> None:
     kid = rotate_keyset(settings.keys_dir, settings.signing_algorithm, retire_after, time.time())
 
     async def record(services: Services) -> None:
-        await services.events.record(SecurityEvent("key_rotation", "success",
-                                                   details={"kid": kid}))
+        await services.events.record(SecurityEvent("key_rotation", "success", details={"kid": kid}))
 
     _run(settings, record)
     console.print(f"signing key rotated; current kid {kid}", highlight=False)
@@ -255,8 +283,9 @@ def keys_rotate() -> None:
 
 @keys_app.command("rotate-kek")
 def keys_rotate_kek(
-    batch_size: Annotated[int, typer.Option(min=1, max=100_000,
-                                            help="Data keys re-wrapped per transaction.")] = 500,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Data keys re-wrapped per transaction.")
+    ] = 500,
 ) -> None:
     """Rotate the data-at-rest KEK: new primary, re-wrap every data key, drop the old keys.
 
@@ -272,34 +301,102 @@ def keys_rotate_kek(
         kek = services.custody.current_kek()
         resumed = len(kek.key_ids) > 1
         primary = kek.primary_id if resumed else services.custody.rotate_kek()
-        with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=console) as bar:
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("re-wrapping data keys", total=None)
             result = await services.envelope.rewrap_all(
-                batch_size, lambda p: bar.update(task, total=p.total, completed=p.processed))
+                batch_size, lambda p: bar.update(task, total=p.total, completed=p.processed)
+            )
             bar.update(task, total=max(result.total, 1), completed=max(result.total, 1))
         dropped = await services.envelope.retire_unused_kek_keys(batch_size)
         left = len(services.custody.current_kek().key_ids) - 1
-        details = {"primary_key_id": primary, "rewrapped": result.rewrapped,
-                   "dropped_key_ids": dropped, "resumed": resumed}
+        details = {
+            "primary_key_id": primary,
+            "rewrapped": result.rewrapped,
+            "dropped_key_ids": dropped,
+            "resumed": resumed,
+        }
         if result.failed or left:
             # Counts only: scopes name patients.
-            await services.events.record(SecurityEvent(
-                "kek_rotation", "failure",
-                details={**details, "unwrap_failures": len(result.failed), "old_keys_left": left}))
+            await services.events.record(
+                SecurityEvent(
+                    "kek_rotation",
+                    "failure",
+                    details={
+                        **details,
+                        "unwrap_failures": len(result.failed),
+                        "old_keys_left": left,
+                    },
+                )
+            )
         else:
-            await services.events.record(SecurityEvent("kek_rotation", "success",
-                                                       details=details))
+            await services.events.record(SecurityEvent("kek_rotation", "success", details=details))
         return primary, resumed, result.rewrapped, dropped, len(result.failed) or left
 
     primary, resumed, rewrapped, dropped, problems = _run(settings, rotate)
     verb = "resumed" if resumed else "rotated"
-    console.print(f"KEK {verb}; primary key {primary}; {rewrapped} data key(s) re-wrapped; "
-                  f"{len(dropped)} old KEK key(s) dropped", highlight=False, soft_wrap=True)
+    console.print(
+        f"KEK {verb}; primary key {primary}; {rewrapped} data key(s) re-wrapped; "
+        f"{len(dropped)} old KEK key(s) dropped",
+        highlight=False,
+        soft_wrap=True,
+    )
     if problems:
-        raise _fail("some data keys are still wrapped under old KEK keys (or could not be "
-                    "unwrapped); the old keys were kept. Re-run `carevault keys rotate-kek` to "
-                    "continue")
+        raise _fail(
+            "some data keys are still wrapped under old KEK keys (or could not be "
+            "unwrapped); the old keys were kept. Re-run `carevault keys rotate-kek` to "
+            "continue"
+        )
+
+
+@patient_app.command("erase")
+def patient_erase(
+    patient_id: Annotated[str, typer.Argument(metavar="ID", help="FHIR Patient id.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Really erase (irreversible).")] = False,
+) -> None:
+    """Crypto-shred a patient: every version of every resource under the patient's data key
+    becomes unreadable for good, here and in every copy of the database. Re-runnable."""
+    from carevault.fhir.erasure import (
+        ErasureError,
+        ErasureFailed,
+        ErasureReport,
+        erase_patient,
+        plan_erasure,
+    )
+
+    settings = Settings()
+    _initialise(settings)
+
+    def counts(report: ErasureReport, title: str) -> Table:
+        table = Table(title=title)
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        table.add_row("resources to erase" if not yes else "resources erased", str(report.erased))
+        table.add_row("resources erased earlier", str(report.already_erased))
+        table.add_row("stored versions shredded", str(report.versions_shredded))
+        table.add_row(
+            "shared resources under another patient's key (links removed, left readable)",
+            str(report.shared_other_scope),
+        )
+        return table
+
+    try:
+        if not yes:
+            plan = _run(settings, lambda s: plan_erasure(s, patient_id))
+            console.print(counts(plan, "Would erase (nothing changed)"))
+            raise _fail("irreversible: re-run with --yes to erase")
+        report = _run(settings, lambda s: erase_patient(s, patient_id))
+    except ErasureFailed as err:
+        raise _fail(f"{err} (search rows are already removed)") from None
+    except ErasureError as err:
+        raise _fail(str(err)) from None
+    console.print(counts(report, "Patient erased"))
+    console.print("data key destroyed; every version under it is unreadable", highlight=False)
 
 
 def main() -> None:

@@ -46,7 +46,10 @@ class UnsafeSettingsError(Exception):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CAREVAULT_", env_file=".env", extra="ignore", frozen=True,
+        env_prefix="CAREVAULT_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
         populate_by_name=True,
     )
 

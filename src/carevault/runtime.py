@@ -97,17 +97,27 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     throttle = LoginThrottle(settings, engine, clock)
     custody = KeyCustody.from_settings(settings)
     envelope = EnvelopeCipher(
-        engine, custody, cache_size=settings.dek_cache_size,
+        engine,
+        custody,
+        cache_size=settings.dek_cache_size,
         cache_ttl_seconds=settings.dek_cache_ttl_seconds,
         # a separate counter from revocations': a destroy must not make workers re-read those
-        signal=ChangeSignal(settings.data_dir / "dek.signal"), clock=clock,
+        signal=ChangeSignal(settings.data_dir / "dek.signal"),
+        clock=clock,
     )
     blind_index = BlindIndex(custody.index_prf())
     store = ResourceStore(engine, envelope, blind_index, shared_compartment(), clock)
     issuer = AccessTokenIssuer(settings, keyring, clock)
     authenticator = Authenticator(
-        users=users, hasher=hasher, throttle=throttle, events=events, refresh=refresh,
-        issuer=issuer, sessions=sessions, instance_secrets=instance_secrets, clock=clock,
+        users=users,
+        hasher=hasher,
+        throttle=throttle,
+        events=events,
+        refresh=refresh,
+        issuer=issuer,
+        sessions=sessions,
+        instance_secrets=instance_secrets,
+        clock=clock,
     )
     return Services(
         settings=settings,

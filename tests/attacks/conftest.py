@@ -59,8 +59,13 @@ class Victim:
         dates = {"iat": now, "nbf": now, "exp": now + self.settings.access_token_ttl_seconds}
         return self.claims_with(**{**dates, **changes})
 
-    def server_token(self, payload: dict[str, Any] | str | None = None, *,
-                     key: ServerKey | None = None, **header_changes: Any) -> str:
+    def server_token(
+        self,
+        payload: dict[str, Any] | str | None = None,
+        *,
+        key: ServerKey | None = None,
+        **header_changes: Any,
+    ) -> str:
         """Sign `payload` (default: the real claims) with a server key, as the server would.
 
         The header is {alg, kid, typ: at+jwt} of that key; keyword arguments change members of it
@@ -73,12 +78,12 @@ class Victim:
                 header.pop(name, None)
             else:
                 header[name] = value
-        return sign(header, self.claims if payload is None else payload, key.alg,
-                    key.private_key)
+        return sign(header, self.claims if payload is None else payload, key.alg, key.private_key)
 
     async def me(self, token: str) -> httpx.Response:
-        return await self.harness.client.get("/auth/me",
-                                             headers={"Authorization": f"Bearer {token}"})
+        return await self.harness.client.get(
+            "/auth/me", headers={"Authorization": f"Bearer {token}"}
+        )
 
 
 async def start_victim(settings_factory: Any, harness_factory: Any, **overrides: Any) -> Victim:

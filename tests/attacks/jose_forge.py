@@ -50,8 +50,12 @@ def sign(header: dict[str, Any] | str, payload: dict[str, Any] | str, alg: str, 
     return f"{signing_input}.{b64url(signature)}"
 
 
-def hmac_sign(header: dict[str, Any] | str, payload: dict[str, Any] | str, secret: bytes,
-              digest: Any = hashlib.sha256) -> str:
+def hmac_sign(
+    header: dict[str, Any] | str,
+    payload: dict[str, Any] | str,
+    secret: bytes,
+    digest: Any = hashlib.sha256,
+) -> str:
     """HS256 with any bytes as the secret (PyJWT refuses public-key-looking secrets; we don't)."""
     signing_input = f"{segment(header)}.{segment(payload)}"
     mac = hmac.new(secret, signing_input.encode("ascii"), digest).digest()
@@ -87,8 +91,9 @@ class ServerKey:
         return self.private_key.public_key()
 
     def public_pem(self) -> bytes:
-        return self.public_key.public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 def server_keys(keys_dir: Path) -> list[ServerKey]:

@@ -196,7 +196,7 @@ async def _(v: Victim) -> str:
 @case("duplicate-header-member-typ-server-signed")
 async def _(v: Victim) -> str:
     # A parser that keeps the last member would see typ at+jwt; the first says JWT.
-    header = (f'{{"alg":"{v.key.alg}","kid":"{v.key.kid}","typ":"JWT","typ":"at+jwt"}}')
+    header = f'{{"alg":"{v.key.alg}","kid":"{v.key.kid}","typ":"JWT","typ":"at+jwt"}}'
     return sign(header, v.claims, v.key.alg, v.key.private_key)
 
 
@@ -281,8 +281,9 @@ def _retire_after(v: Victim) -> int:
 
 
 def _rotate(v: Victim) -> None:
-    rotate_keyset(v.settings.keys_dir, v.settings.signing_algorithm, _retire_after(v),
-                  now=v.clock.now)
+    rotate_keyset(
+        v.settings.keys_dir, v.settings.signing_algorithm, _retire_after(v), now=v.clock.now
+    )
     # What every process does within key_reload_interval_seconds; done now so nothing sleeps.
     v.harness.services.keyring.reload()
 
@@ -309,16 +310,18 @@ async def _(v: Victim) -> str:
 
 @case("revoked-after-logout")
 async def _(v: Victim) -> str:
-    response = await v.harness.client.post("/auth/logout",
-                                           headers={"Authorization": f"Bearer {v.token}"})
+    response = await v.harness.client.post(
+        "/auth/logout", headers={"Authorization": f"Bearer {v.token}"}
+    )
     assert response.status_code == 204
     return v.token
 
 
 @case("revoked-jti-in-a-new-session-server-signed")
 async def _(v: Victim) -> str:
-    response = await v.harness.client.post("/auth/logout",
-                                           headers={"Authorization": f"Bearer {v.token}"})
+    response = await v.harness.client.post(
+        "/auth/logout", headers={"Authorization": f"Bearer {v.token}"}
+    )
     assert response.status_code == 204
     # Same jti, unrevoked session id: only the jti denial can refuse it.
     return v.server_token(v.claims_with(sid=new_id()))
@@ -327,8 +330,9 @@ async def _(v: Victim) -> str:
 async def _logout_all_from_second_login(v: Victim) -> None:
     v.clock.advance(2)
     second = (await v.harness.login(USERNAME))["access_token"]
-    response = await v.harness.client.post("/auth/logout-all",
-                                           headers={"Authorization": f"Bearer {second}"})
+    response = await v.harness.client.post(
+        "/auth/logout-all", headers={"Authorization": f"Bearer {second}"}
+    )
     assert response.status_code == 204
 
 
@@ -433,7 +437,8 @@ async def test_server_signed_control_is_accepted(victim: Victim) -> None:
 
 async def test_lowercase_bearer_scheme_is_accepted(victim: Victim) -> None:
     response = await victim.harness.client.get(
-        "/auth/me", headers={"Authorization": f"bearer {victim.token}"})
+        "/auth/me", headers={"Authorization": f"bearer {victim.token}"}
+    )
     assert response.status_code == 200
 
 
@@ -468,15 +473,21 @@ async def test_previous_key_verifies_until_retired(victim: Victim) -> None:
 async def test_revocation_rows_isolate_one_denial(victim: Victim) -> None:
     """Control for the revocation rows: new jti + new sid after logout, or iat at/after the
     logout-all cut-off, is accepted; so each row is refused by the denial it names."""
-    await victim.harness.client.post("/auth/logout",
-                                     headers={"Authorization": f"Bearer {victim.token}"})
+    await victim.harness.client.post(
+        "/auth/logout", headers={"Authorization": f"Bearer {victim.token}"}
+    )
     other_session = victim.server_token(victim.claims_with(sid=new_id(), jti=new_id()))
     assert (await victim.me(other_session)).status_code == 200
 
     await _logout_all_from_second_login(victim)
     before = int(victim.clock.now) - 1
-    assert_invalid_token(await victim.me(victim.server_token(
-        victim.fresh_claims(iat=before, nbf=before, jti=new_id(), sid=new_id()))))
+    assert_invalid_token(
+        await victim.me(
+            victim.server_token(
+                victim.fresh_claims(iat=before, nbf=before, jti=new_id(), sid=new_id())
+            )
+        )
+    )
     victim.clock.advance(1)
     after = victim.server_token(victim.fresh_claims(jti=new_id(), sid=new_id()))
     assert (await victim.me(after)).status_code == 200
@@ -487,8 +498,9 @@ async def test_revocation_rows_isolate_one_denial(victim: Victim) -> None:
 
 class Unit:
     def __init__(self, data_dir: Path) -> None:
-        self.settings = Settings(data_dir=data_dir, issuer_url="http://issuer.test",
-                                 key_reload_interval_seconds=0.05)
+        self.settings = Settings(
+            data_dir=data_dir, issuer_url="http://issuer.test", key_reload_interval_seconds=0.05
+        )
         create_keyset(self.settings.keys_dir, "ES256")
         self.clock = FakeClock(float(int(time.time())))
         self.keyring = KeyRing(self.settings.keys_dir, 0.05)
@@ -496,8 +508,14 @@ class Unit:
         self.verifier = AccessTokenVerifier(self.settings, self.keyring, self.clock)
         self.key = server_key(self.settings.keys_dir)
         self.token, self.claims = self.issuer.issue(
-            subject=new_id(), session_id=new_id(), client_id="carevault-web", scope="openid",
-            roles=["nurse"], amr=["pwd"], auth_time=int(self.clock.now))
+            subject=new_id(),
+            session_id=new_id(),
+            client_id="carevault-web",
+            scope="openid",
+            roles=["nurse"],
+            amr=["pwd"],
+            auth_time=int(self.clock.now),
+        )
 
     def payload(self, **changes: Any) -> dict[str, Any]:
         claims = decode_part(split(self.token)[1])
@@ -507,11 +525,17 @@ class Unit:
     def header(self, **changes: Any) -> dict[str, Any]:
         return {"alg": "ES256", "kid": self.key.kid, "typ": "at+jwt", **changes}
 
-    def signed(self, header: dict[str, Any] | str | None = None,
-               payload: dict[str, Any] | str | None = None) -> str:
-        return sign(self.header() if header is None else header,
-                    self.payload() if payload is None else payload, "ES256",
-                    self.key.private_key)
+    def signed(
+        self,
+        header: dict[str, Any] | str | None = None,
+        payload: dict[str, Any] | str | None = None,
+    ) -> str:
+        return sign(
+            self.header() if header is None else header,
+            self.payload() if payload is None else payload,
+            "ES256",
+            self.key.private_key,
+        )
 
     def refusal(self, token: str) -> str:
         with pytest.raises(InvalidTokenError) as caught:
@@ -542,9 +566,16 @@ def test_unit_hmac_with_public_key_is_refused_by_key_binding(unit: Unit) -> None
 
 @pytest.mark.parametrize("member", ["jku", "x5u", "jwk", "x5c", "crit", "b64", "cty", "zip"])
 def test_unit_header_members_outside_the_allowlist_are_refused(unit: Unit, member: str) -> None:
-    value: Any = {"jku": "https://a.example/jwks", "x5u": "https://a.example/c.pem",
-                  "jwk": public_jwk(attacker_ec_key(), "ES256"), "x5c": ["MIIB"],
-                  "crit": ["exp"], "b64": False, "cty": "JWT", "zip": "DEF"}[member]
+    value: Any = {
+        "jku": "https://a.example/jwks",
+        "x5u": "https://a.example/c.pem",
+        "jwk": public_jwk(attacker_ec_key(), "ES256"),
+        "x5c": ["MIIB"],
+        "crit": ["exp"],
+        "b64": False,
+        "cty": "JWT",
+        "zip": "DEF",
+    }[member]
     token = unit.signed(unit.header(**{member: value}))
     assert unit.refusal(token) == "header parameter not allowed"
 
@@ -562,7 +593,8 @@ def test_unit_foreign_key_is_a_bad_signature(unit: Unit) -> None:
 def test_unit_duplicate_members_are_refused(unit: Unit) -> None:
     text = json.dumps(unit.payload(), separators=(",", ":"))
     assert unit.refusal(unit.signed(payload=text[:-1] + ',"sub":"someone-else"}')) == (
-        "duplicate member name")
+        "duplicate member name"
+    )
     header = f'{{"alg":"ES256","kid":"{unit.key.kid}","kid":"other","typ":"at+jwt"}}'
     assert unit.refusal(unit.signed(header=header)) == "duplicate member name"
 
@@ -575,8 +607,9 @@ def test_unit_unknown_kid_and_missing_typ(unit: Unit) -> None:
 
 
 def test_unit_expiry_follows_the_injected_clock(unit: Unit) -> None:
-    unit.clock.advance(unit.settings.access_token_ttl_seconds + unit.settings.clock_leeway_seconds
-                       - 1)
+    unit.clock.advance(
+        unit.settings.access_token_ttl_seconds + unit.settings.clock_leeway_seconds - 1
+    )
     assert unit.verifier.verify(unit.token) == unit.claims  # within the leeway: still accepted
     unit.clock.advance(2)
     assert unit.refusal(unit.token) == "expired"  # the cached verification is not reused
@@ -591,7 +624,8 @@ def test_unit_size_and_shape_are_checked_before_parsing(unit: Unit) -> None:
 def test_unit_verify_jws_signature_binds_the_algorithm(unit: Unit) -> None:
     raw = unit.token.encode()
     assert json.loads(verify_jws_signature(raw, unit.keyring.current.key, "ES256")) == (
-        unit.payload())
+        unit.payload()
+    )
     for alg in ("none", "HS256", "ES384", "RS256", "PS256", "EdDSA"):
         with pytest.raises(InvalidTokenError):
             verify_jws_signature(raw, unit.keyring.current.key, alg)

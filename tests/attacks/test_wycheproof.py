@@ -46,9 +46,9 @@ ACCEPTED = ("ES256", "EdDSA", "PS256", "RS256")
 # a key, it generates its own (3072-bit RSA, P-256, Ed25519). Strict: fixing either fails here.
 KNOWN_GAPS = {
     "rejectsKeyWithRocaVulnerability": "no ROCA fingerprint check on signing keys (keys are "
-                                       "generated locally, never imported)",
+    "generated locally, never imported)",
     "rejects1024bitRsaKey": "no minimum RSA modulus size on signing keys (keys are generated "
-                            "locally at 3072 bits, never imported)",
+    "locally at 3072 bits, never imported)",
 }
 
 
@@ -101,8 +101,10 @@ class Vector:
 def _load() -> tuple[dict[str, Any], list[Vector]]:
     meta: dict[str, Any] = {}
     vectors: list[Vector] = []
-    for source, name in (("jws", "json_web_signature_test.json"),
-                         ("jwk", "json_web_key_test.json")):
+    for source, name in (
+        ("jws", "json_web_signature_test.json"),
+        ("jwk", "json_web_key_test.json"),
+    ):
         data = json.loads((VECTORS / name).read_text())
         meta[source] = data
         for index, group in enumerate(data["testGroups"]):
@@ -110,8 +112,18 @@ def _load() -> tuple[dict[str, Any], list[Vector]]:
             keys = tuple(keys_part["keys"]) if "keys" in keys_part else (keys_part,)
             for test in group["tests"]:
                 assert isinstance(test["jws"], str)
-                vectors.append(Vector(source, index, group["comment"], test["tcId"],
-                                      test["comment"], test["result"], test["jws"], keys))
+                vectors.append(
+                    Vector(
+                        source,
+                        index,
+                        group["comment"],
+                        test["tcId"],
+                        test["comment"],
+                        test["result"],
+                        test["jws"],
+                        keys,
+                    )
+                )
     return meta, vectors
 
 
@@ -143,9 +155,14 @@ class Rings:
         for number, algs in enumerate(bindings):
             keys_dir = self._root / f"{vector.source}-{vector.group}-{number}"
             records = [
-                {"kid": key.get("kid") or f"key-{i}", "alg": alg,
-                 "state": "current" if i == 0 else "next", "created_at": 0.0,
-                 "retire_at": None, "jwk": key}
+                {
+                    "kid": key.get("kid") or f"key-{i}",
+                    "alg": alg,
+                    "state": "current" if i == 0 else "next",
+                    "created_at": 0.0,
+                    "retire_at": None,
+                    "jwk": key,
+                }
                 for i, (key, alg) in enumerate(zip(vector.keys, algs, strict=True))
             ]
             write_secret_json(keys_dir / "signing.json", {"keys": records})
@@ -230,43 +247,68 @@ def test_vector_counts() -> None:
             out[v.category] = out.get(v.category, 0) + 1
         return out
 
-    assert counts(jws_vectors) == {"invalid": 355, "valid-accepted-alg": 16,
-                                   "valid-refused-alg": 30}
-    assert counts(jwk_vectors) == {"invalid": 21, "valid-accepted-alg": 1,
-                                   "valid-refused-alg": 4}
+    assert counts(jws_vectors) == {
+        "invalid": 355,
+        "valid-accepted-alg": 16,
+        "valid-refused-alg": 30,
+    }
+    assert counts(jwk_vectors) == {"invalid": 21, "valid-accepted-alg": 1, "valid-refused-alg": 4}
     accepted_by_alg: dict[str, int] = {}
     for v in ALL:
         if v.category == "valid-accepted-alg":
             accepted_by_alg[v.token_alg] = accepted_by_alg.get(v.token_alg, 0) + 1  # type: ignore[index]
     assert accepted_by_alg == {"ES256": 2, "RS256": 9, "PS256": 6}
     refused = sorted({v.token_alg for v in REFUSED_ALG_VECTORS})  # type: ignore[type-var]
-    assert refused == ["ES512", "HS256", "HS384", "HS512", "NONE", "PS384", "PS512", "RS384",
-                       "RS512", "none"]
+    assert refused == [
+        "ES512",
+        "HS256",
+        "HS384",
+        "HS512",
+        "NONE",
+        "PS384",
+        "PS512",
+        "RS384",
+        "RS512",
+        "none",
+    ]
     assert len(REFUSED_ALG_VECTORS) == 85
 
 
 # RFC 8037 appendix A.4: the only EdDSA (Ed25519) JWS with a published answer; Wycheproof's
 # JWS file has none.
 RFC8037_KEY = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
-RFC8037_JWS = ("eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc."
-               "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg")
+RFC8037_JWS = (
+    "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc."
+    "hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylGjg5BhVsPt9g7sVvpAr_MuM0KAg"
+)
 
 
 @pytest.mark.filterwarnings("ignore:EdDSA is deprecated:joserfc.errors.SecurityWarning")
 def test_rfc8037_ed25519_vector(tmp_path: Path) -> None:
-    record = {"kid": "rfc8037", "alg": "EdDSA", "state": "current", "created_at": 0.0,
-              "retire_at": None, "jwk": RFC8037_KEY}
+    record = {
+        "kid": "rfc8037",
+        "alg": "EdDSA",
+        "state": "current",
+        "created_at": 0.0,
+        "retire_at": None,
+        "jwk": RFC8037_KEY,
+    }
     write_secret_json(tmp_path / "signing.json", {"keys": [record]})
     key = KeyRing(tmp_path).verification_key("rfc8037", 0.0)
     assert key is not None
     assert verify_jws_signature(RFC8037_JWS.encode(), key.key, key.alg) == (
-        b"Example of Ed25519 signing")
+        b"Example of Ed25519 signing"
+    )
 
     header, payload, signature = RFC8037_JWS.split(".")
     flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
     other_payload = base64.urlsafe_b64encode(b"Example of Ed25519 signinG").rstrip(b"=").decode()
-    for forged in (f"{header}.{payload}.{flipped}", f"{header}.{other_payload}.{signature}",
-                   f"{header}.{payload}.", f"{header}.{payload}.{'A' * 86}"):
+    for forged in (
+        f"{header}.{payload}.{flipped}",
+        f"{header}.{other_payload}.{signature}",
+        f"{header}.{payload}.",
+        f"{header}.{payload}.{'A' * 86}",
+    ):
         with pytest.raises(InvalidTokenError):
             verify_jws_signature(forged.encode(), key.key, key.alg)
     for alg in ("ES256", "PS256", "RS256", "none", "HS256"):

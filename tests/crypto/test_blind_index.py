@@ -22,21 +22,24 @@ def index(tmp_path: Path) -> BlindIndex:
     return BlindIndex(KeyCustody.from_settings(settings).index_prf())
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("José", "jose"),
-    ("JOSE", "jose"),
-    ("jose", "jose"),
-    ("  Anna \t\n Maria  ", "anna maria"),
-    ("Müller", "muller"),
-    ("Zoë Ångström", "zoe angstrom"),
-    ("Straße", "strasse"),
-    ("İstanbul", "istanbul"),
-    ("ＡＢＣ１２３", "abc123"),  # fullwidth forms
-    ("e\u0301", "e"),  # already decomposed
-    ("Ǆemal", "dzemal"),
-    ("", ""),
-    ("   ", ""),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("José", "jose"),
+        ("JOSE", "jose"),
+        ("jose", "jose"),
+        ("  Anna \t\n Maria  ", "anna maria"),
+        ("Müller", "muller"),
+        ("Zoë Ångström", "zoe angstrom"),
+        ("Straße", "strasse"),
+        ("İstanbul", "istanbul"),
+        ("ＡＢＣ１２３", "abc123"),  # fullwidth forms
+        ("e\u0301", "e"),  # already decomposed
+        ("Ǆemal", "dzemal"),
+        ("", ""),
+        ("   ", ""),
+    ],
+)
 def test_normalize(raw: str, expected: str) -> None:
     assert normalize(raw) == expected
     assert BlindIndex.normalize(raw) == expected
@@ -54,10 +57,12 @@ def test_exact_ignores_case_accents_and_spacing(index: BlindIndex) -> None:
 
 
 def test_kinds_are_separate(index: BlindIndex) -> None:
-    assert index.exact("Patient.name", "1970-01-01") != index.exact("Patient.birthdate",
-                                                                   "1970-01-01")
+    assert index.exact("Patient.name", "1970-01-01") != index.exact(
+        "Patient.birthdate", "1970-01-01"
+    )
     assert set(index.prefixes("Patient.name", "Smith")).isdisjoint(
-        index.prefixes("Patient.family", "Smith"))
+        index.prefixes("Patient.family", "Smith")
+    )
     # exact and prefix hashes are different families, even for the whole value
     assert index.exact(NAME, "smith") not in index.prefixes(NAME, "smith")
     assert index.query(NAME, "smith") in index.prefixes(NAME, "smith")
@@ -77,11 +82,34 @@ def test_prefixes_give_fhir_starts_with_search(index: BlindIndex) -> None:
     def matches(query: str) -> bool:
         return index.query(NAME, query) in stored
 
-    for hit in ("ann", "ANNA", "mar", "Mari", "MARÍA", "maria", "smi", "smith", "jon", "jones",
-                "anna m", "Anna  María", "anna maria smith-jones", "anna maria sm"):
+    for hit in (
+        "ann",
+        "ANNA",
+        "mar",
+        "Mari",
+        "MARÍA",
+        "maria",
+        "smi",
+        "smith",
+        "jon",
+        "jones",
+        "anna m",
+        "Anna  María",
+        "anna maria smith-jones",
+        "anna maria sm",
+    ):
         assert matches(hit), hit
-    for miss in ("an", "nna", "ria", "mith", "annam", "maria anna", "smithj", "x",
-                 "anna maria smith-jones x"):
+    for miss in (
+        "an",
+        "nna",
+        "ria",
+        "mith",
+        "annam",
+        "maria anna",
+        "smithj",
+        "x",
+        "anna maria smith-jones x",
+    ):
         assert not matches(miss), miss
     assert all(len(h) == 43 for h in stored)
     assert len(index.prefixes(NAME, "Anna María Smith-Jones")) == len(stored)  # no duplicates
@@ -116,8 +144,9 @@ def test_long_values_are_indexed_up_to_the_limit(index: BlindIndex) -> None:
     assert short.query(NAME, "abcdefghZZZ") in stored
 
 
-async def test_same_key_same_hash_across_instances(services: Services, settings: Settings,
-                                                   instances, tmp_path: Path) -> None:
+async def test_same_key_same_hash_across_instances(
+    services: Services, settings: Settings, instances, tmp_path: Path
+) -> None:
     other = await instances(settings)
     value = "Zoë Ångström"
     assert services.blind_index.exact(NAME, value) == other.blind_index.exact(NAME, value)
@@ -127,5 +156,6 @@ async def test_same_key_same_hash_across_instances(services: Services, settings:
     ensure_key_material(foreign)
     stranger = BlindIndex(KeyCustody.from_settings(foreign).index_prf())
     assert stranger.exact(NAME, value) != services.blind_index.exact(NAME, value)
-    assert set(stranger.prefixes(NAME, value)).isdisjoint(services.blind_index.prefixes(NAME,
-                                                                                        value))
+    assert set(stranger.prefixes(NAME, value)).isdisjoint(
+        services.blind_index.prefixes(NAME, value)
+    )

@@ -39,7 +39,8 @@ def keyed(tmp_path: Path) -> Settings:
 
 def _raw_key_bytes(handle: tink.KeysetHandle, key_class: type) -> list[bytes]:
     proto = tink_pb2.Keyset.FromString(
-        tink.proto_keyset_format.serialize(handle, secret_key_access.TOKEN))
+        tink.proto_keyset_format.serialize(handle, secret_key_access.TOKEN)
+    )
     return [key_class.FromString(key.key_data.value).key_value for key in proto.key]
 
 
@@ -53,8 +54,10 @@ def test_key_files_are_0600_and_keysets_are_encrypted(keyed: Settings) -> None:
         KEK_FILE: _raw_key_bytes(custody.kek().handle, aes_gcm_pb2.AesGcmKey),
         INDEX_FILE: _raw_key_bytes(
             tink.json_proto_keyset_format.parse_encrypted(
-                (keys / INDEX_FILE).read_text(), master, INDEX_FILE_AD),
-            hmac_prf_pb2.HmacPrfKey),
+                (keys / INDEX_FILE).read_text(), master, INDEX_FILE_AD
+            ),
+            hmac_prf_pb2.HmacPrfKey,
+        ),
     }
     for name, raw_keys in secrets.items():
         text = (keys / name).read_text()
@@ -85,9 +88,11 @@ def test_ensure_is_idempotent(keyed: Settings) -> None:
 def test_master_key_file_readable_by_others_is_refused(keyed: Settings, mode: int) -> None:
     path = keyed.keys_dir / MASTER_FILE
     os.chmod(path, mode)
-    for attempt in (lambda: KeyCustody.from_settings(keyed),
-                    lambda: ensure_key_material(keyed),
-                    lambda: build_services(keyed)):
+    for attempt in (
+        lambda: KeyCustody.from_settings(keyed),
+        lambda: ensure_key_material(keyed),
+        lambda: build_services(keyed),
+    ):
         with pytest.raises(InsecureKeyFileError) as err:
             attempt()
         assert f"chmod 600 {path}" in str(err.value)
@@ -111,8 +116,9 @@ def test_env_master_key_is_used_and_no_file_is_written(tmp_path: Path) -> None:
     assert value not in repr(settings)  # SecretStr
     KeyCustody.from_settings(settings)
     # kek.json opens only with that master key
-    other = Settings(data_dir=settings.data_dir,
-                     master_key=encode_master_key_env(generate_master_key_json()))
+    other = Settings(
+        data_dir=settings.data_dir, master_key=encode_master_key_env(generate_master_key_json())
+    )
     with pytest.raises(MasterKeyError) as err:
         KeyCustody.from_settings(other)
     assert "kek.json" in str(err.value)
@@ -132,8 +138,14 @@ def test_env_master_key_read_from_environment(tmp_path: Path, monkeypatch) -> No
     assert KeyCustody.from_settings(settings).kek().primary_id
 
 
-@pytest.mark.parametrize("value", ["not base64 at all!", base64.b64encode(b"{nope").decode(),
-                                   base64.b64encode(b'{"primaryKeyId": 1, "key": []}').decode()])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not base64 at all!",
+        base64.b64encode(b"{nope").decode(),
+        base64.b64encode(b'{"primaryKeyId": 1, "key": []}').decode(),
+    ],
+)
 def test_malformed_env_master_key_is_refused_without_echo(tmp_path: Path, value: str) -> None:
     settings = Settings(data_dir=tmp_path / "var", master_key=value)
     with pytest.raises(MasterKeyError) as err:

@@ -48,6 +48,7 @@ async def _rows(services: Services) -> list[Any]:
 
 # -- round trip and binding -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [0, 1, 1024, 1024 * 1024])
 async def test_round_trip(services: Services, size: int) -> None:
     plaintext = os.urandom(size)
@@ -85,14 +86,18 @@ async def test_ciphertext_of_one_scope_does_not_open_under_another(services: Ser
         await services.envelope.decrypt("patient:p2", ciphertext, AD)
 
 
-async def test_wrapped_dek_moved_to_another_scope_row_fails(services: Services, instances,
-                                                           settings: Settings) -> None:
+async def test_wrapped_dek_moved_to_another_scope_row_fails(
+    services: Services, instances, settings: Settings
+) -> None:
     mine = await services.envelope.encrypt("patient:victim", b"victim's record", AD)
     theirs = await services.envelope.encrypt("patient:attacker", b"attacker's", AD)
     victim = next(r for r in await _rows(services) if r.scope == "patient:victim")
     async with write_transaction(services.engine) as conn:
-        await conn.execute(update(data_keys).where(data_keys.c.scope == "patient:attacker")
-                           .values(wrapped=victim.wrapped, kek_key_id=victim.kek_key_id))
+        await conn.execute(
+            update(data_keys)
+            .where(data_keys.c.scope == "patient:attacker")
+            .values(wrapped=victim.wrapped, kek_key_id=victim.kek_key_id)
+        )
     fresh = await instances(settings)  # nothing cached
     # the victim's DEK, now in the attacker's row, does not unwrap there ...
     with pytest.raises(DecryptionFailed) as err:
@@ -164,12 +169,16 @@ async def test_cache_is_bounded_lru(services: Services) -> None:
 
 # -- crypto-shredding -------------------------------------------------------------------------
 
+
 async def test_destroy_shreds_one_scope_and_survives_restart(
-        services: Services, settings: Settings, instances) -> None:
-    doomed = [await services.envelope.encrypt("patient:gone", f"rec {i}".encode(), AD)
-              for i in range(5)]
-    kept = [await services.envelope.encrypt("patient:kept", f"rec {i}".encode(), AD)
-            for i in range(5)]
+    services: Services, settings: Settings, instances
+) -> None:
+    doomed = [
+        await services.envelope.encrypt("patient:gone", f"rec {i}".encode(), AD) for i in range(5)
+    ]
+    kept = [
+        await services.envelope.encrypt("patient:kept", f"rec {i}".encode(), AD) for i in range(5)
+    ]
     await services.envelope.destroy("patient:gone")
     for ciphertext in doomed:
         with pytest.raises(KeyDestroyed):
@@ -200,7 +209,8 @@ async def test_destroy_before_first_use_blocks_the_scope(services: Services) -> 
 
 
 async def test_destroy_reaches_other_processes_on_the_host_at_once(
-        services: Services, settings: Settings, instances) -> None:
+    services: Services, settings: Settings, instances
+) -> None:
     other = await instances(settings)  # another worker: same data directory
     ciphertext = await services.envelope.encrypt("patient:p1", b"phi", AD)
     assert await other.envelope.decrypt("patient:p1", ciphertext, AD) == b"phi"  # now cached
@@ -212,11 +222,11 @@ async def test_destroy_reaches_other_processes_on_the_host_at_once(
 
 
 async def test_destroy_reaches_other_hosts_within_the_ttl(
-        services: Services, settings: Settings, instances, tmp_path: Path) -> None:
+    services: Services, settings: Settings, instances, tmp_path: Path
+) -> None:
     host2 = await instances(other_host_settings(settings, tmp_path / "host2"))
     monotonic = FakeMonotonic()
-    cipher2 = EnvelopeCipher(host2.engine, host2.custody, cache_ttl_seconds=30,
-                             monotonic=monotonic)
+    cipher2 = EnvelopeCipher(host2.engine, host2.custody, cache_ttl_seconds=30, monotonic=monotonic)
     ciphertext = await services.envelope.encrypt("patient:p1", b"phi", AD)
     assert await cipher2.decrypt("patient:p1", ciphertext, AD) == b"phi"
     await services.envelope.destroy("patient:p1")
@@ -231,15 +241,19 @@ async def test_destroy_reaches_other_hosts_within_the_ttl(
 
 # -- concurrency ------------------------------------------------------------------------------
 
+
 async def test_concurrent_first_use_from_two_instances_makes_one_dek(
-        services: Services, settings: Settings, instances) -> None:
+    services: Services, settings: Settings, instances
+) -> None:
     other = await instances(settings)
     scopes = [f"patient:race-{i}" for i in range(12)]
-    results = await asyncio.gather(*[
-        cipher.encrypt(scope, f"{scope} from {n}".encode(), AD)
-        for scope in scopes
-        for n, cipher in enumerate((services.envelope, other.envelope, services.envelope))
-    ])
+    results = await asyncio.gather(
+        *[
+            cipher.encrypt(scope, f"{scope} from {n}".encode(), AD)
+            for scope in scopes
+            for n, cipher in enumerate((services.envelope, other.envelope, services.envelope))
+        ]
+    )
     rows = await _rows(services)
     assert sorted(r.scope for r in rows) == sorted(scopes)  # exactly one DEK per scope
     fresh = await instances(settings)
@@ -254,9 +268,12 @@ async def test_concurrent_first_use_from_two_instances_makes_one_dek(
 
 # -- KEK rotation -----------------------------------------------------------------------------
 
+
 async def _fill(envelope: EnvelopeCipher, count: int) -> dict[str, bytes]:
-    return {f"patient:{i:04d}": await envelope.encrypt(f"patient:{i:04d}", f"r{i}".encode(), AD)
-            for i in range(count)}
+    return {
+        f"patient:{i:04d}": await envelope.encrypt(f"patient:{i:04d}", f"r{i}".encode(), AD)
+        for i in range(count)
+    }
 
 
 async def _assert_readable(envelope: EnvelopeCipher, data: dict[str, bytes]) -> None:
@@ -265,7 +282,8 @@ async def _assert_readable(envelope: EnvelopeCipher, data: dict[str, bytes]) -> 
 
 
 async def test_kek_rotation_keeps_data_readable_and_rewraps_everything(
-        services: Services, settings: Settings, instances) -> None:
+    services: Services, settings: Settings, instances
+) -> None:
     data = await _fill(services.envelope, 7)
     old_primary = services.custody.kek().primary_id
     await services.envelope.destroy("patient:0006")
@@ -282,8 +300,7 @@ async def test_kek_rotation_keeps_data_readable_and_rewraps_everything(
     assert (result.total, result.rewrapped, result.remaining, result.failed) == (6, 6, 0, ())
     assert [p.processed for p in seen] == [4, 6]
     assert await services.envelope.kek_usage() == {new_primary: 7}
-    assert all(r.kek_key_id == new_primary for r in await _rows(services)
-               if r.destroyed_at is None)
+    assert all(r.kek_key_id == new_primary for r in await _rows(services) if r.destroyed_at is None)
 
     assert await services.envelope.retire_unused_kek_keys() == [old_primary]
     assert services.custody.kek().key_ids == {new_primary}
@@ -298,7 +315,8 @@ async def test_kek_rotation_keeps_data_readable_and_rewraps_everything(
 
 
 async def test_old_kek_keys_are_kept_while_anything_is_wrapped_under_them(
-        services: Services) -> None:
+    services: Services,
+) -> None:
     data = await _fill(services.envelope, 3)
     old_primary = services.custody.kek().primary_id
     services.custody.rotate_kek()
@@ -328,7 +346,8 @@ async def test_rewrap_is_resumable(services: Services, settings: Settings, insta
 
 
 async def test_rotation_under_live_traffic_has_zero_failures(
-        services: Services, settings: Settings, instances) -> None:
+    services: Services, settings: Settings, instances
+) -> None:
     other = await instances(settings)  # a second worker serving traffic during the rotation
     data = await _fill(services.envelope, 40)
     lock = asyncio.Lock()
@@ -359,8 +378,10 @@ async def test_rotation_under_live_traffic_has_zero_failures(
                 return
             await asyncio.sleep(0)
 
-    workers = [asyncio.create_task(traffic(w, n))
-               for n, w in enumerate([services.envelope, other.envelope] * 3)]
+    workers = [
+        asyncio.create_task(traffic(w, n))
+        for n, w in enumerate([services.envelope, other.envelope] * 3)
+    ]
     await asyncio.sleep(0.05)
     old_primary = services.custody.kek().primary_id
     new_primary = services.custody.rotate_kek()
@@ -379,7 +400,8 @@ async def test_rotation_under_live_traffic_has_zero_failures(
 
 
 async def test_process_started_before_a_rotation_wraps_new_keys_under_the_new_primary(
-        services: Services, settings: Settings, instances) -> None:
+    services: Services, settings: Settings, instances
+) -> None:
     stale = await instances(settings)  # loaded the KEK before the rotation
     services.custody.rotate_kek()
     await services.envelope.rewrap_all()
@@ -392,7 +414,8 @@ async def test_process_started_before_a_rotation_wraps_new_keys_under_the_new_pr
 
 
 async def test_dek_created_during_a_rotation_is_moved_to_the_new_primary(
-        services: Services, monkeypatch) -> None:
+    services: Services, monkeypatch
+) -> None:
     """The race the post-insert check closes: a DEK wrapped under the old primary just as the
     rotation runs is re-wrapped by its creator, so dropping old keys cannot orphan it."""
     custody = services.custody
@@ -416,8 +439,9 @@ async def test_dek_created_during_a_rotation_is_moved_to_the_new_primary(
     assert await services.envelope.decrypt("patient:racy", ciphertext, AD) == b"phi"
 
 
-async def test_cli_rotate_kek(services: Services, settings: Settings, instances,
-                              monkeypatch) -> None:
+async def test_cli_rotate_kek(
+    services: Services, settings: Settings, instances, monkeypatch
+) -> None:
     from typer.testing import CliRunner
 
     from carevault.cli import app
@@ -451,6 +475,11 @@ async def test_cli_rotate_kek(services: Services, settings: Settings, instances,
     assert services.custody.current_kek().key_ids == {resumed_primary}
 
     async with read_connection(services.engine) as conn:
-        events = (await conn.execute(select(security_events.c.event, security_events.c.outcome)
-                                     .where(security_events.c.event == "kek_rotation"))).all()
+        events = (
+            await conn.execute(
+                select(security_events.c.event, security_events.c.outcome).where(
+                    security_events.c.event == "kek_rotation"
+                )
+            )
+        ).all()
     assert [tuple(e) for e in events] == [("kek_rotation", "success")] * 2

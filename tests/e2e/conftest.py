@@ -47,13 +47,29 @@ def clean_env(**values: str | None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], env: dict[str, str], cwd: Path, *, input: str | None = None,
-            check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([CAREVAULT, *args], env=env, cwd=cwd, input=input, text=True,
-                            capture_output=True, timeout=timeout)
+def run_cli(
+    args: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [CAREVAULT, *args],
+        env=env,
+        cwd=cwd,
+        input=input,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"carevault {' '.join(args)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"carevault {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
@@ -70,6 +86,7 @@ def jwt_part(token: str, index: int) -> dict[str, Any]:
 
 
 # --- which worker process answered ------------------------------------------------------------
+
 
 def _children(pid: int) -> list[int]:
     found = []
@@ -130,6 +147,7 @@ def _owner_of(pids: Sequence[int], inode: str) -> int | None:
 
 # --- the server -------------------------------------------------------------------------------
 
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
@@ -154,8 +172,9 @@ class Server:
         except OSError:
             return ""
 
-    def cli(self, *args: str, input: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run the `carevault` CLI against this server's data directory and database."""
         return run_cli(args, self.env, self.cwd, input=input, check=check)
 
@@ -187,15 +206,17 @@ class Server:
         assert pid is not None, f"no worker of server {self.process.pid} holds the connection"
         return pid
 
-    def clients_per_worker(self, count: int,
-                           timeout: float = 20.0) -> dict[int, list[httpx.Client]]:
+    def clients_per_worker(
+        self, count: int, timeout: float = 20.0
+    ) -> dict[int, list[httpx.Client]]:
         """`count` connected clients on each worker: {worker pid: [client, ...]}."""
         pools: dict[int, list[httpx.Client]] = {}
         deadline = time.monotonic() + timeout
         while len(pools) < self.workers or any(len(p) < count for p in pools.values()):
             assert time.monotonic() < deadline, (
                 f"could not get {count} connections on each of {self.workers} workers: "
-                f"{ {pid: len(p) for pid, p in pools.items()} }")
+                f"{ {pid: len(p) for pid, p in pools.items()} }"
+            )
             client = self.client()
             response = client.get("/healthz")
             assert response.status_code == 200, response.text
@@ -215,9 +236,11 @@ class Server:
             if self.process.poll() is not None:
                 raise ServerExited(self.process.returncode, self.log())
             if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready after {timeout}s "
-                                     f"(workers answering: {sorted(self.worker_pids)})\n"
-                                     f"{self.log()}")
+                raise AssertionError(
+                    f"server not ready after {timeout}s "
+                    f"(workers answering: {sorted(self.worker_pids)})\n"
+                    f"{self.log()}"
+                )
             client = httpx.Client(base_url=self.base_url, timeout=5, verify=_SSL)
             try:
                 response = client.get("/readyz")
@@ -263,8 +286,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
-                raise AssertionError(f"server ignored SIGTERM for {STOP_TIMEOUT}s; killed\n"
-                                     f"{self.log()}") from None
+                raise AssertionError(
+                    f"server ignored SIGTERM for {STOP_TIMEOUT}s; killed\n{self.log()}"
+                ) from None
             deadline = time.monotonic() + 10
             while any(_is_alive(pid) for pid in workers) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -282,17 +306,35 @@ class ServerExited(AssertionError):
         super().__init__(f"carevault serve exited with {code}\n{log}")
 
 
-def serve(env: dict[str, str], cwd: Path, data_dir: Path, database_url: str | None,
-          workers: int, log_dir: Path) -> Server:
+def serve(
+    env: dict[str, str],
+    cwd: Path,
+    data_dir: Path,
+    database_url: str | None,
+    workers: int,
+    log_dir: Path,
+) -> Server:
     """Start `carevault serve` on a free port and wait until all its workers are ready."""
     for attempt in range(3):
         port = free_port()
         log_path = log_dir / f"serve-{port}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [CAREVAULT, "serve", "--host", "127.0.0.1", "--port", str(port),
-                 "--workers", str(workers)],
-                env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    CAREVAULT,
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(workers),
+                ],
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a last-resort kill hits only it
             )
         server = Server(process, port, workers, env, cwd, data_dir, database_url, log_path)
@@ -322,16 +364,22 @@ _CALL_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture
-def serve_factory(tmp_path: Path,
-                  request: pytest.FixtureRequest) -> Iterator[Callable[..., Server]]:
+def serve_factory(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Server]]:
     """Start `carevault serve` with a given env and cwd; every server is stopped afterwards.
 
     When the test failed, each server's output is printed (pytest shows it with the failure).
     """
     started: list[Server] = []
 
-    def start(env: dict[str, str], cwd: Path, data_dir: Path, database_url: str | None = None,
-              workers: int = 1) -> Server:
+    def start(
+        env: dict[str, str],
+        cwd: Path,
+        data_dir: Path,
+        database_url: str | None = None,
+        workers: int = 1,
+    ) -> Server:
         server = serve(env, cwd, data_dir, database_url, workers, tmp_path)
         started.append(server)
         return server
@@ -349,8 +397,9 @@ def serve_factory(tmp_path: Path,
 
 
 @pytest.fixture
-def server_factory(store: str, tmp_path: Path,
-                   request: pytest.FixtureRequest) -> Callable[..., Server]:
+def server_factory(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[..., Server]:
     """Initialise a data directory (and PostgreSQL schema), add users through the CLI, serve.
 
     `start(workers=2, env={...}, users=(("alice", "physician"),))`: every user gets
@@ -362,19 +411,29 @@ def server_factory(store: str, tmp_path: Path,
     serve_factory: Callable[..., Server] = request.getfixturevalue("serve_factory")
     counter = iter(range(1000))
 
-    def start(workers: int = 2, env: dict[str, str] | None = None,
-              users: Sequence[tuple[str, str]] = (("alice", "physician"),)) -> Server:
+    def start(
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        users: Sequence[tuple[str, str]] = (("alice", "physician"),),
+    ) -> Server:
         base = tmp_path / f"server-{next(counter)}"
         data_dir = base / "data"
         base.mkdir()
         database_url = make_schema() if make_schema is not None else None
-        full_env = clean_env(CAREVAULT_DATA_DIR=str(data_dir),
-                             CAREVAULT_DATABASE_URL=database_url, **(env or {}))
+        full_env = clean_env(
+            CAREVAULT_DATA_DIR=str(data_dir), CAREVAULT_DATABASE_URL=database_url, **(env or {})
+        )
         run_cli(["init"], full_env, base)
         adding = [  # in parallel: each is a Python start-up, mostly waiting on imports
-            subprocess.Popen([CAREVAULT, "user", "add", name, "--role", role, "--password-stdin"],
-                             env=full_env, cwd=base, text=True, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            subprocess.Popen(
+                [CAREVAULT, "user", "add", name, "--role", role, "--password-stdin"],
+                env=full_env,
+                cwd=base,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             for name, role in users
         ]
         for (name, _), process in zip(users, adding, strict=True):
@@ -387,8 +446,10 @@ def server_factory(store: str, tmp_path: Path,
 
 # --- small HTTP helpers shared by the e2e tests -----------------------------------------------
 
-def login(client: httpx.Client, username: str = "alice",
-          password: str = STRONG_PASSWORD) -> dict[str, Any]:
+
+def login(
+    client: httpx.Client, username: str = "alice", password: str = STRONG_PASSWORD
+) -> dict[str, Any]:
     response = client.post("/auth/login", json={"username": username, "password": password})
     assert response.status_code == 200, response.text
     return response.json()

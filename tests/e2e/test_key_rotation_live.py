@@ -82,8 +82,10 @@ def test_rotation_under_load_has_no_failures(server_factory):
 
     pairs = [(clients_a[i], clients_b[i]) for i in range(THREADS_PER_WORKER)]
     pairs += [(b, a) for a, b in pairs]  # each worker signs for the other
-    threads = [threading.Thread(target=traffic, args=(*pair, name))
-               for pair, (name, _) in zip(pairs, users, strict=True)]
+    threads = [
+        threading.Thread(target=traffic, args=(*pair, name))
+        for pair, (name, _) in zip(pairs, users, strict=True)
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -120,8 +122,9 @@ def test_rotation_under_load_has_no_failures(server_factory):
     # New tokens are signed with the new key by both workers, and the token signed before
     # both rotations still verifies on both.
     for worker, (client,) in server.clients_per_worker(1).items():
-        response = client.post("/auth/login", json={"username": "user0",
-                                                    "password": STRONG_PASSWORD})
+        response = client.post(
+            "/auth/login", json={"username": "user0", "password": STRONG_PASSWORD}
+        )
         assert server.worker_of(response) == worker
         assert jwt_part(response.json()["access_token"], 0)["kid"] == second
         response = client.get("/auth/me", headers=bearer(early["access_token"]))

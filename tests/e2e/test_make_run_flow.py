@@ -64,15 +64,18 @@ def test_init_demo_then_serve_and_log_in(tmp_path, serve_factory):
 
     server = serve_factory(env, tmp_path, data_dir)
     client = server.client()
-    login = client.post("/auth/login", json={"username": "demo-physician",
-                                             "password": accounts["demo-physician"][1]})
+    login = client.post(
+        "/auth/login",
+        json={"username": "demo-physician", "password": accounts["demo-physician"][1]},
+    )
     assert login.status_code == 200, login.text
     me = client.get("/auth/me", headers=bearer(login.json()["access_token"]))
     assert me.status_code == 200, me.text
     assert me.json()["username"] == "demo-physician"
     assert me.json()["roles"] == ["physician"]
-    wrong = client.post("/auth/login", json={"username": "demo-physician",
-                                             "password": accounts["demo-nurse"][1]})
+    wrong = client.post(
+        "/auth/login", json={"username": "demo-physician", "password": accounts["demo-nurse"][1]}
+    )
     assert wrong.status_code == 401
 
 

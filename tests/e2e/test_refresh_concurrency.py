@@ -33,13 +33,15 @@ def _spread(pools: dict[int, list[httpx.Client]]) -> list[httpx.Client]:
 
 
 def _family_rows(server: Server, family_id: str) -> int:
-    return server.query("SELECT count(*) FROM refresh_tokens WHERE family_id = ?",
-                        [family_id])[0][0]
+    return server.query("SELECT count(*) FROM refresh_tokens WHERE family_id = ?", [family_id])[0][
+        0
+    ]
 
 
 def _family_revoked(server: Server, family_id: str) -> tuple[object, object]:
-    return server.query("SELECT revoked_at, revoked_reason FROM refresh_families WHERE id = ?",
-                        [family_id])[0]
+    return server.query(
+        "SELECT revoked_at, revoked_reason FROM refresh_families WHERE id = ?", [family_id]
+    )[0]
 
 
 def test_concurrent_refreshes_in_grace_window_rotate_once(server_factory):
@@ -49,9 +51,9 @@ def test_concurrent_refreshes_in_grace_window_rotate_once(server_factory):
     session = login(clients[0])
     family = jwt_part(session["access_token"], 1)["sid"]
 
-    results = fire_together([
-        (lambda c=c: _refresh(server, c, session["refresh_token"])) for c in clients
-    ])
+    results = fire_together(
+        [(lambda c=c: _refresh(server, c, session["refresh_token"])) for c in clients]
+    )
 
     statuses = [status for status, _, _ in results]
     assert statuses == [200] * CONCURRENT, results
@@ -63,8 +65,10 @@ def test_concurrent_refreshes_in_grace_window_rotate_once(server_factory):
     # One rotation: the login token and its single successor, and no theft alarm.
     assert _family_rows(server, family) == 2
     assert _family_revoked(server, family) == (None, None)
-    assert server.query("SELECT count(*) FROM security_events WHERE event = 'refresh_reuse'"
-                        )[0][0] == 0
+    assert (
+        server.query("SELECT count(*) FROM security_events WHERE event = 'refresh_reuse'")[0][0]
+        == 0
+    )
     # Every access token handed out works, on either worker.
     for index, (_, _, body) in enumerate(results):
         assert jwt_part(body["access_token"], 1)["sid"] == family
@@ -88,9 +92,9 @@ def test_concurrent_reuse_without_grace_revokes_only_that_family(server_factory)
     for client in clients[:2]:  # both workers have the session live before the race
         assert _me_status(server, client, session["access_token"])[0] == 200
 
-    results = fire_together([
-        (lambda c=c: _refresh(server, c, session["refresh_token"])) for c in clients
-    ])
+    results = fire_together(
+        [(lambda c=c: _refresh(server, c, session["refresh_token"])) for c in clients]
+    )
 
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200] + [401] * (CONCURRENT - 1), results
@@ -120,10 +124,10 @@ def test_same_second_replay_without_grace_is_reuse(server_factory):
         for _ in range(3):  # until both land in one wall-clock second (the Keycloak case)
             session = login(client_a)
             family = jwt_part(session["access_token"], 1)["sid"]
-            first = client_a.post("/auth/refresh",
-                                  json={"refresh_token": session["refresh_token"]})
-            replay = replay_client.post("/auth/refresh",
-                                        json={"refresh_token": session["refresh_token"]})
+            first = client_a.post("/auth/refresh", json={"refresh_token": session["refresh_token"]})
+            replay = replay_client.post(
+                "/auth/refresh", json={"refresh_token": session["refresh_token"]}
+            )
 
             # Whatever the timing, a replay with the window off is reuse.
             assert first.status_code == 200, first.text
@@ -136,7 +140,8 @@ def test_same_second_replay_without_grace_is_reuse(server_factory):
                 assert _me_status(server, client, rotated["access_token"])[0] == 401
                 assert _me_status(server, client, session["access_token"])[0] == 401
             used_at = server.query(
-                "SELECT max(used_at) FROM refresh_tokens WHERE family_id = ?", [family])[0][0]
+                "SELECT max(used_at) FROM refresh_tokens WHERE family_id = ?", [family]
+            )[0][0]
             if int(used_at) == int(revoked_at):
                 break
         else:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 PROBLEM = "application/problem+json"
-LEAKS = ("Traceback", "sqlalchemy", "SELECT", "sqlite", "psycopg", "pydantic", "File \"")
+LEAKS = ("Traceback", "sqlalchemy", "SELECT", "sqlite", "psycopg", "pydantic", 'File "')
 
 
 def _assert_problem(response, status):
@@ -20,19 +20,23 @@ def _assert_problem(response, status):
 
 
 async def test_malformed_json_is_400(harness):
-    response = await harness.client.post("/auth/login", content=b'{"username": "a", ',
-                                         headers={"content-type": "application/json"})
+    response = await harness.client.post(
+        "/auth/login", content=b'{"username": "a", ', headers={"content-type": "application/json"}
+    )
     _assert_problem(response, 400)
 
 
-@pytest.mark.parametrize("body", [
-    {"username": "a", "password": "b", "admin": True},
-    {"username": ["a"], "password": "b"},
-    {"username": "a", "password": None},
-    {"username": "a" * 300, "password": "b"},
-    {"username": "a", "password": "b" * 2000},
-    {},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "a", "password": "b", "admin": True},
+        {"username": ["a"], "password": "b"},
+        {"username": "a", "password": None},
+        {"username": "a" * 300, "password": "b"},
+        {"username": "a", "password": "b" * 2000},
+        {},
+    ],
+)
 async def test_invalid_login_shapes_are_422_without_echo(harness, body):
     response = await harness.client.post("/auth/login", json=body)
     _assert_problem(response, 422)
@@ -44,19 +48,23 @@ async def test_refresh_body_with_unknown_field_is_422(harness):
     _assert_problem(response, 422)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", ""])
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""],
+)
 async def test_wrong_content_type_is_415(harness, content_type):
     headers = {"content-type": content_type} if content_type else {}
-    response = await harness.client.post("/auth/login", content=b'{"username":"a"}',
-                                         headers=headers)
+    response = await harness.client.post(
+        "/auth/login", content=b'{"username":"a"}', headers=headers
+    )
     _assert_problem(response, 415)
 
 
 async def test_oversized_body_is_413_by_declared_length(harness):
     body = b'{"username":"' + b"a" * (2 * 1024 * 1024) + b'","password":"x"}'
-    response = await harness.client.post("/auth/login", content=body,
-                                         headers={"content-type": "application/json"})
+    response = await harness.client.post(
+        "/auth/login", content=body, headers={"content-type": "application/json"}
+    )
     _assert_problem(response, 413)
 
 
@@ -65,30 +73,45 @@ async def test_oversized_streamed_body_is_413(harness):
         for _ in range(40):
             yield b"[" * 65536
 
-    response = await harness.client.post("/auth/login", content=chunks(),
-                                         headers={"content-type": "application/json"})
+    response = await harness.client.post(
+        "/auth/login", content=chunks(), headers={"content-type": "application/json"}
+    )
     _assert_problem(response, 413)
 
 
 async def test_deeply_nested_json_is_400_not_500(harness):
     body = b"[" * 200_000 + b"]" * 200_000
-    response = await harness.client.post("/auth/login", content=body,
-                                         headers={"content-type": "application/json"})
+    response = await harness.client.post(
+        "/auth/login", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code in (400, 422)
     assert response.headers["content-type"] == PROBLEM
 
 
-@pytest.mark.parametrize("username", ["\x00admin", "ädmin\u202e", "' OR 1=1 --", "a\nb",
-                                      "%00", "../../etc/passwd", "\ud7ff" * 10])
+@pytest.mark.parametrize(
+    "username",
+    ["\x00admin", "ädmin\u202e", "' OR 1=1 --", "a\nb", "%00", "../../etc/passwd", "\ud7ff" * 10],
+)
 async def test_odd_usernames_are_plain_failures(harness, username):
-    response = await harness.client.post("/auth/login",
-                                         json={"username": username, "password": "whatever-12345"})
+    response = await harness.client.post(
+        "/auth/login", json={"username": username, "password": "whatever-12345"}
+    )
     _assert_problem(response, 401)
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer a b",
-                                    "bearer  x", "Token abc", "Bearer " + "A" * 9000,
-                                    "Bearer \u00e9\u00e9".encode("latin-1")])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "Bearer a b",
+        "bearer  x",
+        "Token abc",
+        "Bearer " + "A" * 9000,
+        "Bearer \u00e9\u00e9".encode("latin-1"),
+    ],
+)
 async def test_bad_authorization_headers_are_401(harness, header):
     response = await harness.client.get("/auth/me", headers={"Authorization": header})
     _assert_problem(response, 401)
@@ -112,8 +135,9 @@ async def test_random_bodies_never_produce_500(harness):
         size = rng.choice([0, 1, 5, 40, 400])
         body = bytes(rng.getrandbits(8) for _ in range(size))
         for path in ("/auth/login", "/auth/refresh", "/auth/logout"):
-            response = await harness.client.post(path, content=body,
-                                                 headers={"content-type": "application/json"})
+            response = await harness.client.post(
+                path, content=body, headers={"content-type": "application/json"}
+            )
             assert response.status_code < 500, (path, body, response.text)
             assert response.headers["content-type"] in (PROBLEM, "application/json")
 
@@ -122,8 +146,14 @@ async def test_health_readiness_and_openapi(harness):
     assert (await harness.client.get("/healthz")).json() == {"status": "ok"}
     assert (await harness.client.get("/readyz")).json() == {"status": "ready"}
     spec = (await harness.client.get("/openapi.json")).json()
-    assert {"/auth/login", "/auth/refresh", "/auth/logout", "/auth/logout-all",
-            "/auth/me", "/.well-known/jwks.json"} <= set(spec["paths"])
+    assert {
+        "/auth/login",
+        "/auth/refresh",
+        "/auth/logout",
+        "/auth/logout-all",
+        "/auth/me",
+        "/.well-known/jwks.json",
+    } <= set(spec["paths"])
 
 
 async def test_readiness_fails_when_the_database_is_gone(harness):

@@ -1,4 +1,4 @@
-"""FHIR REST through HTTP: CRUD, versions, history, errors as OperationOutcome, encryption at rest."""
+"""FHIR REST through HTTP: CRUD, versions, history, OperationOutcome errors, encryption at rest."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ from carevault.db.tables import fhir_versions, security_events
 from carevault.identity.roles import Role
 
 FHIR = "application/fhir+json"
-DISTINCT = {"family": "Quillfeatherstonehaugh", "given": "Zebulonia", "mrn": "MRN-88113377",
-            "birth": "1937-04-19"}
+DISTINCT = {
+    "family": "Quillfeatherstonehaugh",
+    "given": "Zebulonia",
+    "mrn": "MRN-88113377",
+    "birth": "1937-04-19",
+}
 
 
 def patient_body() -> dict:
@@ -28,11 +32,19 @@ def observation_body(patient_id: str) -> dict:
     return {
         "resourceType": "Observation",
         "status": "final",
-        "category": [{"coding": [{"system":
-                      "http://terminology.hl7.org/CodeSystem/observation-category",
-                      "code": "vital-signs"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4",
-                             "display": "Heart rate"}]},
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]
+        },
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": "2024-05-01T10:30:00Z",
         "valueQuantity": {"value": 72, "unit": "beats/minute"},
@@ -48,8 +60,9 @@ async def clinician(harness):
 
 
 async def _create(h, body):
-    response = await h.client.post(f"/fhir/{body['resourceType']}", json=body,
-                                   headers={"content-type": FHIR})
+    response = await h.client.post(
+        f"/fhir/{body['resourceType']}", json=body, headers={"content-type": FHIR}
+    )
     assert response.status_code == 201, response.text
     return response
 
@@ -70,11 +83,17 @@ async def test_create_read_update_delete_history(clinician):
     assert read.headers["last-modified"].endswith("GMT")
 
     patient["gender"] = "other"
-    updated = await h.client.put(f"/fhir/Patient/{patient['id']}", json=patient,
-                                 headers={"If-Match": 'W/"1"', "content-type": FHIR})
+    updated = await h.client.put(
+        f"/fhir/Patient/{patient['id']}",
+        json=patient,
+        headers={"If-Match": 'W/"1"', "content-type": FHIR},
+    )
     assert updated.status_code == 200 and updated.json()["meta"]["versionId"] == "2"
-    stale = await h.client.put(f"/fhir/Patient/{patient['id']}", json=patient,
-                               headers={"If-Match": 'W/"1"', "content-type": FHIR})
+    stale = await h.client.put(
+        f"/fhir/Patient/{patient['id']}",
+        json=patient,
+        headers={"If-Match": 'W/"1"', "content-type": FHIR},
+    )
     assert stale.status_code == 412
     assert stale.json()["resourceType"] == "OperationOutcome"
 
@@ -96,12 +115,13 @@ async def test_errors_are_operation_outcomes_and_change_nothing(clinician):
         (b'{"resourceType": "Observation", "status": "final"}', 422),  # wrong type for URL
         (b'{"resourceType": "Patient", "birthDate": "2020-13-45"}', 422),
         (b'{"resourceType": "Patient", "unknownElement": 1}', 422),
-        (b'[]', 400),
+        (b"[]", 400),
         (b"[" * 5000 + b"]" * 5000, 400),
     ]
     for body, status in cases:
-        response = await h.client.post("/fhir/Patient", content=body,
-                                       headers={"content-type": FHIR})
+        response = await h.client.post(
+            "/fhir/Patient", content=body, headers={"content-type": FHIR}
+        )
         assert response.status_code == status, (body[:40], response.text)
         assert response.json()["resourceType"] == "OperationOutcome"
         assert "2020-13-45" not in response.text
@@ -117,8 +137,9 @@ async def test_only_clinical_staff_and_only_with_a_token(harness):
     assert (await harness.client.get("/fhir/Patient/x")).status_code == 401
     await harness.add_user("billing.fhir", Role.billing)
     token = (await harness.login("billing.fhir"))["access_token"]
-    response = await harness.client.get("/fhir/Patient/x",
-                                        headers={"Authorization": f"Bearer {token}"})
+    response = await harness.client.get(
+        "/fhir/Patient/x", headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 403
     assert response.json()["resourceType"] == "OperationOutcome"
 
@@ -138,18 +159,25 @@ async def test_ciphertext_swapped_between_rows_fails_closed(clinician):
     b = (await _create(h, patient_body())).json()
     store = h.services.engine
     async with store.begin() as conn:
-        body_b = (await conn.execute(select(fhir_versions.c.body).where(
-            fhir_versions.c.id == b["id"]))).scalar_one()
-        await conn.execute(update(fhir_versions).where(fhir_versions.c.id == a["id"])
-                           .values(body=body_b))
+        body_b = (
+            await conn.execute(select(fhir_versions.c.body).where(fhir_versions.c.id == b["id"]))
+        ).scalar_one()
+        await conn.execute(
+            update(fhir_versions).where(fhir_versions.c.id == a["id"]).values(body=body_b)
+        )
     response = await h.client.get(f"/fhir/Patient/{a['id']}")
     assert response.status_code == 500
     assert response.json()["resourceType"] == "OperationOutcome"
     assert DISTINCT["family"] not in response.text
     assert (await h.client.get(f"/fhir/Patient/{b['id']}")).status_code == 200
     async with store.connect() as conn:
-        alerts = (await conn.execute(select(security_events.c.event).where(
-            security_events.c.event == "record_integrity_failure"))).all()
+        alerts = (
+            await conn.execute(
+                select(security_events.c.event).where(
+                    security_events.c.event == "record_integrity_failure"
+                )
+            )
+        ).all()
     assert len(alerts) == 1
 
 
@@ -157,11 +185,13 @@ async def test_tampered_ciphertext_fails_closed(clinician):
     h = clinician
     a = (await _create(h, patient_body())).json()
     async with h.services.engine.begin() as conn:
-        body = (await conn.execute(select(fhir_versions.c.body).where(
-            fhir_versions.c.id == a["id"]))).scalar_one()
+        body = (
+            await conn.execute(select(fhir_versions.c.body).where(fhir_versions.c.id == a["id"]))
+        ).scalar_one()
         flipped = body[:-1] + bytes([body[-1] ^ 1])
-        await conn.execute(update(fhir_versions).where(fhir_versions.c.id == a["id"])
-                           .values(body=flipped))
+        await conn.execute(
+            update(fhir_versions).where(fhir_versions.c.id == a["id"]).values(body=flipped)
+        )
     assert (await h.client.get(f"/fhir/Patient/{a['id']}")).status_code == 500
 
 
@@ -171,8 +201,9 @@ async def test_no_phi_at_rest(clinician, settings):
     patient = (await _create(h, patient_body())).json()
     await _create(h, observation_body(patient["id"]))
     patient["name"][0]["given"].append("Ottoline")
-    await h.client.put(f"/fhir/Patient/{patient['id']}", json=patient,
-                       headers={"content-type": FHIR})
+    await h.client.put(
+        f"/fhir/Patient/{patient['id']}", json=patient, headers={"content-type": FHIR}
+    )
     needles = [v.encode() for v in DISTINCT.values()] + [b"Ottoline"]
     needles += [v.lower().encode() for v in (DISTINCT["family"], DISTINCT["given"])]
     if settings.database_url is None:
@@ -181,13 +212,17 @@ async def test_no_phi_at_rest(clinician, settings):
     else:
         blobs = []
         async with h.services.engine.connect() as conn:
-            tables = (await conn.execute(text(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))).scalars()
+            tables = (
+                await conn.execute(
+                    text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+                )
+            ).scalars()
             for table in list(tables):
                 rows = (await conn.execute(text(f'SELECT * FROM "{table}"'))).all()
                 blobs.append(repr(rows).encode())
-                blobs.extend(bytes(v) for row in rows for v in row
-                             if isinstance(v, (bytes, memoryview)))
+                blobs.extend(
+                    bytes(v) for row in rows for v in row if isinstance(v, (bytes, memoryview))
+                )
     for blob in blobs:
         for needle in needles:
             assert needle not in blob, needle

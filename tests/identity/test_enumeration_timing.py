@@ -22,7 +22,8 @@ async def test_unknown_user_and_wrong_password_take_similar_time(clocked, clock)
         clock.advance(120)  # keep backoff out of the measurement
         start = time.perf_counter()
         response = await clocked.client.post(
-            "/auth/login", json={"username": username, "password": "definitely-wrong-pw"})
+            "/auth/login", json={"username": username, "password": "definitely-wrong-pw"}
+        )
         elapsed = time.perf_counter() - start
         assert response.status_code == 401
         return elapsed

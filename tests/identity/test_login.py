@@ -19,7 +19,8 @@ async def _events(services, name):
 async def test_login_returns_tokens_and_cookie(harness):
     await harness.add_user("dr.house", Role.physician, organization_id="org-1")
     response = await harness.client.post(
-        "/auth/login", json={"username": "dr.house", "password": STRONG_PASSWORD})
+        "/auth/login", json={"username": "dr.house", "password": STRONG_PASSWORD}
+    )
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"access_token", "token_type", "expires_in", "refresh_token"}
@@ -43,15 +44,18 @@ async def test_login_returns_tokens_and_cookie(harness):
 
 async def test_unknown_user_and_wrong_password_are_byte_identical(harness):
     await harness.add_user("nurse.joy", Role.nurse)
-    wrong = await harness.client.post("/auth/login",
-                                      json={"username": "nurse.joy", "password": "x" * 14})
-    unknown = await harness.client.post("/auth/login",
-                                        json={"username": "nobody.here", "password": "x" * 14})
+    wrong = await harness.client.post(
+        "/auth/login", json={"username": "nurse.joy", "password": "x" * 14}
+    )
+    unknown = await harness.client.post(
+        "/auth/login", json={"username": "nobody.here", "password": "x" * 14}
+    )
     assert wrong.status_code == unknown.status_code == 401
     assert wrong.content == unknown.content
     strip = {"date"}
     assert {k: v for k, v in wrong.headers.items() if k not in strip} == {
-        k: v for k, v in unknown.headers.items() if k not in strip}
+        k: v for k, v in unknown.headers.items() if k not in strip
+    }
     assert "set-cookie" not in wrong.headers
 
 
@@ -59,15 +63,18 @@ async def test_disabled_user_cannot_log_in_and_looks_like_wrong_password(harness
     await harness.add_user("gone.user", Role.billing)
     await harness.services.accounts.set_enabled("gone.user", False)
     disabled = await harness.client.post(
-        "/auth/login", json={"username": "gone.user", "password": STRONG_PASSWORD})
+        "/auth/login", json={"username": "gone.user", "password": STRONG_PASSWORD}
+    )
     unknown = await harness.client.post(
-        "/auth/login", json={"username": "never.was", "password": STRONG_PASSWORD})
+        "/auth/login", json={"username": "never.was", "password": STRONG_PASSWORD}
+    )
     assert disabled.status_code == 401
     assert disabled.content == unknown.content
 
 
-async def test_lockout_after_five_failures_refuses_correct_password(settings_factory,
-                                                                    harness_factory, clock):
+async def test_lockout_after_five_failures_refuses_correct_password(
+    settings_factory, harness_factory, clock
+):
     settings = settings_factory()
     h = await harness_factory(settings, clock)
     await h.add_user("target.user", Role.physician)
@@ -75,10 +82,12 @@ async def test_lockout_after_five_failures_refuses_correct_password(settings_fac
         clock.advance(60)  # past any backoff: only the lockout can stop the next attempt
         await h.login("target.user", "wrong-password-123", expect=401)
     clock.advance(1)
-    locked = await h.client.post("/auth/login",
-                                 json={"username": "target.user", "password": STRONG_PASSWORD})
-    wrong = await h.client.post("/auth/login",
-                                json={"username": "target.user", "password": "nope-nope-nope"})
+    locked = await h.client.post(
+        "/auth/login", json={"username": "target.user", "password": STRONG_PASSWORD}
+    )
+    wrong = await h.client.post(
+        "/auth/login", json={"username": "target.user", "password": "nope-nope-nope"}
+    )
     assert locked.status_code == 401
     assert locked.content == wrong.content
     assert len(await _events(h.services, "account_locked")) == 1
@@ -121,8 +130,9 @@ async def test_address_throttle_answers_429(settings_factory, harness_factory, c
     h = await harness_factory(settings_factory(login_max_failures_per_address=3), clock)
     for i in range(3):
         await h.login(f"spray{i}.user", "wrong-password-123", expect=401)
-    response = await h.client.post("/auth/login",
-                                   json={"username": "other.user", "password": "whatever-123"})
+    response = await h.client.post(
+        "/auth/login", json={"username": "other.user", "password": "whatever-123"}
+    )
     assert response.status_code == 429
     assert int(response.headers["retry-after"]) > 0
     assert response.headers["content-type"] == "application/problem+json"
@@ -160,13 +170,16 @@ async def test_hashing_runs_off_the_event_loop(harness):
     assert waited < 0.05, waited
 
 
-@pytest.mark.parametrize("payload", [
-    {"username": "a"},
-    {"username": "a", "password": "b", "extra": 1},
-    {"username": 5, "password": "b"},
-    [],
-    "string",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"username": "a"},
+        {"username": "a", "password": "b", "extra": 1},
+        {"username": 5, "password": "b"},
+        [],
+        "string",
+    ],
+)
 async def test_malformed_login_bodies_are_4xx_problems(harness, payload):
     response = await harness.client.post("/auth/login", json=payload)
     assert response.status_code == 422

@@ -8,22 +8,25 @@ from carevault.identity.admin import generate_password
 from carevault.identity.password_policy import PasswordPolicyError, check_password
 
 
-@pytest.mark.parametrize("password,code", [
-    ("short-pw-1", "too_short"),
-    ("a" * 129, "too_long"),
-    ("aaaaaaaaaaaaaaaa", "trivial"),
-    ("abcdefghijklmnop", "trivial"),
-    ("ponmlkjihgfedcba", "trivial"),
-    ("12345678901234", "trivial"),
-    ("qwertyuiopasdf", "breached"),  # a keyboard walk that crosses rows is in the breach list
-    ("qwertyuiopqwertyuiop", "trivial"),
-    ("abcabcabcabcabc", "trivial"),
-    ("password1234", "breached"),
-    ("iloveyou12345", "breached"),
-    ("Password1234", "breached"),  # case does not help
-    ("my-name-is-alice.smith-ok", "contains_username"),
-    ("xxALICE.SMITHxx-2024", "contains_username"),
-])
+@pytest.mark.parametrize(
+    "password,code",
+    [
+        ("short-pw-1", "too_short"),
+        ("a" * 129, "too_long"),
+        ("aaaaaaaaaaaaaaaa", "trivial"),
+        ("abcdefghijklmnop", "trivial"),
+        ("ponmlkjihgfedcba", "trivial"),
+        ("12345678901234", "trivial"),
+        ("qwertyuiopasdf", "breached"),  # a keyboard walk that crosses rows is in the breach list
+        ("qwertyuiopqwertyuiop", "trivial"),
+        ("abcabcabcabcabc", "trivial"),
+        ("password1234", "breached"),
+        ("iloveyou12345", "breached"),
+        ("Password1234", "breached"),  # case does not help
+        ("my-name-is-alice.smith-ok", "contains_username"),
+        ("xxALICE.SMITHxx-2024", "contains_username"),
+    ],
+)
 def test_rejected(password, code):
     with pytest.raises(PasswordPolicyError) as err:
         check_password(password, username="alice.smith")
@@ -31,12 +34,15 @@ def test_rejected(password, code):
     assert password not in err.value.message
 
 
-@pytest.mark.parametrize("password", [
-    "correct-Horse-battery-staple-91",
-    "Zq8!vT2#mLp9wX",
-    "ünïcödé-pässwörd-λ",
-    "x" * 5 + "Y7!pQz2k",
-])
+@pytest.mark.parametrize(
+    "password",
+    [
+        "correct-Horse-battery-staple-91",
+        "Zq8!vT2#mLp9wX",
+        "ünïcödé-pässwörd-λ",
+        "x" * 5 + "Y7!pQz2k",
+    ],
+)
 def test_accepted(password):
     check_password(password, username="alice.smith")
 

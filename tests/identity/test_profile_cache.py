@@ -10,9 +10,17 @@ from carevault.identity.accounts import ProfileCache, User
 
 
 def _user(user_id: str) -> User:
-    return User(id=user_id, username="alice", password_hash="x", roles=("physician",),
-                organization_id=None, practitioner_id=None, patient_id=None, enabled=True,
-                is_demo=False)
+    return User(
+        id=user_id,
+        username="alice",
+        password_hash="x",
+        roles=("physician",),
+        organization_id=None,
+        practitioner_id=None,
+        patient_id=None,
+        enabled=True,
+        is_demo=False,
+    )
 
 
 class SlowStore:

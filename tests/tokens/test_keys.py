@@ -15,16 +15,24 @@ from carevault.tokens.keys import FILE_NAME, KeyRing, SigningKey, rotate_keyset
 
 @pytest.fixture
 def keyed(tmp_path):
-    settings = Settings(data_dir=tmp_path, issuer_url="http://testserver",
-                        key_reload_interval_seconds=0.05)
+    settings = Settings(
+        data_dir=tmp_path, issuer_url="http://testserver", key_reload_interval_seconds=0.05
+    )
     ensure_key_material(settings)
     return settings
 
 
 def _issue(settings, keyring, now):
     issuer = AccessTokenIssuer(settings, keyring, clock=lambda: now)
-    token, _ = issuer.issue(subject="u", session_id="s", client_id="c", scope="openid",
-                            roles=["nurse"], amr=["pwd"], auth_time=int(now))
+    token, _ = issuer.issue(
+        subject="u",
+        session_id="s",
+        client_id="c",
+        scope="openid",
+        roles=["nurse"],
+        amr=["pwd"],
+        auth_time=int(now),
+    )
     return token
 
 

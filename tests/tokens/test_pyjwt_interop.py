@@ -19,8 +19,20 @@ import pytest
 from carevault.identity.roles import Role
 
 USERNAME = "dr.interop.zed"
-REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "scope", "roles",
-                   "auth_time", "amr"]
+REQUIRED_CLAIMS = [
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "jti",
+    "client_id",
+    "scope",
+    "roles",
+    "auth_time",
+    "amr",
+]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 
 
@@ -65,8 +77,12 @@ async def _check_interop(harness: Any, alg: str) -> None:
         algorithms=[alg],
         audience=settings.audience,
         issuer=settings.issuer,
-        options={"require": REQUIRED_CLAIMS, "verify_exp": True, "verify_nbf": True,
-                 "verify_iat": True},
+        options={
+            "require": REQUIRED_CLAIMS,
+            "verify_exp": True,
+            "verify_nbf": True,
+            "verify_iat": True,
+        },
     )
     for name in REQUIRED_CLAIMS:
         assert name in claims, name
@@ -91,14 +107,29 @@ async def _check_interop(harness: Any, alg: str) -> None:
     other_kids = [kid for kid in kids if kid != header["kid"]]
     assert other_kids
     with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(token, key=key_set[other_kids[0]], algorithms=[alg],
-                   audience=settings.audience, issuer=settings.issuer)
+        jwt.decode(
+            token,
+            key=key_set[other_kids[0]],
+            algorithms=[alg],
+            audience=settings.audience,
+            issuer=settings.issuer,
+        )
     with pytest.raises(jwt.InvalidAudienceError):
-        jwt.decode(token, key=signing_key, algorithms=[alg], audience="someone-else",
-                   issuer=settings.issuer)
+        jwt.decode(
+            token,
+            key=signing_key,
+            algorithms=[alg],
+            audience="someone-else",
+            issuer=settings.issuer,
+        )
     with pytest.raises(jwt.InvalidIssuerError):
-        jwt.decode(token, key=signing_key, algorithms=[alg], audience=settings.audience,
-                   issuer="https://elsewhere.example")
+        jwt.decode(
+            token,
+            key=signing_key,
+            algorithms=[alg],
+            audience=settings.audience,
+            issuer="https://elsewhere.example",
+        )
 
     # What PyJWT read is what carevault itself accepts for this token.
     me = await harness.client.get("/auth/me", headers={"Authorization": f"Bearer {token}"})
@@ -113,7 +144,8 @@ async def test_es256_tokens_verify_with_pyjwt(harness: Any) -> None:
 
 @pytest.mark.filterwarnings("ignore:EdDSA is deprecated:joserfc.errors.SecurityWarning")
 @pytest.mark.parametrize("alg", ["EdDSA", "PS256", "RS256"])
-async def test_other_signing_algorithms_verify_with_pyjwt(settings_factory: Any,
-                                                          harness_factory: Any, alg: str) -> None:
+async def test_other_signing_algorithms_verify_with_pyjwt(
+    settings_factory: Any, harness_factory: Any, alg: str
+) -> None:
     harness = await harness_factory(settings_factory(signing_algorithm=alg))
     await _check_interop(harness, alg)

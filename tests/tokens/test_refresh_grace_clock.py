@@ -33,8 +33,9 @@ async def two_hosts(settings_factory):
 
 async def _family(services):
     user = await services.accounts.add_user("clock.user", STRONG_PASSWORD, Role.physician)
-    return await services.refresh.start_family(user_id=user.id, client_id=CLIENT,
-                                               scope="openid", amr=["pwd"], auth_time=0)
+    return await services.refresh.start_family(
+        user_id=user.id, client_id=CLIENT, scope="openid", amr=["pwd"], auth_time=0
+    )
 
 
 async def test_retry_read_before_the_winners_clock_is_in_grace(two_hosts):

@@ -96,7 +96,8 @@ async def test_logout_all_revokes_all_sessions(settings_factory, harness_factory
 
 
 async def test_revocation_on_one_instance_is_honoured_by_another_at_once(
-        settings_factory, harness_factory, tmp_path):
+    settings_factory, harness_factory, tmp_path
+):
     settings_a = settings_factory(redis_url=REDIS_URL)
     settings_b = _second_instance_settings(settings_a, tmp_path / f"b-{uuid.uuid4().hex[:8]}")
     a = await harness_factory(settings_a)
@@ -121,7 +122,8 @@ async def test_revocation_on_one_instance_is_honoured_by_another_at_once(
 
 
 async def test_redis_restart_is_repaired_from_the_database_on_start(
-        settings_factory, harness_factory, redis_client):
+    settings_factory, harness_factory, redis_client
+):
     settings = settings_factory(redis_url=REDIS_URL)
     h = await harness_factory(settings)
     await h.add_user("redis.flush")
@@ -131,8 +133,12 @@ async def test_redis_restart_is_repaired_from_the_database_on_start(
     await _logout(h, everywhere["access_token"], "/auth/logout-all")
     live = await h.login("redis.flush")
     one, every = _claims(logged_out["access_token"]), _claims(everywhere["access_token"])
-    ours = [_key("jti", one["jti"]), _key("sid", one["sid"]), _key("sid", every["sid"]),
-            _key("user", every["sub"])]
+    ours = [
+        _key("jti", one["jti"]),
+        _key("sid", one["sid"]),
+        _key("sid", every["sid"]),
+        _key("user", every["sub"]),
+    ]
     assert await redis_client.exists(*ours) == len(ours)
 
     # A Redis restart without persistence: our revocation keys are gone.
@@ -155,13 +161,15 @@ async def test_unreachable_redis_fails_closed(settings_factory, harness_factory)
         response = await h.me(session["access_token"])
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] == "1"
-    response = await h.client.post("/auth/logout",
-                                    headers={"Authorization": f"Bearer {session['access_token']}"})
+    response = await h.client.post(
+        "/auth/logout", headers={"Authorization": f"Bearer {session['access_token']}"}
+    )
     assert response.status_code == 503
 
 
 async def test_instance_with_revocations_serves_nothing_without_redis(
-        settings_factory, harness_factory, tmp_path):
+    settings_factory, harness_factory, tmp_path
+):
     """It starts (Redis may come back), but it cannot load the denials, so it must deny."""
     settings = settings_factory(redis_url=REDIS_URL)
     h = await harness_factory(settings)
@@ -172,8 +180,9 @@ async def test_instance_with_revocations_serves_nothing_without_redis(
     async with h.services.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(revocations))).scalar_one() > 0
 
-    broken = _second_instance_settings(settings, tmp_path / f"c-{uuid.uuid4().hex[:8]}",
-                                       redis_url=UNREACHABLE_REDIS)
+    broken = _second_instance_settings(
+        settings, tmp_path / f"c-{uuid.uuid4().hex[:8]}", redis_url=UNREACHABLE_REDIS
+    )
     b = await harness_factory(broken)
     for token in (revoked, live):
         assert (await b.me(token)).status_code == 503
@@ -182,12 +191,15 @@ async def test_instance_with_revocations_serves_nothing_without_redis(
 
 
 async def test_redis_data_loss_while_running_does_not_resurrect_revoked_tokens(
-        settings_factory, harness_factory):
+    settings_factory, harness_factory
+):
     """Redis restarts without persistence: a running instance must re-load denials first."""
     h = await harness_factory(settings_factory(redis_url=REDIS_URL))
     await h.add_user("lost.redis")
     grant = await h.login("lost.redis")
-    await h.client.post("/auth/logout", headers={"Authorization": f"Bearer {grant['access_token']}"})
+    await h.client.post(
+        "/auth/logout", headers={"Authorization": f"Bearer {grant['access_token']}"}
+    )
     assert (await h.me(grant["access_token"])).status_code == 401
 
     client = redis.Redis.from_url(REDIS_URL)

@@ -14,14 +14,24 @@ from carevault.tokens.refresh import hash_token
 async def _family_rows(services, refresh_token) -> int:
     family = await services.refresh.family_of(refresh_token)
     async with services.engine.connect() as conn:
-        return (await conn.execute(select(func.count()).select_from(refresh_tokens).where(
-            refresh_tokens.c.family_id == family))).scalar_one()
+        return (
+            await conn.execute(
+                select(func.count())
+                .select_from(refresh_tokens)
+                .where(refresh_tokens.c.family_id == family)
+            )
+        ).scalar_one()
 
 
 async def _event_count(services, name) -> int:
     async with services.engine.connect() as conn:
-        return (await conn.execute(select(func.count()).select_from(security_events).where(
-            security_events.c.event == name))).scalar_one()
+        return (
+            await conn.execute(
+                select(func.count())
+                .select_from(security_events)
+                .where(security_events.c.event == name)
+            )
+        ).scalar_one()
 
 
 async def test_rotation_issues_new_pair_and_old_token_is_single_use(clocked, clock):
@@ -84,8 +94,9 @@ async def test_retry_after_grace_window_is_reuse(clocked, clock):
     assert (await clocked.refresh(first.json()["refresh_token"])).status_code == 401
 
 
-async def test_same_second_replay_is_caught_with_grace_off(settings_factory, harness_factory,
-                                                           clock):
+async def test_same_second_replay_is_caught_with_grace_off(
+    settings_factory, harness_factory, clock
+):
     """Keycloak #50999: a replay inside the same second slipped through; it must not here."""
     h = await harness_factory(settings_factory(refresh_grace_seconds=0), clock)
     await h.add_user("same.second")
@@ -99,10 +110,12 @@ async def test_same_second_replay_is_caught_with_grace_off(settings_factory, har
 async def test_grace_retry_from_another_client_is_refused(services):
     from carevault.tokens.refresh import RefreshError
 
-    user = await services.accounts.add_user("cli.ent", "correct-Horse-battery-staple-91",
-                                            Role.nurse)
-    _, token = await services.refresh.start_family(user_id=user.id, client_id="app-a",
-                                                   scope="openid", amr=["pwd"], auth_time=1)
+    user = await services.accounts.add_user(
+        "cli.ent", "correct-Horse-battery-staple-91", Role.nurse
+    )
+    _, token = await services.refresh.start_family(
+        user_id=user.id, client_id="app-a", scope="openid", amr=["pwd"], auth_time=1
+    )
     await services.refresh.rotate(token, "app-a")
     try:
         await services.refresh.rotate(token, "app-b")
@@ -113,8 +126,9 @@ async def test_grace_retry_from_another_client_is_refused(services):
 
 
 async def test_idle_and_absolute_lifetimes(settings_factory, harness_factory, clock):
-    h = await harness_factory(settings_factory(refresh_idle_ttl_seconds=600,
-                                               refresh_absolute_ttl_seconds=3600), clock)
+    h = await harness_factory(
+        settings_factory(refresh_idle_ttl_seconds=600, refresh_absolute_ttl_seconds=3600), clock
+    )
     await h.add_user("idle.user")
     grant = await h.login("idle.user")
     clock.advance(601)
@@ -132,12 +146,15 @@ async def test_idle_and_absolute_lifetimes(settings_factory, harness_factory, cl
 
 async def test_refresh_from_cookie(harness):
     await harness.add_user("cookie.user")
-    login = await harness.client.post("/auth/login", json={"username": "cookie.user",
-                                                           "password": "correct-Horse-battery-staple-91"})
+    login = await harness.client.post(
+        "/auth/login",
+        json={"username": "cookie.user", "password": "correct-Horse-battery-staple-91"},
+    )
     # httpx keeps Secure cookies only for https; send it as a browser on https would.
     cookie = login.cookies.get("__Secure-carevault-refresh") or login.json()["refresh_token"]
     response = await harness.client.post(
-        "/auth/refresh", headers={"Cookie": f"__Secure-carevault-refresh={cookie}"})
+        "/auth/refresh", headers={"Cookie": f"__Secure-carevault-refresh={cookie}"}
+    )
     assert response.status_code == 200
     assert "__Secure-carevault-refresh=" in response.headers["set-cookie"]
     missing = await harness.client.post("/auth/refresh")
@@ -149,7 +166,8 @@ async def test_logout_ends_only_that_session(harness):
     one = await harness.login("bye.user")
     two = await harness.login("bye.user")
     response = await harness.client.post(
-        "/auth/logout", headers={"Authorization": f"Bearer {one['access_token']}"})
+        "/auth/logout", headers={"Authorization": f"Bearer {one['access_token']}"}
+    )
     assert response.status_code == 204
     assert (await harness.me(one["access_token"])).status_code == 401
     assert (await harness.refresh(one["refresh_token"])).status_code == 401
@@ -162,7 +180,8 @@ async def test_logout_all_kills_tokens_issued_a_second_earlier_at_once(clocked, 
     clock.advance(1)
     two = await clocked.login("all.out")  # issued a second before logout-all
     response = await clocked.client.post(
-        "/auth/logout-all", headers={"Authorization": f"Bearer {two['access_token']}"})
+        "/auth/logout-all", headers={"Authorization": f"Bearer {two['access_token']}"}
+    )
     assert response.status_code == 204
     for grant in (one, two):
         assert (await clocked.me(grant["access_token"])).status_code == 401
@@ -212,8 +231,9 @@ async def test_revocation_is_seen_by_another_process_view(settings, harness_fact
     await a.add_user("multi.worker")
     grant = await a.login("multi.worker")
     assert (await b.me(grant["access_token"])).status_code == 200
-    await a.client.post("/auth/logout-all",
-                        headers={"Authorization": f"Bearer {grant['access_token']}"})
+    await a.client.post(
+        "/auth/logout-all", headers={"Authorization": f"Bearer {grant['access_token']}"}
+    )
     assert (await b.me(grant["access_token"])).status_code == 401
 
 

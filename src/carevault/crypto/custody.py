@@ -190,9 +190,12 @@ class KeyCustody:
                 raise KeyCustodyError("refusing to drop the primary KEK key")
             dropped = [key.key_id for key in keyset.key if key.key_id in wanted]
             if dropped:
-                self._replace_kek(tink_pb2.Keyset(
-                    primary_key_id=keyset.primary_key_id,
-                    key=[key for key in keyset.key if key.key_id not in wanted]))
+                self._replace_kek(
+                    tink_pb2.Keyset(
+                        primary_key_id=keyset.primary_key_id,
+                        key=[key for key in keyset.key if key.key_id not in wanted],
+                    )
+                )
             return dropped
 
     # -- internals ---------------------------------------------------------------------------
@@ -208,8 +211,7 @@ class KeyCustody:
         return _state_of(_read_encrypted(path, self._master, KEK_FILE_AD), stamp)
 
     def _replace_kek(self, keyset: tink_pb2.Keyset) -> None:
-        handle = tink.proto_keyset_format.parse(keyset.SerializeToString(),
-                                                secret_key_access.TOKEN)
+        handle = tink.proto_keyset_format.parse(keyset.SerializeToString(), secret_key_access.TOKEN)
         _write_encrypted(self._dir / KEK_FILE, handle, self._master, KEK_FILE_AD)
         with self._lock:
             self._kek = self._read_kek()
@@ -219,7 +221,8 @@ def _keyset_proto(handle: tink.KeysetHandle) -> tink_pb2.Keyset:
     # tink-py has no public keyset manager; editing a copy of the keyset proto under secret-key
     # access is how tink's own KeysetBuilder does it, and tink re-validates it on parse.
     return tink_pb2.Keyset.FromString(
-        tink.proto_keyset_format.serialize(handle, secret_key_access.TOKEN))
+        tink.proto_keyset_format.serialize(handle, secret_key_access.TOKEN)
+    )
 
 
 def _fresh_key(taken: set[int]) -> tink_pb2.Keyset.Key:
@@ -238,14 +241,16 @@ def load_master_aead(keys_dir: Path, master_key: str | None = None) -> aead.Aead
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise MasterKeyError(
                 f"{MASTER_ENV} is not base64. Fix: set it to the base64 encoding of the master "
-                "keyset JSON (e.g. `base64 -w0 master.key`)") from None
+                "keyset JSON (e.g. `base64 -w0 master.key`)"
+            ) from None
         return _master_primitive(keyset_json, MASTER_ENV)
     path = keys_dir / MASTER_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise MasterKeyError(
-            f"{path} is missing. Fix: restore it from backup, or set {MASTER_ENV}") from None
+            f"{path} is missing. Fix: restore it from backup, or set {MASTER_ENV}"
+        ) from None
     except OSError as err:
         raise MasterKeyError(f"{path} cannot be opened ({err.strerror})") from None
     with os.fdopen(fd) as handle:
@@ -254,7 +259,8 @@ def load_master_aead(keys_dir: Path, master_key: str | None = None) -> aead.Aead
         if mode & 0o077:
             raise InsecureKeyFileError(
                 f"{path} is readable by other users (mode {mode:04o}); refusing to use the "
-                f"master key. Fix: chmod 600 {path}")
+                f"master key. Fix: chmod 600 {path}"
+            )
         keyset_json = handle.read()
     return _master_primitive(keyset_json, str(path))
 
@@ -277,7 +283,8 @@ def _load_or_create_master(keys_dir: Path, master_key: str | None) -> aead.Aead:
         # A new master key could never open them: stop instead of silently starting over.
         raise MasterKeyError(
             f"{', '.join(orphans)} exist in {keys_dir} but {path} is missing. Fix: restore "
-            f"master.key from backup, or set {MASTER_ENV}")
+            f"master.key from backup, or set {MASTER_ENV}"
+        )
     write_secret_json(path, json.loads(generate_master_key_json()))
     return load_master_aead(keys_dir)
 
@@ -292,11 +299,13 @@ def _read_encrypted(path: Path, master: aead.Aead, associated_data: bytes) -> ti
     except (tink.TinkError, ValueError):
         raise MasterKeyError(
             f"{path} cannot be decrypted with the master key. Fix: use the master.key (or "
-            f"{MASTER_ENV}) it was created with") from None
+            f"{MASTER_ENV}) it was created with"
+        ) from None
 
 
-def _write_encrypted(path: Path, handle: tink.KeysetHandle, master: aead.Aead,
-                     associated_data: bytes) -> None:
+def _write_encrypted(
+    path: Path, handle: tink.KeysetHandle, master: aead.Aead, associated_data: bytes
+) -> None:
     text = tink.json_proto_keyset_format.serialize_encrypted(handle, master, associated_data)
     write_secret_json(path, json.loads(text))
 

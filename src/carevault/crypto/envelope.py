@@ -158,7 +158,10 @@ class EnvelopeCipher:
         _check_scope(scope)
         now = self._clock()
         stmt = self._insert(
-            scope=scope, wrapped=b"", kek_key_id=TOMBSTONE_KEK_ID, created_at=now,
+            scope=scope,
+            wrapped=b"",
+            kek_key_id=TOMBSTONE_KEK_ID,
+            created_at=now,
             destroyed_at=now,
         )
         stmt = stmt.on_conflict_do_update(
@@ -208,8 +211,11 @@ class EnvelopeCipher:
         """Drop every non-primary KEK key that no live DEK is wrapped under; return their ids."""
         before = self._custody.current_kek()
         usage = await self.kek_usage()
-        unused = [key_id for key_id in before.key_ids
-                  if key_id != before.primary_id and usage.get(key_id, 0) == 0]
+        unused = [
+            key_id
+            for key_id in before.key_ids
+            if key_id != before.primary_id and usage.get(key_id, 0) == 0
+        ]
         if not unused:
             return []
         dropped = self._custody.drop_kek_keys(unused)
@@ -264,8 +270,9 @@ class EnvelopeCipher:
         except tink.TinkError:
             raise DecryptionFailed("ciphertext failed authentication") from None
 
-    def _unwrap(self, scope: str, wrapped: bytes, kek_key_id: int,
-                unwrap_with: KekState | None = None) -> tink.KeysetHandle:
+    def _unwrap(
+        self, scope: str, wrapped: bytes, kek_key_id: int, unwrap_with: KekState | None = None
+    ) -> tink.KeysetHandle:
         """The DEK keyset from its wrapped form (tink's encrypted keyset format)."""
         kek = unwrap_with or self._custody.kek()
         if kek_key_id not in kek.key_ids:
@@ -283,8 +290,9 @@ class EnvelopeCipher:
     async def _load_row(self, scope: str) -> Any:
         async with read_connection(self._engine) as conn:
             result = await conn.execute(
-                select(data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at)
-                .where(data_keys.c.scope == scope)
+                select(data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at).where(
+                    data_keys.c.scope == scope
+                )
             )
             return result.first()
 
@@ -296,14 +304,21 @@ class EnvelopeCipher:
         # DEK at once both end up using the one that was stored.
         async with write_transaction(self._engine) as conn:
             await conn.execute(
-                self._insert(scope=scope, wrapped=wrapped, kek_key_id=kek.primary_id,
-                             created_at=self._clock(), destroyed_at=None)
-                .on_conflict_do_nothing(index_elements=["scope"])
+                self._insert(
+                    scope=scope,
+                    wrapped=wrapped,
+                    kek_key_id=kek.primary_id,
+                    created_at=self._clock(),
+                    destroyed_at=None,
+                ).on_conflict_do_nothing(index_elements=["scope"])
             )
-            row = (await conn.execute(
-                select(data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at)
-                .where(data_keys.c.scope == scope)
-            )).one()
+            row = (
+                await conn.execute(
+                    select(
+                        data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at
+                    ).where(data_keys.c.scope == scope)
+                )
+            ).one()
         if row.destroyed_at is not None:
             raise KeyDestroyed("the data key of this scope was destroyed")
         if bytes(row.wrapped) != wrapped:
@@ -311,8 +326,9 @@ class EnvelopeCipher:
         await self._rewrap_if_rotated(scope, handle, wrapped, kek)
         return handle.primitive(aead.Aead)
 
-    async def _rewrap_if_rotated(self, scope: str, handle: tink.KeysetHandle, wrapped: bytes,
-                                 used: KekState) -> None:
+    async def _rewrap_if_rotated(
+        self, scope: str, handle: tink.KeysetHandle, wrapped: bytes, used: KekState
+    ) -> None:
         """If the KEK rotated while we created this DEK, move it to the new primary ourselves:
         the rotation may already have counted (and be about to drop) the key we used."""
         current = self._custody.current_kek()
@@ -321,13 +337,22 @@ class EnvelopeCipher:
         async with write_transaction(self._engine) as conn:
             await conn.execute(
                 update(data_keys)
-                .where(and_(data_keys.c.scope == scope, data_keys.c.wrapped == wrapped,
-                            data_keys.c.destroyed_at.is_(None)))
+                .where(
+                    and_(
+                        data_keys.c.scope == scope,
+                        data_keys.c.wrapped == wrapped,
+                        data_keys.c.destroyed_at.is_(None),
+                    )
+                )
                 .values(wrapped=_wrap(handle, current, scope), kek_key_id=current.primary_id)
             )
 
-    async def _rewrap(self, batch_size: int, progress: Callable[[RewrapProgress], None] | None,
-                      unwrap_with: KekState | None) -> RewrapProgress:
+    async def _rewrap(
+        self,
+        batch_size: int,
+        progress: Callable[[RewrapProgress], None] | None,
+        unwrap_with: KekState | None,
+    ) -> RewrapProgress:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         kek = self._custody.current_kek()
@@ -338,14 +363,20 @@ class EnvelopeCipher:
         after = ""  # keyset pagination: rows that fail to unwrap are not read again
         while True:
             async with read_connection(self._engine) as conn:
-                rows = (await conn.execute(
-                    select(data_keys.c.scope, data_keys.c.wrapped, data_keys.c.kek_key_id)
-                    .where(and_(data_keys.c.destroyed_at.is_(None),
+                rows = (
+                    await conn.execute(
+                        select(data_keys.c.scope, data_keys.c.wrapped, data_keys.c.kek_key_id)
+                        .where(
+                            and_(
+                                data_keys.c.destroyed_at.is_(None),
                                 data_keys.c.kek_key_id != primary,
-                                data_keys.c.scope > after))
-                    .order_by(data_keys.c.scope)
-                    .limit(batch_size)
-                )).all()
+                                data_keys.c.scope > after,
+                            )
+                        )
+                        .order_by(data_keys.c.scope)
+                        .limit(batch_size)
+                    )
+                ).all()
             if not rows:
                 break
             changes: list[tuple[str, bytes, bytes]] = []
@@ -361,26 +392,48 @@ class EnvelopeCipher:
                     for scope, old, new in changes:
                         result = await conn.execute(
                             update(data_keys)
-                            .where(and_(data_keys.c.scope == scope, data_keys.c.wrapped == old,
-                                        data_keys.c.destroyed_at.is_(None)))
+                            .where(
+                                and_(
+                                    data_keys.c.scope == scope,
+                                    data_keys.c.wrapped == old,
+                                    data_keys.c.destroyed_at.is_(None),
+                                )
+                            )
                             .values(wrapped=new, kek_key_id=primary)
                         )
                         rewrapped += result.rowcount
             processed += len(rows)
             after = rows[-1].scope
             if progress is not None:
-                progress(RewrapProgress(primary, total, processed, rewrapped,
-                                        max(total - processed, 0), tuple(failed)))
+                progress(
+                    RewrapProgress(
+                        primary,
+                        total,
+                        processed,
+                        rewrapped,
+                        max(total - processed, 0),
+                        tuple(failed),
+                    )
+                )
         remaining = await self._count_pending(primary)
         return RewrapProgress(primary, total, processed, rewrapped, remaining, tuple(failed))
 
     async def _count_pending(self, primary: int) -> int:
         async with read_connection(self._engine) as conn:
-            return int((await conn.execute(
-                select(func.count()).select_from(data_keys)
-                .where(and_(data_keys.c.destroyed_at.is_(None),
-                            data_keys.c.kek_key_id != primary))
-            )).scalar_one())
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count())
+                        .select_from(data_keys)
+                        .where(
+                            and_(
+                                data_keys.c.destroyed_at.is_(None),
+                                data_keys.c.kek_key_id != primary,
+                            )
+                        )
+                    )
+                ).scalar_one()
+            )
 
     def _insert(self, **values: Any) -> Any:
         if self._engine.dialect.name == "postgresql":
@@ -391,10 +444,14 @@ class EnvelopeCipher:
 
 
 def _check_scope(scope: str) -> None:
-    if (not isinstance(scope, str) or not 0 < len(scope) <= MAX_SCOPE_LENGTH
-            or not all("!" <= ch <= "~" for ch in scope)):
+    if (
+        not isinstance(scope, str)
+        or not 0 < len(scope) <= MAX_SCOPE_LENGTH
+        or not all("!" <= ch <= "~" for ch in scope)
+    ):
         raise InvalidScope(
-            f"a scope is 1-{MAX_SCOPE_LENGTH} printable ASCII characters without spaces")
+            f"a scope is 1-{MAX_SCOPE_LENGTH} printable ASCII characters without spaces"
+        )
 
 
 def _dek_ad(scope: str) -> bytes:

@@ -40,7 +40,9 @@ class PasswordHasher:
         return self._argon2.hash(password)
 
     async def hash(self, password: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.hash_sync, password)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.hash_sync, password
+        )
 
     def _verify_sync(self, stored_hash: str | None, password: str) -> tuple[bool, bool]:
         target = stored_hash or self._dummy_hash

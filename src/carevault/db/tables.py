@@ -142,6 +142,7 @@ fhir_resources = Table(
     Column("last_updated", Float, nullable=False),
     Column("deleted", Boolean, nullable=False),
     Column("scope", String(100), nullable=False),  # DEK scope: patient:<id> | type:<Type>
+    Column("erased_at", Float),  # crypto-shredded (fhir/erasure.py): reads answer 410 for good
     Index("ix_fhir_resources_last_updated", "last_updated"),
 )
 

@@ -15,19 +15,37 @@ _WRITE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", "POST", "PUT", "PATCH"})
 
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _is_search_form(scope: Scope, content_type: str) -> bool:
+    """FHIR's POST [base]/[type]/_search carries its parameters as a form body."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    path = scope.get("path", "")
+    return (
+        media == "application/x-www-form-urlencoded"
+        and path.startswith("/fhir/")
+        and path.endswith("/_search")
+        and path.count("/") == 3
+    )
 
 
 async def _problem(send: Send, status: int, title: str, detail: str) -> None:
     body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/problem+json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store"),
-                    (b"connection", b"close")],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -67,9 +85,15 @@ class RequestLimits:
             await _problem(send, 413, "Content Too Large", "The request body is too large.")
             return
         has_body = chunked or (content_length or 0) > 0
-        if scope["method"] in _WRITE_METHODS and has_body and not _is_json(content_type):
-            await _problem(send, 415, "Unsupported Media Type",
-                           "Send JSON (application/json or a +json type).")
+        if (
+            scope["method"] in _WRITE_METHODS
+            and has_body
+            and not _is_json(content_type)
+            and not _is_search_form(scope, content_type)
+        ):
+            await _problem(
+                send, 415, "Unsupported Media Type", "Send JSON (application/json or a +json type)."
+            )
             return
 
         received = 0

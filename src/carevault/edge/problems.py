@@ -23,9 +23,16 @@ log = structlog.get_logger("carevault.edge")
 class ProblemError(Exception):
     """Raise to answer with a problem document."""
 
-    def __init__(self, status: int, detail: str | None = None, *, title: str | None = None,
-                 type_: str = "about:blank", headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        *,
+        title: str | None = None,
+        type_: str = "about:blank",
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.status = status
         self.detail = detail
         self.title = title
@@ -35,9 +42,15 @@ class ProblemError(Exception):
         super().__init__(detail or "")
 
 
-def problem_response(status: int, detail: str | None = None, *, title: str | None = None,
-                     type_: str = "about:blank", headers: dict[str, str] | None = None,
-                     extra: dict[str, Any] | None = None) -> JSONResponse:
+def problem_response(
+    status: int,
+    detail: str | None = None,
+    *,
+    title: str | None = None,
+    type_: str = "about:blank",
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {
         "type": type_,
         "title": title or HTTPStatus(status).phrase,
@@ -47,8 +60,12 @@ def problem_response(status: int, detail: str | None = None, *, title: str | Non
         body["detail"] = detail
     if extra:
         body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON,
-                        headers={"Cache-Control": "no-store", **(headers or {})})
+    return JSONResponse(
+        body,
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
 
 
 _GENERIC_DETAIL = {
@@ -82,9 +99,14 @@ def _validation_errors(exc: RequestValidationError) -> tuple[int, list[dict[str,
 def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(exc.status, exc.detail or _GENERIC_DETAIL.get(exc.status),
-                                title=exc.title, type_=exc.type, headers=exc.headers,
-                                extra=exc.extra)
+        return problem_response(
+            exc.status,
+            exc.detail or _GENERIC_DETAIL.get(exc.status),
+            title=exc.title,
+            type_=exc.type,
+            headers=exc.headers,
+            extra=exc.extra,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -94,8 +116,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
-        return problem_response(status, _GENERIC_DETAIL.get(status),
-                                headers=dict(exc.headers or {}))
+        return problem_response(
+            status, _GENERIC_DETAIL.get(status), headers=dict(exc.headers or {})
+        )
 
     @app.exception_handler(RecursionError)
     async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
@@ -110,5 +133,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Logged by type only: the message of an arbitrary exception may carry input or SQL.
-        log.error("unhandled_error", error_type=type(exc).__name__, path=request.scope.get("route_path"))
+        log.error(
+            "unhandled_error", error_type=type(exc).__name__, path=request.scope.get("route_path")
+        )
         return problem_response(500, _GENERIC_DETAIL[500])

@@ -8,7 +8,9 @@ specification describes, and `Cache-Control: no-store`: they are ePHI.
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
@@ -18,8 +20,24 @@ from fastapi.responses import Response
 from carevault import __version__
 from carevault.fhir import outcome
 from carevault.fhir.authorization import may_use_fhir
-from carevault.fhir.store import Gone, IntegrityFailure, NotFound, StoredResource, VersionConflict
-from carevault.fhir.store import WriteContention, instant
+from carevault.fhir.search import (
+    CURSOR_ALONE,
+    CursorCodec,
+    SearchError,
+    SearchResult,
+    execute,
+    parse_search,
+)
+from carevault.fhir.search_params import search_params_for
+from carevault.fhir.store import (
+    Gone,
+    IntegrityFailure,
+    NotFound,
+    StoredResource,
+    VersionConflict,
+    WriteContention,
+    instant,
+)
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
 from carevault.identity.events import SecurityEvent
 from carevault.identity.principal import Principal
@@ -34,19 +52,25 @@ ETAG_PATTERN = re.compile(r'^(?:W/)?"(\d{1,9})"$')
 
 
 class FhirError(Exception):
-    def __init__(self, status: int, body: dict[str, Any],
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.body = body
         self.headers = headers or {}
         super().__init__(str(status))
 
 
-def fhir_response(body: dict[str, Any] | None, status: int = 200,
-                  headers: dict[str, str] | None = None) -> Response:
+def fhir_response(
+    body: dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     content = orjson.dumps(body) if body is not None else b""
-    return Response(content, status_code=status, media_type=FHIR_JSON if body is not None else None,
-                    headers={"Cache-Control": "no-store", **(headers or {})})
+    return Response(
+        content,
+        status_code=status,
+        media_type=FHIR_JSON if body is not None else None,
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
 
 
 async def error_response(_request: Request, err: FhirError) -> Response:
@@ -55,9 +79,18 @@ async def error_response(_request: Request, err: FhirError) -> Response:
 
 async def fhir_principal(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if not may_use_fhir(principal):
-        raise FhirError(403, outcome.operation_outcome([{
-            "severity": "error", "code": "forbidden",
-            "diagnostics": "You are not allowed to use the record server."}]))
+        raise FhirError(
+            403,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "forbidden",
+                        "diagnostics": "You are not allowed to use the record server.",
+                    }
+                ]
+            ),
+        )
     return principal
 
 
@@ -83,23 +116,29 @@ async def _body(request: Request, resource_type: str) -> dict[str, Any]:
     try:
         return validate_resource(parsed, resource_type)
     except FhirValidationError as err:
-        raise FhirError(422 if isinstance(parsed, dict) else 400,
-                        outcome.validation_failed(err)) from None
+        raise FhirError(
+            422 if isinstance(parsed, dict) else 400, outcome.validation_failed(err)
+        ) from None
 
 
 def _headers(stored: StoredResource, *, location: bool = False) -> dict[str, str]:
     headers = {"ETag": stored.etag, "Last-Modified": stored.last_modified}
     if location:
-        headers["Location"] = (f"/fhir/{stored.resource_type}/{stored.id}"
-                               f"/_history/{stored.version}")
+        headers["Location"] = f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version}"
     return headers
 
 
 async def _integrity_failure(request: Request, principal: Principal) -> FhirError:
     # The one place a 5xx is right: a stored row does not decrypt. Never served as garbage.
-    await request.app.state.services.events.record(SecurityEvent(
-        "record_integrity_failure", "alert", user_id=principal.user_id,
-        client_id=principal.client_id, request_id=request.headers.get("x-request-id")))
+    await request.app.state.services.events.record(
+        SecurityEvent(
+            "record_integrity_failure",
+            "alert",
+            user_id=principal.user_id,
+            client_id=principal.client_id,
+            request_id=request.headers.get("x-request-id"),
+        )
+    )
     log.error("record_integrity_failure")
     return FhirError(500, outcome.processing_error())
 
@@ -112,8 +151,10 @@ def _gone(err: Gone) -> FhirError:
 async def capability_statement(request: Request) -> Response:
     from carevault.fhir.validation import SUPPORTED_TYPES
 
-    interactions = [{"code": c} for c in ("read", "vread", "update", "delete", "history-instance",
-                                          "history-type", "create")]
+    interactions = [
+        {"code": c}
+        for c in ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
+    ]
     body = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -122,21 +163,80 @@ async def capability_statement(request: Request) -> Response:
         "software": {"name": "carevault", "version": __version__},
         "fhirVersion": "4.0.1",
         "format": ["json"],
-        "rest": [{
-            "mode": "server",
-            "security": {
-                "cors": False,
-                "service": [{"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                    "code": "SMART-on-FHIR"}]}],
-                "description": "Bearer access tokens (RFC 9068) from this server's /auth/login.",
-            },
-            "resource": [{"type": t, "interaction": interactions, "versioning": "versioned",
-                          "readHistory": True, "updateCreate": False}
-                         for t in sorted(SUPPORTED_TYPES)],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": (
+                        "Bearer access tokens (RFC 9068) from this server's /auth/login."
+                    ),
+                },
+                "resource": [
+                    {
+                        "type": t,
+                        "interaction": _interactions(interactions, t),
+                        "versioning": "versioned",
+                        "readHistory": True,
+                        "updateCreate": False,
+                        "searchParam": _search_params(t),
+                        **_search_includes(t),
+                    }
+                    for t in sorted(SUPPORTED_TYPES)
+                ],
+            }
+        ],
     }
     return fhir_response(body)
+
+
+_SEARCH_DOC = {
+    "phi": (
+        "Holds personal data: matched only through keyed blind indexes. String values "
+        "match case- and accent-insensitively by starts-with; tokens exactly; dates only "
+        "by equality at year, month or day precision. Modifiers (:contains, :exact, "
+        ":text, :missing, :not, ...) are not supported."
+    ),
+    "plain": (
+        "Modifiers (:contains, :exact, :text, :missing, :not, :above, :below) are not "
+        "supported; dates accept the prefixes eq ne lt gt le ge sa eb (not ap)."
+    ),
+}
+
+
+def _interactions(base: list[dict[str, str]], resource_type: str) -> list[dict[str, str]]:
+    return base + [{"code": "search-type"}] if search_params_for(resource_type) else base
+
+
+def _search_params(resource_type: str) -> list[dict[str, str]]:
+    return [
+        {
+            "name": code,
+            "definition": param.url,
+            "type": param.kind,
+            "documentation": _SEARCH_DOC[param.sensitivity],
+        }
+        for code, param in search_params_for(resource_type).items()
+    ]
+
+
+def _search_includes(resource_type: str) -> dict[str, list[str]]:
+    includes = [
+        f"{resource_type}:{code}"
+        for code, param in search_params_for(resource_type).items()
+        if param.kind == "reference" and not param.phi
+    ]
+    return {"searchInclude": includes} if includes else {}
 
 
 def _history_bundle(entries: list[StoredResource]) -> dict[str, Any]:
@@ -146,25 +246,35 @@ def _history_bundle(entries: list[StoredResource]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "fullUrl": url,
             "request": {"method": "DELETE" if stored.deleted else "PUT", "url": url},
-            "response": {"status": "204" if stored.deleted else "200", "etag": stored.etag,
-                         "lastModified": instant(stored.last_updated)},
+            "response": {
+                "status": "204" if stored.deleted else "200",
+                "etag": stored.etag,
+                "lastModified": instant(stored.last_updated),
+            },
         }
         if stored.body is not None:
             entry["resource"] = stored.body
         bundle_entries.append(entry)
-    return {"resourceType": "Bundle", "type": "history", "total": len(bundle_entries),
-            "entry": bundle_entries}
+    return {
+        "resourceType": "Bundle",
+        "type": "history",
+        "total": len(bundle_entries),
+        "entry": bundle_entries,
+    }
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
-async def instance_history(resource_type: str, resource_id: str, request: Request,
-                           principal: Caller) -> Response:
+async def instance_history(
+    resource_type: str, resource_id: str, request: Request, principal: Caller
+) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
     try:
         entries = await request.app.state.services.store.history(resource_type, resource_id)
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
+    except Gone as err:  # erased (crypto-shredded)
+        raise _gone(err) from None
     except IntegrityFailure:
         raise await _integrity_failure(request, principal) from None
     return fhir_response(_history_bundle(entries))
@@ -180,6 +290,126 @@ async def type_history(resource_type: str, request: Request, principal: Caller) 
     return fhir_response(_history_bundle(entries))
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def _search_error(err: SearchError) -> FhirError:
+    return FhirError(
+        400,
+        outcome.operation_outcome(
+            [{"severity": "error", "code": err.code, "diagnostics": err.text}]
+        ),
+    )
+
+
+def _cursor_codec(request: Request) -> CursorCodec:
+    services = request.app.state.services
+    codec = getattr(request.app.state, "search_cursors", None)
+    if codec is None:
+        codec = CursorCodec(services.secrets.subject_hash, getattr(services, "clock", time.time))
+        request.app.state.search_cursors = codec
+    return codec
+
+
+async def _search(
+    resource_type: str, pairs: list[tuple[str, str]], request: Request, principal: Principal
+) -> Response:
+    _check_type(resource_type)
+    services = request.app.state.services
+    codec = _cursor_codec(request)
+    try:
+        after = None
+        cursors = [value for name, value in pairs if name == "_cursor"]
+        if cursors:
+            if len(pairs) != 1:
+                raise SearchError(CURSOR_ALONE)
+            pairs, after = codec.decode(cursors[0], resource_type, principal.user_id)
+        search = parse_search(resource_type, pairs, services.blind_index, after)
+        result = await execute(services.engine, search)
+    except SearchError as err:
+        raise _search_error(err) from None
+    try:
+        bundle = await _search_bundle(result, services.store)
+    except IntegrityFailure:
+        raise await _integrity_failure(request, principal) from None
+    links = [
+        {
+            "relation": "self",
+            "url": f"/fhir/{resource_type}?_cursor="
+            + codec.encode(search, search.after, principal.user_id),
+        }
+    ]
+    if result.has_next:
+        links.append(
+            {
+                "relation": "next",
+                "url": f"/fhir/{resource_type}?_cursor="
+                + codec.encode(search, result.last, principal.user_id),
+            }
+        )
+    bundle["link"] = links
+    return fhir_response(bundle)
+
+
+async def _search_bundle(result: SearchResult, store: Any) -> dict[str, Any]:
+    search = result.search
+    found = await store.read_many(search.resource_type, result.ids)
+    entries = [
+        {
+            "fullUrl": f"{search.resource_type}/{i}",
+            "resource": found[i].body,
+            "search": {"mode": "match"},
+        }
+        for i in result.ids
+        if i in found
+    ]
+    by_type: dict[str, list[str]] = {}
+    for included_type, included_id in result.includes:
+        by_type.setdefault(included_type, []).append(included_id)
+    for included_type, ids in by_type.items():
+        if not is_supported_type(included_type):
+            continue
+        included = await store.read_many(included_type, ids)
+        entries += [
+            {
+                "fullUrl": f"{included_type}/{i}",
+                "resource": included[i].body,
+                "search": {"mode": "include"},
+            }
+            for i in ids
+            if i in included
+        ]
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if result.total is not None:
+        bundle["total"] = result.total
+    bundle["entry"] = entries
+    return bundle
+
+
+@router.get("/{resource_type}")
+async def search_type(resource_type: str, request: Request, principal: Caller) -> Response:
+    return await _search(resource_type, request.query_params.multi_items(), request, principal)
+
+
+@router.post("/{resource_type}/_search")
+async def search_post(resource_type: str, request: Request, principal: Caller) -> Response:
+    raw = await request.body()
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if raw and media != FORM:
+        raise FhirError(415, outcome.not_supported())
+    try:
+        form = parse_qsl(
+            raw.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=bool(raw),
+            max_num_fields=200,
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise FhirError(400, outcome.invalid_request()) from None
+    pairs = request.query_params.multi_items() + form
+    return await _search(resource_type, pairs, request, principal)
+
+
 @router.post("/{resource_type}", status_code=201)
 async def create(resource_type: str, request: Request, principal: Caller) -> Response:
     _check_type(resource_type)
@@ -188,12 +418,15 @@ async def create(resource_type: str, request: Request, principal: Caller) -> Res
         stored = await request.app.state.services.store.create(body)
     except WriteContention:
         raise FhirError(409, outcome.conflict()) from None
+    except Gone as err:  # its patient was erased
+        raise _gone(err) from None
     return fhir_response(stored.body, 201, _headers(stored, location=True))
 
 
 @router.get("/{resource_type}/{resource_id}")
-async def read(resource_type: str, resource_id: str, request: Request,
-               principal: Caller) -> Response:
+async def read(
+    resource_type: str, resource_id: str, request: Request, principal: Caller
+) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
     try:
@@ -208,15 +441,17 @@ async def read(resource_type: str, resource_id: str, request: Request,
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version}")
-async def vread(resource_type: str, resource_id: str, version: str, request: Request,
-                principal: Caller) -> Response:
+async def vread(
+    resource_type: str, resource_id: str, version: str, request: Request, principal: Caller
+) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
     if not version.isdigit() or len(version) > 9:
         raise FhirError(404, outcome.not_found())
     try:
-        stored = await request.app.state.services.store.vread(resource_type, resource_id,
-                                                              int(version))
+        stored = await request.app.state.services.store.vread(
+            resource_type, resource_id, int(version)
+        )
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
     except Gone as err:
@@ -227,8 +462,9 @@ async def vread(resource_type: str, resource_id: str, version: str, request: Req
 
 
 @router.put("/{resource_type}/{resource_id}")
-async def update(resource_type: str, resource_id: str, request: Request,
-                 principal: Caller) -> Response:
+async def update(
+    resource_type: str, resource_id: str, request: Request, principal: Caller
+) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
     if_match = None
@@ -239,25 +475,101 @@ async def update(resource_type: str, resource_id: str, request: Request,
         if_match = int(match.group(1))
     body = await _body(request, resource_type)
     if body.get("id") != resource_id:
-        raise FhirError(400, outcome.operation_outcome([{
-            "severity": "error", "code": "invalid",
-            "diagnostics": "The resource id must match the id in the URL."}]))
+        raise FhirError(
+            400,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "invalid",
+                        "diagnostics": "The resource id must match the id in the URL.",
+                    }
+                ]
+            ),
+        )
     try:
         # Update-as-create is off for ordinary callers: it would reveal which ids exist.
         stored, created = await request.app.state.services.store.update(
-            resource_type, resource_id, body, if_match=if_match, allow_create=False)
+            resource_type, resource_id, body, if_match=if_match, allow_create=False
+        )
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
     except VersionConflict:
         raise FhirError(412, outcome.precondition_failed()) from None
     except WriteContention:
         raise FhirError(409, outcome.conflict()) from None
+    except Gone as err:  # erased (crypto-shredded)
+        raise _gone(err) from None
     return fhir_response(stored.body, 201 if created else 200, _headers(stored, location=created))
 
 
+@router.delete("/Patient/{resource_id}", status_code=204)
+async def delete_patient(
+    resource_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> Response:
+    """`?_erase=true` (admin only): crypto-shredding erasure (fhir/erasure.py). Without it (or
+    with `_erase=false`) the ordinary clinical-staff logical delete below."""
+    from carevault.fhir.erasure import ErasureFailed, PatientNotFound, erase_patient
+    from carevault.identity.roles import Role
+
+    values = request.query_params.getlist("_erase")
+    if len(values) > 1 or (values and values[0] not in ("true", "false")):
+        raise FhirError(
+            400,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "invalid",
+                        "diagnostics": "_erase must be true or false.",
+                    }
+                ]
+            ),
+        )
+    if not values or values[0] == "false":
+        return await delete("Patient", resource_id, request, await fhir_principal(principal))
+    if Role.admin not in principal.roles:
+        raise FhirError(
+            403,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "forbidden",
+                        "diagnostics": "Only an administrator may erase a patient.",
+                    }
+                ]
+            ),
+        )
+    _check_id(resource_id)
+    try:
+        report = await erase_patient(request.app.state.services, resource_id, principal.user_id)
+    except PatientNotFound:
+        raise FhirError(404, outcome.not_found()) from None
+    except ErasureFailed:
+        log.error("patient_erasure_failed")
+        raise FhirError(500, outcome.processing_error()) from None
+    return fhir_response(
+        outcome.operation_outcome(
+            [
+                {
+                    "severity": "information",
+                    "code": "informational",
+                    "diagnostics": f"Erased: {report.resources} resource(s), "
+                    f"{report.versions_shredded} version(s) shredded; "
+                    f"{report.shared_other_scope} shared resource(s) under another "
+                    "patient's key were unlinked, not erased.",
+                }
+            ]
+        ),
+        200,
+    )
+
+
 @router.delete("/{resource_type}/{resource_id}", status_code=204)
-async def delete(resource_type: str, resource_id: str, request: Request,
-                 principal: Caller) -> Response:
+async def delete(
+    resource_type: str, resource_id: str, request: Request, principal: Caller
+) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
     try:

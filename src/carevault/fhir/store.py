@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from sqlalchemy import and_, delete, insert, select, update
@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from carevault.crypto.blind_index import BlindIndex
-from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher
+from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
@@ -58,6 +58,10 @@ class Gone(StoreError):
         self.version = version
         self.last_updated = last_updated
         super().__init__("gone")
+
+
+class Erased(Gone):
+    """The resource was crypto-shredded (fhir/erasure.py): gone for good, never written again."""
 
 
 class VersionConflict(StoreError):
@@ -91,10 +95,29 @@ class StoredResource:
         return datetime.fromtimestamp(self.last_updated, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
+@dataclass(frozen=True)
+class WriteOperation:
+    """One write of `ResourceStore.write_many`: "create" (under `resource_id`, which must be
+    new: the caller assigns it, e.g. a uuid4), "update" (optionally If-Match `if_match`) or
+    "delete" (no body). Bodies are validated resources, as for create/update."""
+
+    action: Literal["create", "update", "delete"]
+    resource_type: str
+    resource_id: str
+    body: dict[str, Any] | None = None
+    if_match: int | None = None
+
+
+def _at(error: StoreError, index: int) -> StoreError:
+    error.operation_index = index  # type: ignore[attr-defined]
+    return error
+
+
 def instant(epoch: float) -> str:
     """A FHIR instant (UTC, millisecond precision)."""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
 
 
 def associated_data(resource_type: str, resource_id: str, version: int) -> bytes:
@@ -134,7 +157,9 @@ class ResourceStore:
         # under the first one's key, in sorted order so that it is stable across versions.
         return f"patient:{patients[0]}" if patients else f"type:{resource_type}"
 
-    def _index_rows(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _index_rows(
+        self, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         resource_type, resource_id = body["resourceType"], body["id"]
         keys: dict[tuple[str, str], None] = {}
         dates: list[dict[str, Any]] = []
@@ -142,13 +167,21 @@ class ResourceStore:
             label = index_label(resource_type, entry.param)
             if entry.kind == "date" and not entry.phi:
                 low, high = entry.values
-                dates.append({"resource_type": resource_type, "id": resource_id,
-                              "param": entry.param, "low": low, "high": high})
+                dates.append(
+                    {
+                        "resource_type": resource_type,
+                        "id": resource_id,
+                        "param": entry.param,
+                        "low": low,
+                        "high": high,
+                    }
+                )
                 continue
             if entry.phi:
                 if entry.kind == "string":
-                    hashes = [h for value in entry.values
-                              for h in self._blind.prefixes(label, str(value))]
+                    hashes = [
+                        h for value in entry.values for h in self._blind.prefixes(label, str(value))
+                    ]
                 else:
                     hashes = [self._blind.exact(label, key) for key in entry.keys]
                 for value in hashes:
@@ -158,15 +191,25 @@ class ResourceStore:
                     if len(key) > MAX_INDEX_KEY:  # never truncated: a prefix could match wrongly
                         key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
                     keys[(entry.param, key)] = None
-        key_rows = [{"resource_type": resource_type, "id": resource_id, "param": p, "key": k}
-                    for p, k in keys]
+        key_rows = [
+            {"resource_type": resource_type, "id": resource_id, "param": p, "key": k}
+            for p, k in keys
+        ]
         return key_rows, dates
 
-    async def _replace_index(self, conn: AsyncConnection, body: dict[str, Any] | None,
-                             resource_type: str, resource_id: str) -> None:
+    async def _replace_index(
+        self,
+        conn: AsyncConnection,
+        body: dict[str, Any] | None,
+        resource_type: str,
+        resource_id: str,
+    ) -> None:
         for table in (fhir_index_keys, fhir_index_dates):
-            await conn.execute(delete(table).where(and_(table.c.resource_type == resource_type,
-                                                        table.c.id == resource_id)))
+            await conn.execute(
+                delete(table).where(
+                    and_(table.c.resource_type == resource_type, table.c.id == resource_id)
+                )
+            )
         if body is None:
             return
         key_rows, date_rows = self._index_rows(body)
@@ -175,20 +218,31 @@ class ResourceStore:
         if date_rows:
             await conn.execute(insert(fhir_index_dates), date_rows)
 
-    async def _replace_compartments(self, conn: AsyncConnection, resource_type: str,
-                                    resource_id: str, patients: list[str]) -> None:
-        await conn.execute(delete(fhir_compartments).where(and_(
-            fhir_compartments.c.resource_type == resource_type,
-            fhir_compartments.c.id == resource_id)))
+    async def _replace_compartments(
+        self, conn: AsyncConnection, resource_type: str, resource_id: str, patients: list[str]
+    ) -> None:
+        await conn.execute(
+            delete(fhir_compartments).where(
+                and_(
+                    fhir_compartments.c.resource_type == resource_type,
+                    fhir_compartments.c.id == resource_id,
+                )
+            )
+        )
         if patients:
-            await conn.execute(insert(fhir_compartments), [
-                {"resource_type": resource_type, "id": resource_id, "patient_id": p}
-                for p in patients])
+            await conn.execute(
+                insert(fhir_compartments),
+                [
+                    {"resource_type": resource_type, "id": resource_id, "patient_id": p}
+                    for p in patients
+                ],
+            )
 
     # --- writes ---------------------------------------------------------------------------
 
-    def _stamp(self, body: dict[str, Any], resource_id: str, version: int,
-               now: float) -> dict[str, Any]:
+    def _stamp(
+        self, body: dict[str, Any], resource_id: str, version: int, now: float
+    ) -> dict[str, Any]:
         stamped = dict(body)
         stamped["id"] = resource_id
         meta = dict(stamped.get("meta") or {})
@@ -199,16 +253,34 @@ class ResourceStore:
 
     async def create(self, body: dict[str, Any]) -> StoredResource:
         """Store a validated resource under a new server-assigned id (any client id is ignored)."""
-        stored, _ = await self._write(body["resourceType"], str(uuid.uuid4()), body,
-                                      if_match=None, allow_create=True, must_create=True)
+        stored, _ = await self._write(
+            body["resourceType"],
+            str(uuid.uuid4()),
+            body,
+            if_match=None,
+            allow_create=True,
+            must_create=True,
+        )
         return stored
 
-    async def update(self, resource_type: str, resource_id: str, body: dict[str, Any], *,
-                     if_match: int | None = None,
-                     allow_create: bool = False) -> tuple[StoredResource, bool]:
+    async def update(
+        self,
+        resource_type: str,
+        resource_id: str,
+        body: dict[str, Any],
+        *,
+        if_match: int | None = None,
+        allow_create: bool = False,
+    ) -> tuple[StoredResource, bool]:
         """Write a new version; return it and whether the resource was created."""
-        return await self._write(resource_type, resource_id, body, if_match=if_match,
-                                 allow_create=allow_create, must_create=False)
+        return await self._write(
+            resource_type,
+            resource_id,
+            body,
+            if_match=if_match,
+            allow_create=allow_create,
+            must_create=False,
+        )
 
     async def delete(self, resource_type: str, resource_id: str) -> StoredResource:
         """Logical delete: a new, empty version; history keeps the earlier ones."""
@@ -216,63 +288,112 @@ class ResourceStore:
             current = await self._current(resource_type, resource_id)
             if current is None:
                 raise NotFound("not found")
-            version, deleted, scope = current
+            version, deleted, scope, _erased = current
             if deleted:
-                return StoredResource(resource_type, resource_id, version, self._clock(), True,
-                                      None)
+                return StoredResource(
+                    resource_type, resource_id, version, self._clock(), True, None
+                )
             now = self._clock()
             async with write_transaction(self._engine) as conn:
                 swapped = await conn.execute(
                     update(fhir_resources)
-                    .where(and_(fhir_resources.c.resource_type == resource_type,
-                                fhir_resources.c.id == resource_id,
-                                fhir_resources.c.version == version))
-                    .values(version=version + 1, last_updated=now, deleted=True))
+                    .where(
+                        and_(
+                            fhir_resources.c.resource_type == resource_type,
+                            fhir_resources.c.id == resource_id,
+                            fhir_resources.c.version == version,
+                        )
+                    )
+                    .values(version=version + 1, last_updated=now, deleted=True)
+                )
                 if swapped.rowcount != 1:
                     continue
-                await conn.execute(insert(fhir_versions).values(
-                    resource_type=resource_type, id=resource_id, version=version + 1,
-                    last_updated=now, deleted=True, scope=scope, body=b""))
+                await conn.execute(
+                    insert(fhir_versions).values(
+                        resource_type=resource_type,
+                        id=resource_id,
+                        version=version + 1,
+                        last_updated=now,
+                        deleted=True,
+                        scope=scope,
+                        body=b"",
+                    )
+                )
                 await self._replace_index(conn, None, resource_type, resource_id)
             return StoredResource(resource_type, resource_id, version + 1, now, True, None)
         raise WriteContention("contention")
 
-    async def _write(self, resource_type: str, resource_id: str, body: dict[str, Any], *,
-                     if_match: int | None, allow_create: bool,
-                     must_create: bool) -> tuple[StoredResource, bool]:
+    async def _write(
+        self,
+        resource_type: str,
+        resource_id: str,
+        body: dict[str, Any],
+        *,
+        if_match: int | None,
+        allow_create: bool,
+        must_create: bool,
+    ) -> tuple[StoredResource, bool]:
         for _ in range(WRITE_ATTEMPTS):
             current = None if must_create else await self._current(resource_type, resource_id)
             if current is None and not allow_create:
                 raise NotFound("not found")
             version = current[0] if current else 0
+            if current is not None and current[3]:
+                raise Erased(version, self._clock())
             if if_match is not None and if_match != version:
                 raise VersionConflict("version conflict")
             now = self._clock()
             stamped = self._stamp(body, resource_id, version + 1, now)
             patients = self._patients(stamped)
             scope = self._scope(resource_type, patients)
-            ciphertext = await self._envelope.encrypt(
-                scope, orjson.dumps(stamped), associated_data(resource_type, resource_id,
-                                                              version + 1))
+            try:
+                ciphertext = await self._envelope.encrypt(
+                    scope,
+                    orjson.dumps(stamped),
+                    associated_data(resource_type, resource_id, version + 1),
+                )
+            except KeyDestroyed:
+                raise Erased(version, now) from None  # its patient was erased
             try:
                 async with write_transaction(self._engine) as conn:
                     if current is None:
-                        await conn.execute(insert(fhir_resources).values(
-                            resource_type=resource_type, id=resource_id, version=1,
-                            last_updated=now, deleted=False, scope=scope))
+                        await conn.execute(
+                            insert(fhir_resources).values(
+                                resource_type=resource_type,
+                                id=resource_id,
+                                version=1,
+                                last_updated=now,
+                                deleted=False,
+                                scope=scope,
+                            )
+                        )
                     else:
                         swapped = await conn.execute(
                             update(fhir_resources)
-                            .where(and_(fhir_resources.c.resource_type == resource_type,
-                                        fhir_resources.c.id == resource_id,
-                                        fhir_resources.c.version == version))
-                            .values(version=version + 1, last_updated=now, deleted=False,
-                                    scope=scope))
+                            .where(
+                                and_(
+                                    fhir_resources.c.resource_type == resource_type,
+                                    fhir_resources.c.id == resource_id,
+                                    fhir_resources.c.version == version,
+                                )
+                            )
+                            .values(
+                                version=version + 1, last_updated=now, deleted=False, scope=scope
+                            )
+                        )
                         if swapped.rowcount != 1:
                             raise _Retry
-                    await conn.execute(insert(fhir_versions).values(
-                        resource_type=resource_type, id=resource_id, version=version + 1,
-                        last_updated=now, deleted=False, scope=scope, body=ciphertext))
+                    await conn.execute(
+                        insert(fhir_versions).values(
+                            resource_type=resource_type,
+                            id=resource_id,
+                            version=version + 1,
+                            last_updated=now,
+                            deleted=False,
+                            scope=scope,
+                            body=ciphertext,
+                        )
+                    )
                     await self._replace_compartments(conn, resource_type, resource_id, patients)
                     await self._replace_index(conn, stamped, resource_type, resource_id)
             except _Retry:
@@ -285,44 +406,242 @@ class ResourceStore:
             return stored, current is None
         raise WriteContention("contention")
 
+    async def write_many(self, operations: Sequence[WriteOperation]) -> list[StoredResource]:
+        """Apply creates, updates and deletes in ONE database transaction: all or nothing.
+
+        Results are in the order of `operations`. Every body is encrypted first, outside the
+        transaction (a new data key is created in the envelope's own transaction; creating it
+        while holding the write lock would invert the lock order on SQLite). Then one write
+        transaction does every compare-and-swap, insert, index and compartment write; if any
+        of them fails, everything is rolled back and the error is raised (NotFound,
+        VersionConflict, WriteContention, IntegrityError), with `operation_index` set on
+        store errors to the position of the failing operation. Rules per operation are those of
+        create (new row; the given id must be new), update without update-as-create (with an
+        optional If-Match version) and delete (deleting a deleted resource is a no-op). Two
+        operations on the same resource are refused (ValueError): a transaction must not
+        touch one resource twice.
+        """
+        targets = [(op.resource_type, op.resource_id) for op in operations]
+        if len(set(targets)) != len(targets):
+            raise ValueError("two operations on one resource")
+        if not operations:
+            return []
+        for _ in range(WRITE_ATTEMPTS):
+            currents: list[tuple[Any, ...] | None] = []
+            for index, op in enumerate(operations):
+                current = (
+                    None
+                    if op.action == "create"
+                    else await self._current(op.resource_type, op.resource_id)
+                )
+                if op.action != "create" and current is None:
+                    raise _at(NotFound("not found"), index)
+                version = current[0] if current else 0
+                if current is not None and op.action == "update" and current[3]:
+                    raise _at(Erased(version, self._clock()), index)
+                if op.if_match is not None and op.if_match != version:
+                    raise _at(VersionConflict("version conflict"), index)
+                currents.append(current)
+            now = self._clock()
+            # (stamped body, patients, scope, ciphertext) per operation; None for no-op deletes
+            prepared: list[tuple[dict[str, Any] | None, list[str], str, bytes] | None] = []
+            for op, current in zip(operations, currents, strict=True):
+                version = current[0] if current else 0
+                if op.action == "delete":
+                    assert current is not None
+                    prepared.append(None if current[1] else (None, [], current[2], b""))
+                    continue
+                if op.body is None:
+                    raise ValueError("a create or update needs a body")
+                stamped = self._stamp(op.body, op.resource_id, version + 1, now)
+                patients = self._patients(stamped)
+                scope = self._scope(op.resource_type, patients)
+                try:
+                    ciphertext = await self._envelope.encrypt(
+                        scope,
+                        orjson.dumps(stamped),
+                        associated_data(op.resource_type, op.resource_id, version + 1),
+                    )
+                except KeyDestroyed:  # a referenced patient was erased
+                    raise _at(Erased(version, now), operations.index(op)) from None
+                prepared.append((stamped, patients, scope, ciphertext))
+            results: list[StoredResource] = []
+            try:
+                async with write_transaction(self._engine) as conn:
+                    for op, current, prep in zip(operations, currents, prepared, strict=True):
+                        version = current[0] if current else 0
+                        if prep is None:  # deleting a deleted resource: nothing to write
+                            results.append(
+                                StoredResource(
+                                    op.resource_type, op.resource_id, version, now, True, None
+                                )
+                            )
+                            continue
+                        stamped, patients, scope, ciphertext = prep
+                        deleted = op.action == "delete"
+                        if current is None:
+                            await conn.execute(
+                                insert(fhir_resources).values(
+                                    resource_type=op.resource_type,
+                                    id=op.resource_id,
+                                    version=1,
+                                    last_updated=now,
+                                    deleted=False,
+                                    scope=scope,
+                                )
+                            )
+                        else:
+                            swapped = await conn.execute(
+                                update(fhir_resources)
+                                .where(
+                                    and_(
+                                        fhir_resources.c.resource_type == op.resource_type,
+                                        fhir_resources.c.id == op.resource_id,
+                                        fhir_resources.c.version == version,
+                                    )
+                                )
+                                .values(
+                                    version=version + 1,
+                                    last_updated=now,
+                                    deleted=deleted,
+                                    scope=scope,
+                                )
+                            )
+                            if swapped.rowcount != 1:
+                                raise _Retry
+                        await conn.execute(
+                            insert(fhir_versions).values(
+                                resource_type=op.resource_type,
+                                id=op.resource_id,
+                                version=version + 1,
+                                last_updated=now,
+                                deleted=deleted,
+                                scope=scope,
+                                body=ciphertext,
+                            )
+                        )
+                        if not deleted:  # a delete keeps its compartments, like delete()
+                            await self._replace_compartments(
+                                conn, op.resource_type, op.resource_id, patients
+                            )
+                        await self._replace_index(conn, stamped, op.resource_type, op.resource_id)
+                        results.append(
+                            StoredResource(
+                                op.resource_type, op.resource_id, version + 1, now, deleted, stamped
+                            )
+                        )
+            except _Retry:
+                continue
+            return results
+        raise WriteContention("contention")
+
     # --- reads ----------------------------------------------------------------------------
 
-    async def _current(self, resource_type: str, resource_id: str) -> tuple[int, bool, str] | None:
+    async def _current(
+        self, resource_type: str, resource_id: str
+    ) -> tuple[int, bool, str, bool] | None:
+        """(version, deleted, scope, erased) of the current version, or None."""
         async with read_connection(self._engine) as conn:
-            row = (await conn.execute(
-                select(fhir_resources.c.version, fhir_resources.c.deleted, fhir_resources.c.scope)
-                .where(and_(fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id == resource_id)))).first()
-        return (row.version, bool(row.deleted), row.scope) if row else None
+            row = (
+                await conn.execute(
+                    select(
+                        fhir_resources.c.version,
+                        fhir_resources.c.deleted,
+                        fhir_resources.c.scope,
+                        fhir_resources.c.erased_at,
+                    ).where(
+                        and_(
+                            fhir_resources.c.resource_type == resource_type,
+                            fhir_resources.c.id == resource_id,
+                        )
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return row.version, bool(row.deleted), row.scope, row.erased_at is not None
 
-    async def _decrypt(self, resource_type: str, resource_id: str, version: int, scope: str,
-                       ciphertext: bytes) -> dict[str, Any]:
+    async def _decrypt(
+        self, resource_type: str, resource_id: str, version: int, scope: str, ciphertext: bytes
+    ) -> dict[str, Any]:
         try:
             plaintext = await self._envelope.decrypt(
-                scope, ciphertext, associated_data(resource_type, resource_id, version))
+                scope, ciphertext, associated_data(resource_type, resource_id, version)
+            )
             return orjson.loads(plaintext)
         except (DecryptionFailed, orjson.JSONDecodeError) as err:
             raise IntegrityFailure("integrity") from err
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
         async with read_connection(self._engine) as conn:
-            row = (await conn.execute(
-                select(fhir_versions)
-                .join(fhir_resources, and_(
-                    fhir_resources.c.resource_type == fhir_versions.c.resource_type,
-                    fhir_resources.c.id == fhir_versions.c.id,
-                    fhir_resources.c.version == fhir_versions.c.version))
-                .where(and_(fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id == resource_id)))).first()
+            row = (
+                await conn.execute(
+                    select(fhir_versions)
+                    .join(
+                        fhir_resources,
+                        and_(
+                            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
+                            fhir_resources.c.id == fhir_versions.c.id,
+                            fhir_resources.c.version == fhir_versions.c.version,
+                        ),
+                    )
+                    .where(
+                        and_(
+                            fhir_resources.c.resource_type == resource_type,
+                            fhir_resources.c.id == resource_id,
+                        )
+                    )
+                )
+            ).first()
         return await self._materialise(row)
+
+    async def read_many(
+        self, resource_type: str, resource_ids: list[str]
+    ) -> dict[str, StoredResource]:
+        """Current versions of the given resources of one type, by id; ids that do not exist or
+        are deleted are left out (read-only; used by search)."""
+        if not resource_ids:
+            return {}
+        async with read_connection(self._engine) as conn:
+            rows = (
+                await conn.execute(
+                    select(fhir_versions)
+                    .join(
+                        fhir_resources,
+                        and_(
+                            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
+                            fhir_resources.c.id == fhir_versions.c.id,
+                            fhir_resources.c.version == fhir_versions.c.version,
+                        ),
+                    )
+                    .where(
+                        and_(
+                            fhir_resources.c.resource_type == resource_type,
+                            fhir_resources.c.id.in_(sorted(set(resource_ids))),
+                            fhir_resources.c.deleted.is_(False),
+                        )
+                    )
+                )
+            ).all()
+        found: dict[str, StoredResource] = {}
+        for row in rows:
+            if not row.deleted:
+                found[row.id] = await self._materialise(row)
+        return found
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
         async with read_connection(self._engine) as conn:
-            row = (await conn.execute(
-                select(fhir_versions).where(and_(
-                    fhir_versions.c.resource_type == resource_type,
-                    fhir_versions.c.id == resource_id,
-                    fhir_versions.c.version == version)))).first()
+            row = (
+                await conn.execute(
+                    select(fhir_versions).where(
+                        and_(
+                            fhir_versions.c.resource_type == resource_type,
+                            fhir_versions.c.id == resource_id,
+                            fhir_versions.c.version == version,
+                        )
+                    )
+                )
+            ).first()
         return await self._materialise(row)
 
     async def _materialise(self, row: Any) -> StoredResource:
@@ -331,28 +650,67 @@ class ResourceStore:
         if row.deleted:
             raise Gone(row.version, row.last_updated)
         body = await self._decrypt(row.resource_type, row.id, row.version, row.scope, row.body)
-        return StoredResource(row.resource_type, row.id, row.version, row.last_updated, False,
-                              body)
+        return StoredResource(row.resource_type, row.id, row.version, row.last_updated, False, body)
 
-    async def history(self, resource_type: str, resource_id: str | None = None, *,
-                      limit: int = 100) -> list[StoredResource]:
+    async def history(
+        self, resource_type: str, resource_id: str | None = None, *, limit: int = 100
+    ) -> list[StoredResource]:
         """Versions, newest first: of one resource, or of every resource of the type."""
         conditions = [fhir_versions.c.resource_type == resource_type]
+        erased = select(fhir_resources.c.id).where(
+            and_(
+                fhir_resources.c.resource_type == resource_type,
+                fhir_resources.c.erased_at.is_not(None),
+            )
+        )
         if resource_id is not None:
             conditions.append(fhir_versions.c.id == resource_id)
+        else:
+            conditions.append(fhir_versions.c.id.not_in(erased))  # erased: not listed at all
         async with read_connection(self._engine) as conn:
-            rows = (await conn.execute(
-                select(fhir_versions).where(and_(*conditions))
-                .order_by(fhir_versions.c.last_updated.desc(), fhir_versions.c.version.desc())
-                .limit(limit))).all()
+            if resource_id is not None:
+                gone = (
+                    await conn.execute(
+                        select(fhir_resources.c.version, fhir_resources.c.last_updated).where(
+                            and_(
+                                fhir_resources.c.resource_type == resource_type,
+                                fhir_resources.c.id == resource_id,
+                                fhir_resources.c.erased_at.is_not(None),
+                            )
+                        )
+                    )
+                ).first()
+                if gone is not None:
+                    raise Erased(gone.version, gone.last_updated)
+            rows = (
+                await conn.execute(
+                    select(fhir_versions)
+                    .where(and_(*conditions))
+                    .order_by(fhir_versions.c.last_updated.desc(), fhir_versions.c.version.desc())
+                    .limit(limit)
+                )
+            ).all()
         if resource_id is not None and not rows:
             raise NotFound("not found")
         result = []
         for row in rows:
-            body = None if row.deleted else await self._decrypt(
-                row.resource_type, row.id, row.version, row.scope, row.body)
-            result.append(StoredResource(row.resource_type, row.id, row.version,
-                                         row.last_updated, bool(row.deleted), body))
+            body = (
+                None
+                if row.deleted
+                else await self._decrypt(
+                    row.resource_type, row.id, row.version, row.scope, row.body
+                )
+            )
+            result.append(
+                StoredResource(
+                    row.resource_type,
+                    row.id,
+                    row.version,
+                    row.last_updated,
+                    bool(row.deleted),
+                    body,
+                )
+            )
         return result
 
 

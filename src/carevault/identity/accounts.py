@@ -50,10 +50,14 @@ def normalize_username(username: str) -> str:
     return username.strip().lower()
 
 
-def validate_links(roles: list[Role], org: str | None, practitioner: str | None,
-                   patient: str | None) -> None:
-    for label, value in (("organization", org), ("practitioner", practitioner),
-                         ("patient", patient)):
+def validate_links(
+    roles: list[Role], org: str | None, practitioner: str | None, patient: str | None
+) -> None:
+    for label, value in (
+        ("organization", org),
+        ("practitioner", practitioner),
+        ("patient", patient),
+    ):
         if value is not None and not FHIR_ID_PATTERN.fullmatch(value):
             raise AccountError("bad_link", f"{label} id must be a FHIR id ([A-Za-z0-9-.]{{1,64}})")
     if practitioner is not None and not set(roles) & CLINICIAN_ROLES:
@@ -128,7 +132,9 @@ class UserStore:
     async def by_username(self, username: str) -> User | None:
         async with read_connection(self._engine) as conn:
             row = (
-                await conn.execute(select(users).where(users.c.username == normalize_username(username)))
+                await conn.execute(
+                    select(users).where(users.c.username == normalize_username(username))
+                )
             ).first()
         return _row_to_user(row) if row else None
 
@@ -158,9 +164,9 @@ class UserStore:
         async with read_connection(self._engine) as conn:
             return (
                 await conn.execute(
-                    select(func.count()).select_from(users).where(
-                        users.c.is_demo.is_(True), users.c.enabled.is_(True)
-                    )
+                    select(func.count())
+                    .select_from(users)
+                    .where(users.c.is_demo.is_(True), users.c.enabled.is_(True))
                 )
             ).scalar_one()
 

@@ -28,8 +28,13 @@ def generate_password() -> str:
 
 
 class AccountAdmin:
-    def __init__(self, users: UserStore, hasher: PasswordHasher, sessions: SessionRevoker,
-                 events: SecurityEventLog) -> None:
+    def __init__(
+        self,
+        users: UserStore,
+        hasher: PasswordHasher,
+        sessions: SessionRevoker,
+        events: SecurityEventLog,
+    ) -> None:
         self._users = users
         self._hasher = hasher
         self._sessions = sessions
@@ -41,17 +46,30 @@ class AccountAdmin:
             raise AccountError("not_found", "no such user")
         return user
 
-    async def add_user(self, username: str, password: str, role: Role, *,
-                       organization_id: str | None = None, practitioner_id: str | None = None,
-                       patient_id: str | None = None, is_demo: bool = False) -> User:
+    async def add_user(
+        self,
+        username: str,
+        password: str,
+        role: Role,
+        *,
+        organization_id: str | None = None,
+        practitioner_id: str | None = None,
+        patient_id: str | None = None,
+        is_demo: bool = False,
+    ) -> User:
         check_password(password, username=username)
         user = await self._users.create(
-            username=username, password_hash=await self._hasher.hash(password), roles=[role],
-            organization_id=organization_id, practitioner_id=practitioner_id,
-            patient_id=patient_id, is_demo=is_demo,
+            username=username,
+            password_hash=await self._hasher.hash(password),
+            roles=[role],
+            organization_id=organization_id,
+            practitioner_id=practitioner_id,
+            patient_id=patient_id,
+            is_demo=is_demo,
         )
-        await self._events.record(SecurityEvent("user_created", "success", user_id=user.id,
-                                                details={"role": str(role)}))
+        await self._events.record(
+            SecurityEvent("user_created", "success", user_id=user.id, details={"role": str(role)})
+        )
         return user
 
     async def set_enabled(self, username: str, enabled: bool) -> User:
@@ -59,8 +77,11 @@ class AccountAdmin:
         await self._users.set_enabled(user.id, enabled)
         if not enabled:
             await self._sessions.end_all(user.id, "disabled")
-        await self._events.record(SecurityEvent("user_enabled" if enabled else "user_disabled",
-                                                "success", user_id=user.id))
+        await self._events.record(
+            SecurityEvent(
+                "user_enabled" if enabled else "user_disabled", "success", user_id=user.id
+            )
+        )
         return user
 
     async def set_role(self, username: str, role: Role) -> User:
@@ -70,8 +91,11 @@ class AccountAdmin:
         validate_links([role], user.organization_id, user.practitioner_id, user.patient_id)
         await self._users.set_roles(user.id, [role])
         await self._sessions.end_all(user.id, "role_change")
-        await self._events.record(SecurityEvent("user_role_changed", "success", user_id=user.id,
-                                                details={"role": str(role)}))
+        await self._events.record(
+            SecurityEvent(
+                "user_role_changed", "success", user_id=user.id, details={"role": str(role)}
+            )
+        )
         return user
 
     async def reset_password(self, username: str, password: str) -> User:

@@ -85,7 +85,9 @@ class Authenticator:
         lookup = verdict.allowed and USERNAME_PATTERN.fullmatch(name) is not None
         user = await self._users.by_username(name) if lookup else None
         stored_hash = user.password_hash if user is not None else None
-        matches, needs_rehash = await self._hasher.verify(stored_hash, password[:MAX_PASSWORD_CHARS])
+        matches, needs_rehash = await self._hasher.verify(
+            stored_hash, password[:MAX_PASSWORD_CHARS]
+        )
         event = SecurityEvent(
             event="login",
             outcome="failure",
@@ -110,9 +112,14 @@ class Authenticator:
             await self._events.record(event)
             if locked_now:
                 await self._events.record(
-                    SecurityEvent(event="account_locked", outcome="alert", user_id=event.user_id,
-                                  subject_hash=subject_hash, source_address=ctx.address,
-                                  request_id=ctx.request_id)
+                    SecurityEvent(
+                        event="account_locked",
+                        outcome="alert",
+                        user_id=event.user_id,
+                        subject_hash=subject_hash,
+                        source_address=ctx.address,
+                        request_id=ctx.request_id,
+                    )
                 )
             raise LoginFailed
 
@@ -129,26 +136,41 @@ class Authenticator:
         auth_time = int(self._clock())
         scope = first_party_scope(user)
         family, refresh_token = await self._refresh.start_family(
-            user_id=user.id, client_id=FIRST_PARTY_CLIENT, scope=scope, amr=["pwd"],
+            user_id=user.id,
+            client_id=FIRST_PARTY_CLIENT,
+            scope=scope,
+            amr=["pwd"],
             auth_time=auth_time,
         )
         token, _ = self._issuer.issue(
-            subject=user.id, session_id=family.id, client_id=FIRST_PARTY_CLIENT, scope=scope,
-            roles=list(user.roles), amr=["pwd"], auth_time=auth_time,
+            subject=user.id,
+            session_id=family.id,
+            client_id=FIRST_PARTY_CLIENT,
+            scope=scope,
+            roles=list(user.roles),
+            amr=["pwd"],
+            auth_time=auth_time,
         )
         return TokenGrant(token, self._issuer.ttl, refresh_token)
 
-    async def refresh(self, refresh_token: str, ctx: RequestContext,
-                      client_id: str = FIRST_PARTY_CLIENT) -> TokenGrant:
+    async def refresh(
+        self, refresh_token: str, ctx: RequestContext, client_id: str = FIRST_PARTY_CLIENT
+    ) -> TokenGrant:
         try:
             rotation = await self._refresh.rotate(refresh_token, client_id)
         except RefreshError as err:
             if err.reuse and err.family_id:
                 await self._sessions.end_family(err.family_id)
                 await self._events.record(
-                    SecurityEvent(event="refresh_reuse", outcome="alert", user_id=err.user_id,
-                                  client_id=client_id, source_address=ctx.address,
-                                  request_id=ctx.request_id, details={"family": err.family_id})
+                    SecurityEvent(
+                        event="refresh_reuse",
+                        outcome="alert",
+                        user_id=err.user_id,
+                        client_id=client_id,
+                        source_address=ctx.address,
+                        request_id=ctx.request_id,
+                        details={"family": err.family_id},
+                    )
                 )
             raise
         family = rotation.family
@@ -157,7 +179,12 @@ class Authenticator:
             await self._sessions.end_all(family.user_id, "disabled")
             raise RefreshError("user disabled")
         token, _ = self._issuer.issue(
-            subject=user.id, session_id=family.id, client_id=family.client_id, scope=family.scope,
-            roles=list(user.roles), amr=family.amr, auth_time=family.auth_time,
+            subject=user.id,
+            session_id=family.id,
+            client_id=family.client_id,
+            scope=family.scope,
+            roles=list(user.roles),
+            amr=family.amr,
+            auth_time=family.auth_time,
         )
         return TokenGrant(token, self._issuer.ttl, rotation.refresh_token)

@@ -35,7 +35,7 @@ class RefreshRequest(BaseModel):
 
 class TokenResponse(BaseModel):
     access_token: str
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - the RFC 6750 token type, not a secret
     expires_in: int
     refresh_token: str
 
@@ -53,30 +53,48 @@ class MeResponse(BaseModel):
 
 def _context(request: Request) -> RequestContext:
     settings = request.app.state.services.settings
-    return RequestContext(address=client_address(request, settings.trusted_proxies),
-                          request_id=request.headers.get("x-request-id"))
+    return RequestContext(
+        address=client_address(request, settings.trusted_proxies),
+        request_id=request.headers.get("x-request-id"),
+    )
 
 
 def _token_response(request: Request, grant: TokenGrant) -> JSONResponse:
     settings = request.app.state.services.settings
-    body = TokenResponse(access_token=grant.access_token, expires_in=grant.expires_in,
-                         refresh_token=grant.refresh_token)
-    response = JSONResponse(body.model_dump(), headers={"Cache-Control": "no-store",
-                                                        "Pragma": "no-cache"})
-    response.set_cookie(REFRESH_COOKIE, grant.refresh_token,
-                        max_age=settings.refresh_absolute_ttl_seconds, path="/auth",
-                        secure=True, httponly=True, samesite="strict")
+    body = TokenResponse(
+        access_token=grant.access_token,
+        expires_in=grant.expires_in,
+        refresh_token=grant.refresh_token,
+    )
+    response = JSONResponse(
+        body.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
+    )
+    response.set_cookie(
+        REFRESH_COOKIE,
+        grant.refresh_token,
+        max_age=settings.refresh_absolute_ttl_seconds,
+        path="/auth",
+        secure=True,
+        httponly=True,
+        samesite="strict",
+    )
     return response
 
 
 def _clear_cookie(response: Response) -> None:
-    response.delete_cookie(REFRESH_COOKIE, path="/auth", secure=True, httponly=True,
-                           samesite="strict")
+    response.delete_cookie(
+        REFRESH_COOKIE, path="/auth", secure=True, httponly=True, samesite="strict"
+    )
 
 
-@router.post("/login", response_model=TokenResponse,
-             responses={401: {"description": "Invalid credentials"},
-                        429: {"description": "Too many failed logins from this address"}})
+@router.post(
+    "/login",
+    response_model=TokenResponse,
+    responses={
+        401: {"description": "Invalid credentials"},
+        429: {"description": "Too many failed logins from this address"},
+    },
+)
 async def login(body: LoginRequest, request: Request) -> Response:
     services = request.app.state.services
     try:
@@ -85,13 +103,19 @@ async def login(body: LoginRequest, request: Request) -> Response:
         # Identical bytes for unknown user, wrong password, disabled and locked accounts.
         return problem_response(401, LOGIN_FAILED_DETAIL)
     except AddressThrottled as err:
-        return problem_response(429, "Too many failed logins; try again later.",
-                                headers={"Retry-After": str(err.retry_after)})
+        return problem_response(
+            429,
+            "Too many failed logins; try again later.",
+            headers={"Retry-After": str(err.retry_after)},
+        )
     return _token_response(request, grant)
 
 
-@router.post("/refresh", response_model=TokenResponse,
-             responses={401: {"description": "Invalid, expired or reused refresh token"}})
+@router.post(
+    "/refresh",
+    response_model=TokenResponse,
+    responses={401: {"description": "Invalid, expired or reused refresh token"}},
+)
 async def refresh(
     request: Request,
     body: RefreshRequest | None = None,
@@ -111,31 +135,47 @@ async def refresh(
 
 
 @router.post("/logout", status_code=204, responses={401: {"description": "Not authenticated"}})
-async def logout(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Response:
+async def logout(
+    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> Response:
     services = request.app.state.services
-    await services.sessions.end_session(principal.session_id, principal.token_id,
-                                        principal.token_expires_at)
+    await services.sessions.end_session(
+        principal.session_id, principal.token_id, principal.token_expires_at
+    )
     ctx = _context(request)
-    await services.events.record(SecurityEvent("logout", "success", user_id=principal.user_id,
-                                               client_id=principal.client_id,
-                                               source_address=ctx.address,
-                                               request_id=ctx.request_id))
+    await services.events.record(
+        SecurityEvent(
+            "logout",
+            "success",
+            user_id=principal.user_id,
+            client_id=principal.client_id,
+            source_address=ctx.address,
+            request_id=ctx.request_id,
+        )
+    )
     response = Response(status_code=204)
     _clear_cookie(response)
     return response
 
 
 @router.post("/logout-all", status_code=204, responses={401: {"description": "Not authenticated"}})
-async def logout_all(request: Request,
-                     principal: Annotated[Principal, Depends(authenticate)]) -> Response:
+async def logout_all(
+    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> Response:
     services = request.app.state.services
     sessions = await services.sessions.end_all(principal.user_id, "logout_all")
     ctx = _context(request)
-    await services.events.record(SecurityEvent("logout_all", "success", user_id=principal.user_id,
-                                               client_id=principal.client_id,
-                                               source_address=ctx.address,
-                                               request_id=ctx.request_id,
-                                               details={"sessions": len(sessions)}))
+    await services.events.record(
+        SecurityEvent(
+            "logout_all",
+            "success",
+            user_id=principal.user_id,
+            client_id=principal.client_id,
+            source_address=ctx.address,
+            request_id=ctx.request_id,
+            details={"sessions": len(sessions)},
+        )
+    )
     response = Response(status_code=204)
     _clear_cookie(response)
     return response
@@ -145,13 +185,23 @@ async def logout_all(request: Request,
 async def me(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Response:
     user = await request.app.state.profiles.get(principal.user_id)
     if user is None or not user.enabled:
-        raise ProblemError(401, "Authentication is required.",
-                           headers={"WWW-Authenticate": 'Bearer realm="carevault", error="invalid_token"'})
-    body = MeResponse(id=user.id, username=user.username, roles=list(principal.roles),
-                      organization=user.organization_id, practitioner=user.practitioner_id,
-                      patient=user.patient_id, client_id=principal.client_id,
-                      expires_at=principal.token_expires_at)
+        raise ProblemError(
+            401,
+            "Authentication is required.",
+            headers={"WWW-Authenticate": 'Bearer realm="carevault", error="invalid_token"'},
+        )
+    body = MeResponse(
+        id=user.id,
+        username=user.username,
+        roles=list(principal.roles),
+        organization=user.organization_id,
+        practitioner=user.practitioner_id,
+        patient=user.patient_id,
+        client_id=principal.client_id,
+        expires_at=principal.token_expires_at,
+    )
     # pydantic's own serializer writes the same bytes as JSONResponse(body.model_dump()) (compact,
     # UTF-8, same escapes) in about half the time; `python -m bench` measures this route.
-    return Response(body.model_dump_json(), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        body.model_dump_json(), media_type="application/json", headers={"Cache-Control": "no-store"}
+    )

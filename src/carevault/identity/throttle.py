@@ -37,8 +37,13 @@ class AddressThrottled(Exception):
 
 
 async def _ensure_row(conn: AsyncConnection, key: str, now: float) -> None:
-    values = {"key": key, "failures": 0, "window_started_at": now, "last_failure_at": 0.0,
-              "in_flight": 0}
+    values = {
+        "key": key,
+        "failures": 0,
+        "window_started_at": now,
+        "last_failure_at": 0.0,
+        "in_flight": 0,
+    }
     if conn.dialect.name == "postgresql":
         stmt = postgresql.insert(login_throttle).values(**values).on_conflict_do_nothing()
     else:
@@ -47,8 +52,9 @@ async def _ensure_row(conn: AsyncConnection, key: str, now: float) -> None:
 
 
 class LoginThrottle:
-    def __init__(self, settings: Settings, engine: AsyncEngine,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine, clock: Callable[[], float] = time.time
+    ) -> None:
         self._s = settings
         self._engine = engine
         self._clock = clock
@@ -56,15 +62,19 @@ class LoginThrottle:
     def backoff_seconds(self, failures: int) -> float:
         if failures <= 0:
             return 0.0
-        return min(self._s.login_backoff_base_seconds * 2 ** (failures - 1),
-                   self._s.login_backoff_max_seconds)
+        return min(
+            self._s.login_backoff_base_seconds * 2 ** (failures - 1),
+            self._s.login_backoff_max_seconds,
+        )
 
     async def check_address(self, address: str) -> None:
         """Raise `AddressThrottled` when this address has failed too often lately."""
         now = self._clock()
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(select(login_throttle).where(login_throttle.c.key == f"addr:{address}"))
+                await conn.execute(
+                    select(login_throttle).where(login_throttle.c.key == f"addr:{address}")
+                )
             ).first()
         if row is None:
             return
@@ -83,7 +93,9 @@ class LoginThrottle:
         async with write_transaction(self._engine) as conn:
             now = self._clock()
             await _ensure_row(conn, key, now)
-            row = (await conn.execute(select(login_throttle).where(login_throttle.c.key == key))).one()
+            row = (
+                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
+            ).one()
             failures = row.failures
             in_flight = row.in_flight
             if row.in_flight_at is None or now - row.in_flight_at > IN_FLIGHT_STALE_SECONDS:
@@ -99,8 +111,9 @@ class LoginThrottle:
             await conn.execute(
                 update(login_throttle)
                 .where(login_throttle.c.key == key)
-                .values(failures=failures, in_flight=in_flight + 1, in_flight_at=now,
-                        locked_until=None)
+                .values(
+                    failures=failures, in_flight=in_flight + 1, in_flight_at=now, locked_until=None
+                )
             )
             return AttemptVerdict(True)
 
@@ -110,15 +123,20 @@ class LoginThrottle:
         async with write_transaction(self._engine) as conn:
             now = self._clock()
             await _ensure_row(conn, key, now)
-            row = (await conn.execute(select(login_throttle).where(login_throttle.c.key == key))).one()
+            row = (
+                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
+            ).one()
             failures = row.failures + 1
             locked = failures >= self._s.login_max_failures
             await conn.execute(
                 update(login_throttle)
                 .where(login_throttle.c.key == key)
-                .values(failures=failures, last_failure_at=now,
-                        in_flight=max(0, row.in_flight - 1),
-                        locked_until=now + self._s.login_lockout_seconds if locked else None)
+                .values(
+                    failures=failures,
+                    last_failure_at=now,
+                    in_flight=max(0, row.in_flight - 1),
+                    locked_until=now + self._s.login_lockout_seconds if locked else None,
+                )
             )
             return locked
 
@@ -129,9 +147,13 @@ class LoginThrottle:
             await conn.execute(
                 update(login_throttle)
                 .where(login_throttle.c.key == f"acct:{account_key}")
-                .values(failures=0, locked_until=None,
-                        in_flight=case((login_throttle.c.in_flight > 0,
-                                        login_throttle.c.in_flight - 1), else_=0))
+                .values(
+                    failures=0,
+                    locked_until=None,
+                    in_flight=case(
+                        (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
+                    ),
+                )
             )
 
     async def address_failed(self, address: str) -> None:
@@ -139,9 +161,13 @@ class LoginThrottle:
         async with write_transaction(self._engine) as conn:
             now = self._clock()
             await _ensure_row(conn, key, now)
-            row = (await conn.execute(select(login_throttle).where(login_throttle.c.key == key))).one()
+            row = (
+                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
+            ).one()
             if now - row.window_started_at > self._s.login_address_window_seconds:
                 values = {"failures": 1, "window_started_at": now, "last_failure_at": now}
             else:
                 values = {"failures": row.failures + 1, "last_failure_at": now}
-            await conn.execute(update(login_throttle).where(login_throttle.c.key == key).values(**values))
+            await conn.execute(
+                update(login_throttle).where(login_throttle.c.key == key).values(**values)
+            )

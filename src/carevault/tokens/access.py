@@ -134,7 +134,9 @@ def verify_jws_signature(raw: bytes, key: Any, alg: str) -> bytes:
 
 
 class AccessTokenIssuer:
-    def __init__(self, settings: Settings, keyring: KeyRing, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, settings: Settings, keyring: KeyRing, clock: Callable[[], float] = time.time
+    ):
         self._settings = settings
         self._keyring = keyring
         self._clock = clock
@@ -191,8 +193,13 @@ class AccessTokenIssuer:
 
 
 class AccessTokenVerifier:
-    def __init__(self, settings: Settings, keyring: KeyRing, clock: Callable[[], float] = time.time,
-                 cache_entries: int = VERIFIED_CACHE_ENTRIES):
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: KeyRing,
+        clock: Callable[[], float] = time.time,
+        cache_entries: int = VERIFIED_CACHE_ENTRIES,
+    ):
         self._settings = settings
         self._keyring = keyring
         self._clock = clock
@@ -213,9 +220,12 @@ class AccessTokenVerifier:
             # Everything that can change for the same bytes is checked again: time, and whether
             # the signing key is still trusted (rotation retires keys). A new key file empties
             # the cache (see _remember).
-            if (claims.exp > now - self._leeway and nbf <= now + self._leeway
-                    and self._keyring.generation == self._cache_generation
-                    and self._keyring.verification_key(kid, now) is not None):
+            if (
+                claims.exp > now - self._leeway
+                and nbf <= now + self._leeway
+                and self._keyring.generation == self._cache_generation
+                and self._keyring.verification_key(kid, now) is not None
+            ):
                 return claims
             self._verified.pop(token, None)
         claims, kid, nbf = self._verify_uncached(token)
@@ -264,18 +274,22 @@ class AccessTokenVerifier:
         payload = verify_jws_signature(raw, key.key, key.alg)
         claims = _strict_json_object(payload)
         self._check_claims(claims)
-        return AccessClaims(
-            sub=claims["sub"],
-            jti=claims["jti"],
-            sid=claims["sid"],
-            client_id=claims["client_id"],
-            scope=claims["scope"],
-            roles=tuple(claims["roles"]),
-            amr=tuple(claims["amr"]),
-            auth_time=claims["auth_time"],
-            iat=claims["iat"],
-            exp=claims["exp"],
-        ), kid, claims["nbf"]
+        return (
+            AccessClaims(
+                sub=claims["sub"],
+                jti=claims["jti"],
+                sid=claims["sid"],
+                client_id=claims["client_id"],
+                scope=claims["scope"],
+                roles=tuple(claims["roles"]),
+                amr=tuple(claims["amr"]),
+                auth_time=claims["auth_time"],
+                iat=claims["iat"],
+                exp=claims["exp"],
+            ),
+            kid,
+            claims["nbf"],
+        )
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         """RFC 7519 §4.1 and RFC 9068 §2.2 claims, all required, NumericDates as integers."""
@@ -299,9 +313,14 @@ class AccessTokenVerifier:
         if claims["iss"] != self._issuer:
             raise InvalidTokenError("wrong issuer")
         audience = claims.get("aud")
-        if not (audience == self._audience or (
-                type(audience) is list and self._audience in audience
-                and all(type(a) is str for a in audience))):
+        if not (
+            audience == self._audience
+            or (
+                type(audience) is list
+                and self._audience in audience
+                and all(type(a) is str for a in audience)
+            )
+        ):
             raise InvalidTokenError("wrong audience")
         for name in ("roles", "amr"):
             value = claims.get(name)

@@ -22,8 +22,7 @@ REALM = 'Bearer realm="carevault"'
 
 def _unauthorized(error: str | None) -> ProblemError:
     challenge = f'{REALM}, error="{error}"' if error else REALM
-    return ProblemError(401, "Authentication is required.",
-                        headers={"WWW-Authenticate": challenge})
+    return ProblemError(401, "Authentication is required.", headers={"WWW-Authenticate": challenge})
 
 
 async def authenticate(request: Request) -> Principal:
@@ -42,8 +41,9 @@ async def authenticate(request: Request) -> Principal:
         raise _unauthorized("invalid_token") from None
     except RevocationUnavailable:
         log.error("revocation_unavailable")
-        raise ProblemError(503, "Service temporarily unavailable.",
-                           headers={"Retry-After": "1"}) from None
+        raise ProblemError(
+            503, "Service temporarily unavailable.", headers={"Retry-After": "1"}
+        ) from None
     if revoked:
         log.info("token_rejected", reason="revoked")
         raise _unauthorized("invalid_token")

@@ -39,8 +39,14 @@ MAX_TOKEN_CHARS = 128
 class RefreshError(Exception):
     """The refresh token is not usable. `reuse` says a used token came back (family revoked)."""
 
-    def __init__(self, reason: str, *, family_id: str | None = None, user_id: str | None = None,
-                 reuse: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        family_id: str | None = None,
+        user_id: str | None = None,
+        reuse: bool = False,
+    ) -> None:
         self.reason = reason
         self.family_id = family_id
         self.user_id = user_id
@@ -119,8 +125,9 @@ class RefreshTokenService:
                     token_hash=hash_token(token),
                     family_id=family.id,
                     issued_at=now,
-                    idle_expires_at=min(now + self._settings.refresh_idle_ttl_seconds,
-                                        family.expires_at),
+                    idle_expires_at=min(
+                        now + self._settings.refresh_idle_ttl_seconds, family.expires_at
+                    ),
                 )
             )
         return family, token
@@ -135,12 +142,16 @@ class RefreshTokenService:
         reuse: RefreshError | None = None
         async with write_transaction(self._engine) as conn:
             row = (
-                await conn.execute(
-                    select(refresh_tokens, refresh_families)
-                    .join(refresh_families, refresh_families.c.id == refresh_tokens.c.family_id)
-                    .where(refresh_tokens.c.token_hash == presented)
+                (
+                    await conn.execute(
+                        select(refresh_tokens, refresh_families)
+                        .join(refresh_families, refresh_families.c.id == refresh_tokens.c.family_id)
+                        .where(refresh_tokens.c.token_hash == presented)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             # Read the clock after the read: a use committed before it is never in our future.
             now = self._clock()
             if row is None:
@@ -168,8 +179,10 @@ class RefreshTokenService:
                 claimed = await conn.execute(
                     update(refresh_tokens)
                     .where(
-                        and_(refresh_tokens.c.token_hash == presented,
-                             refresh_tokens.c.used_at.is_(None))
+                        and_(
+                            refresh_tokens.c.token_hash == presented,
+                            refresh_tokens.c.used_at.is_(None),
+                        )
                     )
                     .values(used_at=now, successor_hash=successor_hash)
                 )
@@ -179,8 +192,9 @@ class RefreshTokenService:
                             token_hash=successor_hash,
                             family_id=family.id,
                             issued_at=now,
-                            idle_expires_at=min(now + self._settings.refresh_idle_ttl_seconds,
-                                                family.expires_at),
+                            idle_expires_at=min(
+                                now + self._settings.refresh_idle_ttl_seconds, family.expires_at
+                            ),
                         )
                     )
                     return Rotation(family, successor, replayed_in_grace=False)
@@ -198,9 +212,14 @@ class RefreshTokenService:
 
             grace = self._settings.refresh_grace_seconds
             # abs(): another host's clock may run a little ahead of ours.
-            if grace > 0 and abs(now - used_at) <= grace and row["successor_hash"] in (
-                None,
-                successor_hash,
+            if (
+                grace > 0
+                and abs(now - used_at) <= grace
+                and row["successor_hash"]
+                in (
+                    None,
+                    successor_hash,
+                )
             ):
                 return Rotation(family, successor, replayed_in_grace=True)
 
@@ -216,8 +235,11 @@ class RefreshTokenService:
         async with write_transaction(self._engine) as conn:
             await conn.execute(
                 update(refresh_families)
-                .where(and_(refresh_families.c.id == family_id,
-                            refresh_families.c.revoked_at.is_(None)))
+                .where(
+                    and_(
+                        refresh_families.c.id == family_id, refresh_families.c.revoked_at.is_(None)
+                    )
+                )
                 .values(revoked_at=self._clock(), revoked_reason=reason)
             )
 
@@ -228,8 +250,10 @@ class RefreshTokenService:
                 (
                     await conn.execute(
                         select(refresh_families.c.id).where(
-                            and_(refresh_families.c.user_id == user_id,
-                                 refresh_families.c.revoked_at.is_(None))
+                            and_(
+                                refresh_families.c.user_id == user_id,
+                                refresh_families.c.revoked_at.is_(None),
+                            )
                         )
                     )
                 ).scalars()

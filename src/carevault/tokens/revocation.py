@@ -136,11 +136,16 @@ class DatabaseRevocationList:
         self._signal.bump()
 
     async def revoke_token(self, jti: str, expires_at: float) -> None:
-        await self._record([{"kind": "jti", "value": jti, "not_before": None, "expires_at": expires_at}])
+        await self._record(
+            [{"kind": "jti", "value": jti, "not_before": None, "expires_at": expires_at}]
+        )
 
     async def revoke_sessions(self, sids: list[str], expires_at: float) -> None:
         await self._record(
-            [{"kind": "sid", "value": s, "not_before": None, "expires_at": expires_at} for s in sids]
+            [
+                {"kind": "sid", "value": s, "not_before": None, "expires_at": expires_at}
+                for s in sids
+            ]
         )
 
     async def revoke_user(self, user_id: str, not_before: float, expires_at: float) -> None:
@@ -235,8 +240,12 @@ class RedisRevocationList:
             raise RevocationUnavailable from err
 
     async def is_revoked(self, claims: AccessClaims) -> bool:
-        keys = (self._key("jti", claims.jti), self._key("sid", claims.sid),
-                self._key("user", claims.sub), self.SENTINEL)
+        keys = (
+            self._key("jti", claims.jti),
+            self._key("sid", claims.sid),
+            self._key("user", claims.sub),
+            self.SENTINEL,
+        )
         try:
             jti, sid, cutoff, loaded = await self._redis.mget(*keys)
             if loaded is None:  # Redis lost its data: re-load the denials before answering
@@ -264,12 +273,17 @@ class RedisRevocationList:
         await self._publish(rows)
 
     async def revoke_token(self, jti: str, expires_at: float) -> None:
-        await self._record([{"kind": "jti", "value": jti, "not_before": None, "expires_at": expires_at}])
+        await self._record(
+            [{"kind": "jti", "value": jti, "not_before": None, "expires_at": expires_at}]
+        )
 
     async def revoke_sessions(self, sids: list[str], expires_at: float) -> None:
         if sids:
             await self._record(
-                [{"kind": "sid", "value": s, "not_before": None, "expires_at": expires_at} for s in sids]
+                [
+                    {"kind": "sid", "value": s, "not_before": None, "expires_at": expires_at}
+                    for s in sids
+                ]
             )
 
     async def revoke_user(self, user_id: str, not_before: float, expires_at: float) -> None:

@@ -15,8 +15,13 @@ from carevault.tokens.revocation import RevocationList
 
 
 class SessionRevoker:
-    def __init__(self, settings: Settings, refresh: RefreshTokenService,
-                 revocations: RevocationList, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        refresh: RefreshTokenService,
+        revocations: RevocationList,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._refresh = refresh
         self._revocations = revocations
         self._clock = clock

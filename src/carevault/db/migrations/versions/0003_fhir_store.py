@@ -52,8 +52,9 @@ def upgrade() -> None:
         sa.Column("param", sa.String(64), nullable=False),
         sa.Column("key", sa.String(512), nullable=False),
     )
-    op.create_index("ix_fhir_index_keys_lookup", "fhir_index_keys",
-                    ["resource_type", "param", "key"])
+    op.create_index(
+        "ix_fhir_index_keys_lookup", "fhir_index_keys", ["resource_type", "param", "key"]
+    )
     op.create_index("ix_fhir_index_keys_resource", "fhir_index_keys", ["resource_type", "id"])
     op.create_table(
         "fhir_index_dates",
@@ -63,12 +64,18 @@ def upgrade() -> None:
         sa.Column("low", sa.Float, nullable=False),
         sa.Column("high", sa.Float, nullable=False),
     )
-    op.create_index("ix_fhir_index_dates_lookup", "fhir_index_dates",
-                    ["resource_type", "param", "low"])
+    op.create_index(
+        "ix_fhir_index_dates_lookup", "fhir_index_dates", ["resource_type", "param", "low"]
+    )
     op.create_index("ix_fhir_index_dates_resource", "fhir_index_dates", ["resource_type", "id"])
 
 
 def downgrade() -> None:
-    for table in ("fhir_index_dates", "fhir_index_keys", "fhir_compartments", "fhir_versions",
-                  "fhir_resources"):
+    for table in (
+        "fhir_index_dates",
+        "fhir_index_keys",
+        "fhir_compartments",
+        "fhir_versions",
+        "fhir_resources",
+    ):
         op.drop_table(table)

@@ -1,0 +1,39 @@
+"""``POST /fhir``: transaction and batch Bundles (processing in fhir/bundles.py).
+
+Registered before the main FHIR router. Same caller rule as every FHIR route (`Caller`);
+the body size is bounded by the RequestLimits middleware, the entry count by
+`bundles.MAX_ENTRIES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from carevault.fhir import outcome
+from carevault.fhir.bundles import BundleError, process
+from carevault.fhir.routes import Caller, FhirError, _integrity_failure, fhir_response
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+
+@router.post("")
+async def transaction_or_batch(request: Request, principal: Caller) -> Response:
+    raw = await request.body()
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FhirError(400, outcome.invalid_request()) from None
+
+    async def on_integrity_failure() -> tuple[int, dict[str, Any]]:
+        err = await _integrity_failure(request, principal)
+        return err.status, err.body
+
+    try:
+        body = await process(request.app.state.services.store, parsed, on_integrity_failure)
+    except BundleError as err:
+        raise FhirError(err.status, err.body) from None
+    return fhir_response(body)

@@ -1,0 +1,610 @@
+"""FHIR search over the index tables (GET /fhir/{type} and POST /fhir/{type}/_search).
+
+A query is a list of (name, value) pairs: repeated parameters are ANDed, comma-separated values
+within one parameter are ORed. Every supported parameter comes from `search_params_for(type)`;
+anything else - unknown parameters, modifiers, malformed values - is refused with a 400 rather
+than silently ignored (a silently ignored filter returns more records than the caller asked for).
+
+The whole search is ONE SQLAlchemy Core statement over `fhir_resources` (current, not deleted)
+with EXISTS filters on `fhir_index_keys` / `fhir_index_dates`; every value is a bound parameter.
+PHI parameters are matched only through blind indexes, computed here exactly as the store
+writes them:
+
+* PHI strings (name, family, given, address...): `BlindIndex.query` of the value, looked up among
+  the stored prefix hashes (case- and accent-insensitive starts-with, as FHIR defines it);
+* PHI tokens (identifier, gender, telecom): `BlindIndex.exact` of `token_search_key`;
+* PHI dates (birthdate): equality at year/month/day precision (`phi_date_search_key`).
+
+Modifiers (``:contains``, ``:exact``, ``:text``, ``:missing``, ``:not``, ``:above``,
+``:below``...) are refused: over blind indexes :contains cannot be answered, and the others are
+not implemented. The only modifier accepted is a reference parameter's target type
+(``subject:Patient=123``).
+
+Paging is keyset paging (results are ordered by the sort keys, then id; a page continues after
+the last row of the previous one, so inserts and deletes between pages neither repeat nor skip
+results). The cursor - the resource type, every parameter, the position and the caller - is
+encrypted and authenticated (AES-256-GCM under a key derived from the instance secrets for this
+purpose only).
+A cursor can therefore neither be read (search values are often PHI and URLs end up in logs)
+nor altered to continue any other query than the one it was issued for.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal_column,
+    not_,
+    or_,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from carevault.crypto.blind_index import BlindIndex
+from carevault.db.engine import read_connection
+from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
+from carevault.fhir.compartment import parse_relative_reference
+from carevault.fhir.search_params import (
+    SearchParam,
+    SearchParameterError,
+    parse_date_search,
+    parse_token_search,
+    phi_date_search_key,
+    search_params_for,
+    split_search_values,
+    token_search_key,
+)
+from carevault.fhir.store import MAX_INDEX_KEY, index_label
+
+DEFAULT_COUNT = 50
+MAX_COUNT = 1000
+MAX_PARAMS = 50  # parameters per query
+MAX_OR_VALUES = 100  # comma-separated values per parameter
+CURSOR_TTL_SECONDS = 3600
+MAX_CURSOR_CHARS = 16384
+_CURSOR_AAD = b"carevault search cursor v1"
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_COUNT = re.compile(r"^[0-9]{1,9}$", re.ASCII)
+
+CONTROL_PARAMS = frozenset({"_count", "_total", "_sort", "_include", "_format", "_cursor"})
+SORT_KEYS = ("_lastUpdated", "_id", "date")
+TOTAL_MODES = frozenset({"accurate", "estimate", "none"})
+FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
+
+# fixed texts (OperationOutcome diagnostics never echo request values)
+UNKNOWN_PARAM = "Unknown or unsupported search parameter"
+MODIFIER_TEXT = (
+    "Search modifier not supported (PHI parameters are matched through blind "
+    "indexes; :contains and other modifiers cannot be honoured)"
+)
+INVALID_VALUE = "Invalid search parameter value"
+BAD_CURSOR = "Invalid or expired paging cursor"
+CURSOR_ALONE = "A paging cursor continues its own search: send no other parameters with it"
+
+
+class SearchError(Exception):
+    """A search that must be refused with 400: `code` is the OperationOutcome issue code."""
+
+    def __init__(self, text: str, code: str = "invalid") -> None:
+        self.text = text
+        self.code = code
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Search:
+    resource_type: str
+    params: tuple[tuple[str, str], ...]  # the canonical query (no _cursor, no _format)
+    after: tuple[Any, ...] | None  # keyset position: sort values of the previous page's last row
+    count: int
+    total: str
+    sort: tuple[str, ...]
+    includes: tuple[tuple[str, str | None], ...]  # (reference param, target type or None)
+    conditions: list[ColumnElement[bool]] = field(default_factory=list, compare=False)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    search: Search
+    total: int | None
+    ids: list[str]
+    has_next: bool
+    last: tuple[Any, ...] | None  # keyset position of the page's last row
+    includes: list[tuple[str, str]]  # (type, id), unique, not among the matches
+
+
+# --- cursors -----------------------------------------------------------------------------
+
+
+class CursorCodec:
+    """Opaque, authenticated paging cursors (AES-256-GCM; purpose-derived key)."""
+
+    def __init__(self, secret: bytes, clock: Any = time.time) -> None:
+        key = hmac.new(secret, b"search-cursor", hashlib.sha256).digest()
+        self._aead = AESGCM(key)
+        self._clock = clock
+
+    def encode(self, search: Search, after: tuple[Any, ...] | None, subject: str) -> str:
+        position = None if after is None else [_tag(v) for v in after]
+        payload = orjson.dumps(
+            {
+                "t": search.resource_type,
+                "q": [list(p) for p in search.params],
+                "a": position,
+                "u": subject,
+                "e": int(self._clock()) + CURSOR_TTL_SECONDS,
+            }
+        )
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, payload, _CURSOR_AAD)
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+
+    def decode(
+        self, token: str, resource_type: str, subject: str
+    ) -> tuple[list[tuple[str, str]], tuple[Any, ...] | None]:
+        """(params, keyset position) of a cursor issued for `resource_type` and `subject`;
+        SearchError for anything forged, altered, expired or issued for another type or caller."""
+        if not token or len(token) > MAX_CURSOR_CHARS:
+            raise SearchError(BAD_CURSOR)
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise SearchError(BAD_CURSOR) from None
+        # only the canonical encoding: otherwise a changed final character could decode alike
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != token or len(raw) < 29:
+            raise SearchError(BAD_CURSOR)
+        try:
+            data = orjson.loads(self._aead.decrypt(raw[:12], raw[12:], _CURSOR_AAD))
+            params = [(str(n), str(v)) for n, v in data["q"]]
+            after = None if data["a"] is None else tuple(_untag(v) for v in data["a"])
+            expires = int(data["e"])
+            ok = data["t"] == resource_type and data["u"] == subject and expires >= self._clock()
+        except (InvalidTag, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+            raise SearchError(BAD_CURSOR) from None
+        if not ok:
+            raise SearchError(BAD_CURSOR)
+        return params, after
+
+
+def _tag(value: Any) -> list[Any]:
+    # floats as repr: JSON has no infinities (open-ended periods index as -inf/+inf)
+    if value is None:
+        return ["n"]
+    if isinstance(value, float):
+        return ["f", repr(value)]
+    if isinstance(value, int):
+        return ["i", value]
+    return ["s", str(value)]
+
+
+def _untag(item: list[Any]) -> Any:
+    kind = item[0]
+    if kind == "n" and len(item) == 1:
+        return None
+    if kind == "f" and isinstance(item[1], str):
+        return float(item[1])
+    if kind == "i" and isinstance(item[1], int):
+        return item[1]
+    if kind == "s" and isinstance(item[1], str):
+        return item[1]
+    raise ValueError("bad cursor value")
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def _unescape(value: str) -> str:
+    out: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, None)
+            if nxt is None:
+                raise SearchError(INVALID_VALUE)
+            out.append(nxt)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _values(value: str) -> list[str]:
+    try:
+        values = split_search_values(value)
+    except SearchParameterError:
+        raise SearchError(INVALID_VALUE) from None
+    if len(values) > MAX_OR_VALUES or any(not v for v in values):
+        raise SearchError(INVALID_VALUE)
+    return values
+
+
+def _index_key(key: str) -> str:
+    if len(key) > MAX_INDEX_KEY:  # as the store writes over-long keys
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+def _keys_exist(resource_type: str, param: str, keys: Sequence[str]) -> ColumnElement[bool]:
+    k = fhir_index_keys.alias("k")
+    return exists(
+        select(k.c.id).where(
+            and_(
+                k.c.resource_type == resource_type,
+                k.c.id == fhir_resources.c.id,
+                k.c.param == param,
+                k.c.key.in_(sorted(set(keys))),
+            )
+        )
+    )
+
+
+def _date_condition(prefix: str, low: float, high: float, rl: Any, rh: Any) -> ColumnElement[bool]:
+    """FHIR date prefixes: the search value's range [low, high) against the target's [rl, rh)."""
+    within = and_(rl >= low, rh <= high)
+    if prefix == "eq":
+        return within
+    if prefix == "ne":
+        return not_(within)
+    if prefix == "gt":
+        return rh > high
+    if prefix == "lt":
+        return rl < low
+    if prefix == "ge":
+        return or_(rh > high, within)
+    if prefix == "le":
+        return or_(rl < low, within)
+    if prefix == "sa":
+        return rl >= high
+    if prefix == "eb":
+        return rh <= low
+    raise SearchError("The date prefix 'ap' is not supported", "not-supported")
+
+
+def _point_condition(prefix: str, low: float, high: float, column: Any) -> ColumnElement[bool]:
+    """Date prefixes against an instant stored as one point (`_lastUpdated`)."""
+    conditions = {
+        "eq": and_(column >= low, column < high),
+        "ne": or_(column < low, column >= high),
+        "gt": column >= high,
+        "sa": column >= high,
+        "lt": column < low,
+        "eb": column < low,
+        "ge": column >= low,
+        "le": column < high,
+    }
+    if prefix not in conditions:
+        raise SearchError("The date prefix 'ap' is not supported", "not-supported")
+    return conditions[prefix]
+
+
+def _parse_date(value: str) -> tuple[str, float, float]:
+    try:
+        return parse_date_search(value)
+    except SearchParameterError:
+        raise SearchError(INVALID_VALUE) from None
+
+
+def _reference_keys(param: SearchParam, value: str, target: str | None) -> list[str]:
+    value = _unescape(value)
+    if target is not None:
+        if not _ID.fullmatch(value):
+            raise SearchError(INVALID_VALUE)
+        return [f"{target}/{value}"]
+    if _ID.fullmatch(value):  # a bare id: any of the parameter's target types
+        return [f"{t}/{value}" for t in param.targets]
+    relative = parse_relative_reference(value)
+    if relative is not None:
+        return [f"{relative[0]}/{relative[1]}"]
+    return [value]  # absolute or urn: references are indexed as written
+
+
+def _condition(
+    resource_type: str, param: SearchParam, modifier: str | None, value: str, blind: BlindIndex
+) -> ColumnElement[bool]:
+    values = _values(value)
+    label = index_label(resource_type, param.code)
+    if modifier is not None and not (param.kind == "reference" and modifier in param.targets):
+        raise SearchError(MODIFIER_TEXT, "not-supported")
+
+    if param.code == "_id":
+        ids = [_unescape(v) for v in values]
+        if not all(_ID.fullmatch(i) for i in ids):
+            raise SearchError(INVALID_VALUE)
+        return fhir_resources.c.id.in_(sorted(set(ids)))
+    if param.code == "_lastUpdated":
+        return or_(
+            *(_point_condition(*_parse_date(v), fhir_resources.c.last_updated) for v in values)
+        )
+
+    if param.kind == "date":
+        if param.phi:
+            try:
+                keys = [blind.exact(label, phi_date_search_key(v)) for v in values]
+            except SearchParameterError as err:
+                raise SearchError(str(err)) from None
+            return _keys_exist(resource_type, param.code, keys)
+        d = fhir_index_dates.alias("d")
+        ranges = [_date_condition(*_parse_date(v), d.c.low, d.c.high) for v in values]
+        return exists(
+            select(d.c.id).where(
+                and_(
+                    d.c.resource_type == resource_type,
+                    d.c.id == fhir_resources.c.id,
+                    d.c.param == param.code,
+                    or_(*ranges),
+                )
+            )
+        )
+
+    if param.kind == "token":
+        try:
+            keys = [token_search_key(*parse_token_search(v)) for v in values]
+        except SearchParameterError:
+            raise SearchError(INVALID_VALUE) from None
+    elif param.kind == "reference":
+        keys = [k for v in values for k in _reference_keys(param, v, modifier)]
+    elif param.kind == "string":
+        if not param.phi:  # no plain string parameter exists; refuse rather than guess
+            raise SearchError(UNKNOWN_PARAM, "not-supported")
+        texts = [_unescape(v) for v in values]
+        if not all(blind.normalize(t) for t in texts):
+            raise SearchError(INVALID_VALUE)
+        return _keys_exist(resource_type, param.code, [blind.query(label, t) for t in texts])
+    else:  # pragma: no cover - the parameter table only has the four kinds
+        raise SearchError(UNKNOWN_PARAM, "not-supported")
+    if param.phi:
+        return _keys_exist(resource_type, param.code, [blind.exact(label, k) for k in keys])
+    return _keys_exist(resource_type, param.code, [_index_key(k) for k in keys])
+
+
+def parse_search(
+    resource_type: str,
+    pairs: Sequence[tuple[str, str]],
+    blind: BlindIndex,
+    after: tuple[Any, ...] | None = None,
+) -> Search:
+    """Validate and compile a query; SearchError (-> 400) for anything not supported."""
+    if len(pairs) > MAX_PARAMS:
+        raise SearchError(INVALID_VALUE)
+    supported: Mapping[str, SearchParam] = search_params_for(resource_type)
+    conditions: list[ColumnElement[bool]] = []
+    canonical: list[tuple[str, str]] = []
+    control: dict[str, str] = {}
+    for name, value in pairs:
+        if name == "_format":
+            if value not in FORMATS:
+                raise SearchError("Only JSON is supported", "not-supported")
+            continue
+        if name in CONTROL_PARAMS:
+            if name == "_cursor":
+                raise SearchError(CURSOR_ALONE)
+            if name in control:
+                raise SearchError(INVALID_VALUE)
+            control[name] = value
+            canonical.append((name, value))
+            continue
+        code, _, modifier = name.partition(":")
+        param = supported.get(code)
+        if param is None:
+            if code in (
+                "_include",
+                "_revinclude",
+                "_has",
+                "_summary",
+                "_elements",
+                "_contained",
+                "_containedType",
+                "_text",
+                "_content",
+                "_list",
+                "_query",
+                "_filter",
+                "_type",
+                "_tag",
+                "_profile",
+                "_security",
+                "_source",
+            ):
+                raise SearchError("This search parameter is not supported", "not-supported")
+            raise SearchError(UNKNOWN_PARAM, "not-supported")
+        conditions.append(
+            _condition(resource_type, param, modifier if ":" in name else None, value, blind)
+        )
+        canonical.append((name, value))
+
+    count = DEFAULT_COUNT
+    if "_count" in control:
+        if not _COUNT.fullmatch(control["_count"]):
+            raise SearchError(INVALID_VALUE)
+        count = min(int(control["_count"]), MAX_COUNT)
+    total = control.get("_total", "accurate")
+    if total not in TOTAL_MODES:
+        raise SearchError(INVALID_VALUE)
+    sort: list[str] = []
+    if "_sort" in control:
+        for item in _values(control["_sort"]):
+            key = item[1:] if item.startswith("-") else item
+            if (
+                key not in SORT_KEYS
+                or (key == "date" and supported.get("date") is None)
+                or (key == "date" and supported["date"].phi)
+                or item in sort
+            ):
+                raise SearchError("Unsupported sort key", "not-supported")
+            sort.append(item)
+    includes: list[tuple[str, str | None]] = []
+    if "_include" in control:
+        for item in _values(control["_include"]):
+            parts = item.split(":")
+            if len(parts) not in (2, 3) or parts[0] != resource_type:
+                raise SearchError("Unsupported _include", "not-supported")
+            param = supported.get(parts[1])
+            target = parts[2] if len(parts) == 3 else None
+            if (
+                param is None
+                or param.kind != "reference"
+                or param.phi
+                or (target is not None and target not in param.targets)
+            ):
+                raise SearchError("Unsupported _include", "not-supported")
+            includes.append((parts[1], target))
+    search = Search(
+        resource_type,
+        tuple(canonical),
+        after,
+        count,
+        total,
+        tuple(sort),
+        tuple(includes),
+        conditions,
+    )
+    if after is not None and len(after) != len(_sort_columns(search)):
+        raise SearchError(BAD_CURSOR)
+    return search
+
+
+# --- execution ---------------------------------------------------------------------------
+
+
+def _where(search: Search) -> ColumnElement[bool]:
+    return and_(
+        fhir_resources.c.resource_type == search.resource_type,
+        fhir_resources.c.deleted == false(),
+        *search.conditions,
+    )
+
+
+def _sort_columns(search: Search) -> list[tuple[str, Any, bool]]:
+    """(kind, expression, descending) of the ordering: the requested sort keys, then id.
+    A date key is two columns: "undated" (0/1, so undated rows come last either way) and the
+    earliest `low` of the parameter ("nullable": NULL exactly when undated)."""
+    columns: list[tuple[str, Any, bool]] = []
+    for n, item in enumerate(search.sort):
+        descending = item.startswith("-")
+        key = item.lstrip("-")
+        if key == "_lastUpdated":
+            columns.append(("value", fhir_resources.c.last_updated, descending))
+        elif key == "_id":
+            columns.append(("value", fhir_resources.c.id, descending))
+        else:
+            d = fhir_index_dates.alias(f"sort_{n}")
+            earliest = (
+                select(func.min(d.c.low))
+                .where(
+                    and_(
+                        d.c.resource_type == search.resource_type,
+                        d.c.id == fhir_resources.c.id,
+                        d.c.param == key,
+                    )
+                )
+                .scalar_subquery()
+            )
+            columns.append(
+                (
+                    "value",
+                    case((earliest.is_(None), literal_column("1")), else_=literal_column("0")),
+                    False,
+                )
+            )
+            columns.append(("nullable", earliest, descending))
+    if "_id" not in {item.lstrip("-") for item in search.sort}:
+        columns.append(("value", fhir_resources.c.id, False))  # ties: a total, stable order
+    return columns
+
+
+def _after(columns: list[tuple[str, Any, bool]], after: tuple[Any, ...]) -> ColumnElement[bool]:
+    """Rows strictly after the keyset position, in the order of `columns`."""
+    clauses: list[ColumnElement[bool]] = []
+    equal: list[ColumnElement[bool]] = []
+    for (kind, column, descending), value in zip(columns, after, strict=True):
+        if value is None:
+            if kind != "nullable":
+                raise SearchError(BAD_CURSOR)
+            continue  # undated: the "undated" column before it already pins these rows
+        clauses.append(and_(*equal, column < value if descending else column > value))
+        equal.append(column == value)
+    return or_(*clauses)
+
+
+async def execute(engine: AsyncEngine, search: Search) -> SearchResult:
+    where = _where(search)
+    async with read_connection(engine) as conn:
+        total = None
+        if search.total != "none":
+            total = (
+                await conn.execute(select(func.count()).select_from(fhir_resources).where(where))
+            ).scalar_one()
+        ids: list[str] = []
+        has_next = False
+        last: tuple[Any, ...] | None = None
+        if search.count > 0:
+            columns = _sort_columns(search)
+            page_where = (
+                where if search.after is None else and_(where, _after(columns, search.after))
+            )
+            rows = (
+                await conn.execute(
+                    select(fhir_resources.c.id, *(c for _, c, _ in columns))
+                    .where(page_where)
+                    .order_by(*(c.desc() if desc else c.asc() for _, c, desc in columns))
+                    .limit(search.count + 1)
+                )
+            ).all()
+            has_next = len(rows) > search.count
+            rows = rows[: search.count]
+            ids = [row[0] for row in rows]
+            if rows:
+                last = tuple(rows[-1][1:])
+        includes: list[tuple[str, str]] = []
+        if ids and search.includes:
+            k = fhir_index_keys
+            params = sorted({p for p, _ in search.includes})
+            keys = (
+                await conn.execute(
+                    select(k.c.param, k.c.key)
+                    .where(
+                        and_(
+                            k.c.resource_type == search.resource_type,
+                            k.c.id.in_(ids),
+                            k.c.param.in_(params),
+                        )
+                    )
+                    .order_by(k.c.key)
+                )
+            ).all()
+            wanted = {p: set() for p in params}  # type: dict[str, set[str | None]]
+            for p, target in search.includes:
+                wanted[p].add(target)
+            seen: set[tuple[str, str]] = set()
+            for row in keys:
+                relative = parse_relative_reference(row.key)
+                if relative is None or not _TYPE.fullmatch(relative[0]):
+                    continue
+                targets = wanted[row.param]
+                if None not in targets and relative[0] not in targets:
+                    continue
+                if relative[0] == search.resource_type and relative[1] in ids:
+                    continue
+                if relative not in seen:
+                    seen.add(relative)
+                    includes.append(relative)
+    return SearchResult(search, total, ids, has_next, last, includes)
