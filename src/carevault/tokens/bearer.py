@@ -32,7 +32,7 @@ async def authenticate(request: Request) -> Principal:
         raise _unauthorized(None)
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or token != token.strip():
-        raise _unauthorized("invalid_request" if scheme.lower() == "bearer" else None)
+        raise _unauthorized("invalid_token" if scheme.lower() == "bearer" else None)
     try:
         claims = services.verifier.verify(token)
         revoked = await services.revocations.is_revoked(claims)
