@@ -151,8 +151,16 @@ class WrkRunner:
         seconds: float,
         authorization: str | None = None,
         tick: Callable[[float], None] | None = None,
+        script: str | None = None,
+        script_env: dict[str, str] | None = None,
     ) -> LoadResult:
-        env = {**os.environ, "BENCH_AUTHORIZATION": authorization or ""}
+        """Load `url` for `seconds`. `script` (Lua, e.g. a `request()` that rotates paths) runs
+        after the reporting script; `script_env` is added to wrk's environment for it."""
+        env = {**os.environ, "BENCH_AUTHORIZATION": authorization or "", **(script_env or {})}
+        script_path = self._script
+        if script is not None:
+            script_path = self._dir / f"scenario-{abs(hash(script)):x}.lua"
+            script_path.write_text(WRK_SCRIPT + "\n" + script)
         cmd = [
             self.binary,
             "-t",
@@ -164,7 +172,7 @@ class WrkRunner:
             "--timeout",
             "5s",
             "-s",
-            str(self._script),
+            str(script_path),
             url,
         ]
         process = subprocess.Popen(

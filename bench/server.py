@@ -111,6 +111,7 @@ class BenchServer:
     keep: bool = False
     factory: str = DEFAULT_FACTORY
     extra_pythonpath: tuple[str, ...] = ()
+    database_url: str | None = None  # PostgreSQL (sync URL); None = SQLite in the data dir
     data_dir: Path = field(init=False)
     port: int = field(init=False)
     token: str = field(init=False, default="")
@@ -157,6 +158,8 @@ class BenchServer:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.database_url:
+            env["CAREVAULT_DATABASE_URL"] = self.database_url
         return env
 
     def _cli(self, *args: str, stdin: bytes | None = None) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,64 @@ async def test_run_micro_reports_every_variant_with_ratios() -> None:
     assert set(result["variants"]) == {"raw", "joserfc", "verify", "full", "full-repeat"}
     assert result["variants"]["raw"]["ratio_to_raw"] == 1.0
     assert all(len(v["samples_us"]) == 2 for v in result["variants"].values())
+
+
+# --- the "fhir" set: data set, seeding through the store, read-path measurement -------------
+
+
+def test_fhir_data_set_is_deterministic_and_valid() -> None:
+    from bench.fhir import RESOURCES_PER_PATIENT, patient_groups
+    from carevault.fhir.validation import validate_resource
+
+    first = list(patient_groups(40))
+    assert first == list(patient_groups(40))
+    assert len(first) == 40 // RESOURCES_PER_PATIENT
+    for group in first:
+        assert len(group.resources) == RESOURCES_PER_PATIENT
+        assert group.resources[0]["id"] == group.patient_id
+        for body in group.resources:
+            validate_resource(body, body["resourceType"])
+            if body["resourceType"] != "Patient":
+                assert body["subject"] == {"reference": f"Patient/{group.patient_id}"}
+
+
+def test_fhir_create_body_and_prefixes() -> None:
+    import orjson
+
+    from bench.fhir import create_body, search_prefixes
+    from carevault.fhir.validation import validate_resource
+
+    body = validate_resource(orjson.loads(create_body("p1")), "Observation")
+    assert body["subject"]["reference"] == "Patient/p1"
+    assert search_prefixes(["Lindqvist", "Lindgren", "Berg"]) == ["berg", "lind"]
+
+
+async def test_fhir_seed_and_read_path_measurement(services: Any) -> None:
+    from bench.fhir import RESOURCES_PER_PATIENT, _select_row, measure_read_path, seed
+
+    seeded = await seed(services, 3 * RESOURCES_PER_PATIENT, batch_groups=2)
+    assert seeded.resources == 3 * RESOURCES_PER_PATIENT
+    assert len(seeded.patient_ids) == 3
+    stored = await services.store.read("Patient", seeded.patient_ids[0])
+    assert stored.body["name"][0]["family"] == seeded.families[0]
+    patients = await services.store.read_many("Patient", seeded.patient_ids)
+    assert set(patients) == set(seeded.patient_ids)
+
+    result = await measure_read_path(
+        services, seeded.patient_ids, samples=6, repeat=1, cold_samples=2
+    )
+    assert set(result["variants"]) == {
+        "full",
+        "sql+parse",
+        "dek+aead",
+        "aead",
+        "dek-cold",
+        "unwrap",
+    }
+    assert all(v["median_us"] > 0 for v in result["variants"].values())
+    assert 0.0 <= result["encryption_share"] <= 1.0
+    assert result["encryption_share_direct"] > 0.0
+    # The harness's own SELECT reads the same row the store decrypts (the measurement is not
+    # of an empty result).
+    row = await _select_row(services.engine, "Patient", seeded.patient_ids[0])
+    assert row is not None and row.id == seeded.patient_ids[0] and row.body

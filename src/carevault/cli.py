@@ -1,4 +1,4 @@
-"""The `carevault` command (typer): init, serve, user ..., keys ..., demo ..."""
+"""The `carevault` command (typer): init, serve, import, user ..., keys ..., demo ..."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -91,8 +92,17 @@ def init(
     _initialise(settings)
     console.print(f"carevault initialised in [bold]{settings.data_dir}[/bold]")
     if demo:
-        created = _run(settings, _create_demo_accounts)
+        created, seeded = _run(settings, _create_demo)
+        if seeded is not None:
+            console.print(f"demo data set seeded: {seeded} FHIR resources", highlight=False)
         _print_demo(settings, created)
+
+
+async def _create_demo(services: Services) -> tuple[list[tuple[str, str, str]], int | None]:
+    from carevault.fhir.demo_data import seed
+
+    created = await _create_demo_accounts(services)
+    return created, await seed(services.store)
 
 
 async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]]:
@@ -128,7 +138,10 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         f"  TOKEN=$(curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
         f'    -d \'{{"username":"demo-physician","password":"{password}"}}\' \\\n'
         "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
-        f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n',
+        f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n'
+        f'  curl -s {base}/fhir/Patient/demo-patient-1 -H "Authorization: Bearer $TOKEN"\n'
+        f'  curl -s "{base}/fhir/Observation?patient=demo-patient-1&code=http://loinc.org%7C8867-4"'
+        ' -H "Authorization: Bearer $TOKEN"\n',
         markup=False,
         highlight=False,
         soft_wrap=True,
@@ -397,6 +410,92 @@ def patient_erase(
         raise _fail(str(err)) from None
     console.print(counts(report, "Patient erased"))
     console.print("data key destroyed; every version under it is unreadable", highlight=False)
+
+
+@app.command("import")
+def import_bundles(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="FILE_OR_DIR...",
+            exists=True,
+            help="Bundle files (transaction or batch), or directories of *.json files.",
+        ),
+    ],
+) -> None:
+    """Load transaction and batch Bundles (e.g. Synthea output): ids and references kept,
+    per-entry errors reported without stopping the rest. Exit code 1 if any entry failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from carevault.fhir.importer import ImportProgress, ImportReport, import_paths, ordered_files
+
+    settings = Settings()
+    _initialise(settings)
+    files = ordered_files(paths)
+
+    async def work(services: Services) -> ImportReport:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            file_task = bar.add_task("files", total=len(files))
+            entry_task = bar.add_task("entries", total=0)
+
+            class Shown(ImportProgress):
+                def file_started(self, name: str, entries: int) -> None:
+                    bar.advance(file_task)
+                    total = (bar.tasks[entry_task].total or 0) + entries
+                    bar.update(entry_task, total=total)
+
+                def advance(self, entries: int) -> None:
+                    bar.advance(entry_task, entries)
+
+            report = await import_paths(services, files, Shown())
+            bar.update(file_task, completed=len(files))
+        return report
+
+    report = _run(settings, work)
+    table = Table(title="Imported resources")
+    for column in ("type", "created", "updated", "already present"):
+        table.add_column(column, justify="left" if column == "type" else "right")
+    for resource_type in sorted(report.counts):
+        c = report.counts[resource_type]
+        table.add_row(resource_type, str(c["created"]), str(c["updated"]), str(c["existing"]))
+    table.add_row(
+        "total",
+        str(report.total("created")),
+        str(report.total("updated")),
+        str(report.total("existing")),
+        style="bold",
+    )
+    console.print(table)
+    files_table = Table(title="Files")
+    for column in ("file", "bundle", "written", "entries", "loaded", "failed"):
+        files_table.add_column(column)
+    for result in report.files:
+        files_table.add_row(
+            result.name,
+            result.bundle_type or "-",
+            result.mode,
+            str(result.entries),
+            str(result.loaded),
+            str(result.failed),
+        )
+    console.print(files_table)
+    if report.errors:
+        errors = Table(title=f"Errors ({len(report.errors)})")
+        for column in ("file", "entry", "error"):
+            errors.add_column(column)
+        for error in report.errors:
+            errors.add_row(
+                error.file, "-" if error.index is None else str(error.index), error.message
+            )
+        console.print(errors)
+        raise _fail(f"{len(report.errors)} error(s); everything else was imported")
+    console.print("all entries imported", highlight=False)
 
 
 def main() -> None:

@@ -98,8 +98,13 @@ class Settings(BaseSettings):
     dek_cache_size: int = Field(10000, ge=0)  # 0: unwrap the data key on every call
     dek_cache_ttl_seconds: float = Field(300, ge=0)  # bounds a destroy seen by other hosts
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # FHIR update (fhir/routes.py): when true, PUT and DELETE without If-Match answer 428.
+    fhir_require_if_match: bool = False
+    # User ids (token `sub`) allowed update-as-create (PUT to an id that does not exist yet);
+    # off for everyone else, since it would reveal whether an id exists. Comma-separated.
+    fhir_update_create_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "fhir_update_create_users", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

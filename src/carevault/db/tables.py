@@ -191,3 +191,19 @@ fhir_index_dates = Table(
     Index("ix_fhir_index_dates_lookup", "resource_type", "param", "low"),
     Index("ix_fhir_index_dates_resource", "resource_type", "id"),
 )
+
+# Idempotency-Key of FHIR creates (fhir/idempotency.py). Neither the raw key nor the body is
+# stored: `key_hash` is SHA-256 of the caller's user id and the key, `body_hash` SHA-256 of the
+# raw request body. A row without `status` is a create in progress (it claims the key).
+fhir_idempotency = Table(
+    "fhir_idempotency",
+    metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("body_hash", String(64), nullable=False),
+    Column("resource_type", String(64)),
+    Column("resource_id", String(64)),
+    Column("version", Integer),
+    Column("status", Integer),  # 201 (created) or 200 (If-None-Exist matched); NULL: pending
+    Column("created_at", Float, nullable=False),
+    Index("ix_fhir_idempotency_created_at", "created_at"),
+)

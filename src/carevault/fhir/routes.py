@@ -1,5 +1,9 @@
 """FHIR REST (base `/fhir`): create, read, vread, update, delete, history, metadata.
 
+Also: conditional create (`If-None-Exist`), `Idempotency-Key` on create (fhir/idempotency.py),
+version-aware update and delete (`If-Match`, required when `fhir_require_if_match` is set),
+update-as-create for the user ids in `fhir_update_create_users`, and `Patient/{id}/$everything`.
+
 Bodies are read and validated here (fhir.resources), never by FastAPI's models, so that every
 error is a FHIR OperationOutcome. Responses carry ETag, Last-Modified and Location as the FHIR
 specification describes, and `Cache-Control: no-store`: they are ePHI.
@@ -18,11 +22,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from carevault import __version__
-from carevault.fhir import outcome
+from carevault.fhir import idempotency, outcome
 from carevault.fhir.authorization import may_use_fhir
 from carevault.fhir.search import (
+    CONTROL_PARAMS,
     CURSOR_ALONE,
+    MAX_PARAMS,
     CursorCodec,
+    Search,
     SearchError,
     SearchResult,
     execute,
@@ -36,6 +43,7 @@ from carevault.fhir.store import (
     StoredResource,
     VersionConflict,
     WriteContention,
+    WriteOperation,
     instant,
 )
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
@@ -151,9 +159,10 @@ def _gone(err: Gone) -> FhirError:
 async def capability_statement(request: Request) -> Response:
     from carevault.fhir.validation import SUPPORTED_TYPES
 
+    settings = request.app.state.services.settings
     interactions = [
         {"code": c}
-        for c in ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
+        for c in ("create", "read", "vread", "update", "delete", "history-instance", "history-type")
     ]
     body = {
         "resourceType": "CapabilityStatement",
@@ -186,14 +195,21 @@ async def capability_statement(request: Request) -> Response:
                     {
                         "type": t,
                         "interaction": _interactions(interactions, t),
-                        "versioning": "versioned",
+                        "versioning": "versioned-update",
                         "readHistory": True,
-                        "updateCreate": False,
+                        # only for the user ids in fhir_update_create_users (carevault import)
+                        "updateCreate": bool(settings.fhir_update_create_users),
+                        "conditionalCreate": True,
+                        "conditionalRead": "not-supported",
+                        "conditionalUpdate": False,
+                        "conditionalDelete": "not-supported",
                         "searchParam": _search_params(t),
                         **_search_includes(t),
+                        **_operations(t),
                     }
                     for t in sorted(SUPPORTED_TYPES)
                 ],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
             }
         ],
     }
@@ -212,6 +228,23 @@ _SEARCH_DOC = {
         "supported; dates accept the prefixes eq ne lt gt le ge sa eb (not ap)."
     ),
 }
+
+
+def _operations(resource_type: str) -> dict[str, list[dict[str, str]]]:
+    if resource_type != "Patient":
+        return {}
+    return {
+        "operation": [
+            {
+                "name": "everything",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                "documentation": (
+                    "GET only, no parameters: the Patient and every current resource in its "
+                    "compartment, in one unpaged searchset Bundle."
+                ),
+            }
+        ]
+    }
 
 
 def _interactions(base: list[dict[str, str]], resource_type: str) -> list[dict[str, str]]:
@@ -261,6 +294,43 @@ def _history_bundle(entries: list[StoredResource]) -> dict[str, Any]:
         "total": len(bundle_entries),
         "entry": bundle_entries,
     }
+
+
+@router.get("/Patient/{resource_id}/$everything")
+async def patient_everything(resource_id: str, request: Request, principal: Caller) -> Response:
+    """The Patient and every current resource in its compartment (right of access), as one
+    searchset Bundle. No parameters (start, end, _since, _type, _count) are supported: they are
+    refused rather than ignored, and the Bundle is not paged."""
+    _check_id(resource_id)
+    if any(
+        name != "_format" or value not in ("json", "application/json", FHIR_JSON)
+        for name, value in request.query_params.multi_items()
+    ):
+        raise FhirError(400, outcome.not_supported())
+    store = request.app.state.services.store
+    try:
+        patient = await store.read("Patient", resource_id)
+        members = await store.compartment_resources(resource_id)
+    except NotFound:
+        raise FhirError(404, outcome.not_found()) from None
+    except Gone as err:  # deleted or erased
+        raise _gone(err) from None
+    except IntegrityFailure:
+        raise await _integrity_failure(request, principal) from None
+    resources = [patient] + [
+        m for m in members if (m.resource_type, m.id) != ("Patient", resource_id)
+    ]
+    entries = [
+        {
+            "fullUrl": f"{r.resource_type}/{r.id}",
+            "resource": r.body,
+            "search": {"mode": "match"},
+        }
+        for r in resources
+    ]
+    return fhir_response(
+        {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+    )
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
@@ -410,17 +480,118 @@ async def search_post(resource_type: str, request: Request, principal: Caller) -
     return await _search(resource_type, pairs, request, principal)
 
 
-@router.post("/{resource_type}", status_code=201)
-async def create(resource_type: str, request: Request, principal: Caller) -> Response:
-    _check_type(resource_type)
-    body = await _body(request, resource_type)
+def _issue(status: int, code: str, text: str) -> FhirError:
+    return FhirError(
+        status,
+        outcome.operation_outcome([{"severity": "error", "code": code, "diagnostics": text}]),
+    )
+
+
+def _if_none_exist(request: Request, resource_type: str) -> Search | None:
+    """The search of an `If-None-Exist` header (`a=1&b=2`, also `?a=1` or `Type?a=1`)."""
+    value = request.headers.get("if-none-exist")
+    if value is None:
+        return None
+    query = value.strip()
+    if "?" in query:
+        prefix, _, query = query.partition("?")
+        if prefix not in ("", resource_type, f"/fhir/{resource_type}"):
+            raise _issue(400, "invalid", "If-None-Exist must be a search of the same type.")
     try:
-        stored = await request.app.state.services.store.create(body)
+        pairs = parse_qsl(
+            query, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_PARAMS
+        )
+    except ValueError:
+        pairs = []
+    if not pairs or any(name in CONTROL_PARAMS for name, _ in pairs):
+        raise _issue(400, "invalid", "If-None-Exist must be a search query (no _count etc.).")
+    try:
+        # two rows are enough to tell 0, 1 and "more than one" apart
+        return parse_search(
+            resource_type,
+            [*pairs, ("_count", "2"), ("_total", "none")],
+            request.app.state.services.blind_index,
+        )
+    except SearchError as err:
+        raise _search_error(err) from None
+
+
+async def _create_or_match(
+    request: Request, principal: Principal, body: dict[str, Any], search: Search | None
+) -> tuple[StoredResource, int]:
+    """Create `body` (201), or with If-None-Exist return the one match (200) or refuse (412)."""
+    services = request.app.state.services
+    try:
+        if search is not None:
+            try:
+                result = await execute(services.engine, search)
+            except SearchError as err:
+                raise _search_error(err) from None
+            if len(result.ids) > 1:
+                raise _issue(
+                    412, "multiple-matches", "If-None-Exist matched more than one resource."
+                )
+            if result.ids:
+                return await services.store.read(search.resource_type, result.ids[0]), 200
+        return await services.store.create(body), 201
     except WriteContention:
+        raise FhirError(409, outcome.conflict()) from None
+    except NotFound:  # the match was deleted meanwhile
         raise FhirError(409, outcome.conflict()) from None
     except Gone as err:  # its patient was erased
         raise _gone(err) from None
-    return fhir_response(stored.body, 201, _headers(stored, location=True))
+    except IntegrityFailure:
+        raise await _integrity_failure(request, principal) from None
+
+
+@router.post("/{resource_type}", status_code=201)
+async def create(resource_type: str, request: Request, principal: Caller) -> Response:
+    _check_type(resource_type)
+    services = request.app.state.services
+    key = None
+    if "idempotency-key" in request.headers:
+        try:
+            key = idempotency.key_hash(principal.user_id, request.headers["idempotency-key"])
+        except idempotency.InvalidKey:
+            raise _issue(
+                400, "invalid", "Idempotency-Key must be 1 to 255 printable ASCII characters."
+            ) from None
+    search = _if_none_exist(request, resource_type)
+    body = await _body(request, resource_type)
+    if key is None:
+        stored, status = await _create_or_match(request, principal, body, search)
+        return fhir_response(stored.body, status, _headers(stored, location=True))
+
+    keys = idempotency.IdempotencyKeys(services.engine, getattr(services, "clock", time.time))
+    try:
+        recorded = await keys.claim(key, idempotency.body_hash(await request.body()))
+    except idempotency.KeyReused:
+        raise _issue(
+            422, "business-rule", "This Idempotency-Key was already used with another body."
+        ) from None
+    except idempotency.StillPending:
+        raise FhirError(409, outcome.conflict()) from None
+    if recorded is not None:  # replay the first response, write nothing
+        try:
+            stored = await services.store.vread(
+                recorded.resource_type, recorded.resource_id, recorded.version
+            )
+        except NotFound:
+            raise FhirError(404, outcome.not_found()) from None
+        except Gone as err:
+            raise _gone(err) from None
+        except IntegrityFailure:
+            raise await _integrity_failure(request, principal) from None
+        return fhir_response(stored.body, recorded.status, _headers(stored, location=True))
+    try:
+        stored, status = await _create_or_match(request, principal, body, search)
+    except Exception:
+        await keys.release(key)  # a failed create must not block the client's retry
+        raise
+    await keys.complete(
+        key, idempotency.Recorded(stored.resource_type, stored.id, stored.version, status)
+    )
+    return fhir_response(stored.body, status, _headers(stored, location=True))
 
 
 @router.get("/{resource_type}/{resource_id}")
@@ -461,18 +632,29 @@ async def vread(
     return fhir_response(stored.body, 200, _headers(stored))
 
 
+def _if_match(request: Request) -> int | None:
+    """The version of `If-Match: W/"n"`; 428 if it is missing and `fhir_require_if_match`."""
+    if "if-match" not in request.headers:
+        if request.app.state.services.settings.fhir_require_if_match:
+            raise _issue(
+                428,
+                "required",
+                'This server requires If-Match (W/"version") on updates and deletes.',
+            )
+        return None
+    match = ETAG_PATTERN.fullmatch(request.headers["if-match"].strip())
+    if not match:
+        raise FhirError(412, outcome.precondition_failed())
+    return int(match.group(1))
+
+
 @router.put("/{resource_type}/{resource_id}")
 async def update(
     resource_type: str, resource_id: str, request: Request, principal: Caller
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
-    if_match = None
-    if "if-match" in request.headers:
-        match = ETAG_PATTERN.fullmatch(request.headers["if-match"].strip())
-        if not match:
-            raise FhirError(412, outcome.precondition_failed())
-        if_match = int(match.group(1))
+    if_match = _if_match(request)
     body = await _body(request, resource_type)
     if body.get("id") != resource_id:
         raise FhirError(
@@ -489,8 +671,11 @@ async def update(
         )
     try:
         # Update-as-create is off for ordinary callers: it would reveal which ids exist.
+        allow_create = (
+            principal.user_id in request.app.state.services.settings.fhir_update_create_users
+        )
         stored, created = await request.app.state.services.store.update(
-            resource_type, resource_id, body, if_match=if_match, allow_create=False
+            resource_type, resource_id, body, if_match=if_match, allow_create=allow_create
         )
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
@@ -572,10 +757,19 @@ async def delete(
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
+    if_match = _if_match(request)
+    store = request.app.state.services.store
     try:
-        stored = await request.app.state.services.store.delete(resource_type, resource_id)
+        if if_match is None:
+            stored = await store.delete(resource_type, resource_id)
+        else:
+            [stored] = await store.write_many(
+                [WriteOperation("delete", resource_type, resource_id, if_match=if_match)]
+            )
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
+    except VersionConflict:
+        raise FhirError(412, outcome.precondition_failed()) from None
     except WriteContention:
         raise FhirError(409, outcome.conflict()) from None
     return fhir_response(None, 204, {"ETag": stored.etag})

@@ -49,7 +49,6 @@ from sqlalchemy import (
     ColumnElement,
     and_,
     case,
-    exists,
     false,
     func,
     literal_column,
@@ -244,12 +243,14 @@ def _index_key(key: str) -> str:
 
 
 def _keys_exist(resource_type: str, param: str, keys: Sequence[str]) -> ColumnElement[bool]:
+    # `id IN (uncorrelated subquery)`, not a correlated EXISTS: SQLite plans the correlated form
+    # as a walk over every resource of the type (17.7 ms at 4,000 resources) and this one as a
+    # lookup on ix_fhir_index_keys_lookup (0.5 ms); PostgreSQL plans both well.
     k = fhir_index_keys.alias("k")
-    return exists(
+    return fhir_resources.c.id.in_(
         select(k.c.id).where(
             and_(
                 k.c.resource_type == resource_type,
-                k.c.id == fhir_resources.c.id,
                 k.c.param == param,
                 k.c.key.in_(sorted(set(keys))),
             )
@@ -344,11 +345,11 @@ def _condition(
             return _keys_exist(resource_type, param.code, keys)
         d = fhir_index_dates.alias("d")
         ranges = [_date_condition(*_parse_date(v), d.c.low, d.c.high) for v in values]
-        return exists(
+        # Uncorrelated, like _keys_exist: SQLite would otherwise walk every resource.
+        return fhir_resources.c.id.in_(
             select(d.c.id).where(
                 and_(
                     d.c.resource_type == resource_type,
-                    d.c.id == fhir_resources.c.id,
                     d.c.param == param.code,
                     or_(*ranges),
                 )

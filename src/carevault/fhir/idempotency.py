@@ -1,0 +1,156 @@
+"""Idempotency-Key on FHIR creates (POST /fhir/{type}).
+
+A client that did not get the answer to a create (timeout, dropped connection) sends it again
+with the same `Idempotency-Key`; the second request must not write a second resource. The key
+is claimed in `fhir_idempotency` BEFORE the create (the primary key makes the claim atomic on
+SQLite and PostgreSQL alike); the result (type, id, version, status) is recorded after it.
+
+* same key, same body, within `TTL_SECONDS` -> the first response is replayed (the stored
+  version is read again: same status, Location, ETag), nothing is written;
+* same key, another body -> `KeyReused` (422);
+* a duplicate arriving while the first is still being processed waits for it (up to
+  `WAIT_SECONDS`) and then replays it; a claim older than `PENDING_LEASE_SECONDS` that never
+  completed (crashed process) is taken over;
+* the create failing -> `release()` deletes the claim, so a retry is not blocked;
+* rows older than `TTL_SECONDS` are ignored and replaced; expired rows are deleted whenever a
+  new key is claimed.
+
+Keys are per user: the stored hash is SHA-256 over the user id and the key, so two users' keys
+never collide, and neither the raw key nor the body is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from carevault.db.engine import write_transaction
+from carevault.db.tables import fhir_idempotency
+
+TTL_SECONDS = 24 * 3600
+WAIT_SECONDS = 10.0
+POLL_SECONDS = 0.05
+PENDING_LEASE_SECONDS = 300.0
+KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+class InvalidKey(Exception):
+    """Not 1-255 printable ASCII characters."""
+
+
+class KeyReused(Exception):
+    """The key was used with another request body."""
+
+
+class StillPending(Exception):
+    """The first request with this key is still being processed (the client may retry)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    resource_type: str
+    resource_id: str
+    version: int
+    status: int
+
+
+def key_hash(user_id: str, key: str) -> str:
+    if not KEY_PATTERN.fullmatch(key):
+        raise InvalidKey("invalid key")
+    return hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()
+
+
+def body_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+class IdempotencyKeys:
+    def __init__(self, engine: AsyncEngine, clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    async def claim(self, key: str, body: str) -> Recorded | None:
+        """Claim `key` for a new request (None: go ahead, then `complete` or `release`), or
+        return the recorded result of the earlier request with the same key and body."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            now = self._clock()
+            try:
+                async with write_transaction(self._engine) as conn:
+                    row = (
+                        await conn.execute(
+                            select(fhir_idempotency).where(fhir_idempotency.c.key_hash == key)
+                        )
+                    ).first()
+                    stale = row is not None and (
+                        row.created_at < now - TTL_SECONDS
+                        or (row.status is None and row.created_at < now - PENDING_LEASE_SECONDS)
+                    )
+                    if row is None or stale:
+                        # Drop this key's claim only if it is still stale, and every expired
+                        # key. The staleness is re-stated in the DELETE: under READ COMMITTED
+                        # this statement sees a claim another request committed after our
+                        # SELECT, and an unconditional delete would let both requests create.
+                        await conn.execute(
+                            delete(fhir_idempotency).where(
+                                or_(
+                                    and_(
+                                        fhir_idempotency.c.key_hash == key,
+                                        or_(
+                                            fhir_idempotency.c.created_at < now - TTL_SECONDS,
+                                            and_(
+                                                fhir_idempotency.c.status.is_(None),
+                                                fhir_idempotency.c.created_at
+                                                < now - PENDING_LEASE_SECONDS,
+                                            ),
+                                        ),
+                                    ),
+                                    fhir_idempotency.c.created_at < now - TTL_SECONDS,
+                                )
+                            )
+                        )
+                        await conn.execute(
+                            insert(fhir_idempotency).values(
+                                key_hash=key, body_hash=body, created_at=now
+                            )
+                        )
+                        return None
+            except IntegrityError:
+                continue  # a concurrent request claimed it first: read its row
+            if row.body_hash != body:
+                raise KeyReused("key reused")
+            if row.status is not None:
+                return Recorded(row.resource_type, row.resource_id, row.version, row.status)
+            if time.monotonic() >= deadline:
+                raise StillPending("pending")
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def complete(self, key: str, result: Recorded) -> None:
+        async with write_transaction(self._engine) as conn:
+            await conn.execute(
+                update(fhir_idempotency)
+                .where(fhir_idempotency.c.key_hash == key)
+                .values(
+                    resource_type=result.resource_type,
+                    resource_id=result.resource_id,
+                    version=result.version,
+                    status=result.status,
+                )
+            )
+
+    async def release(self, key: str) -> None:
+        """Forget a claim whose request failed (only a pending one)."""
+        async with write_transaction(self._engine) as conn:
+            await conn.execute(
+                delete(fhir_idempotency).where(
+                    and_(fhir_idempotency.c.key_hash == key, fhir_idempotency.c.status.is_(None))
+                )
+            )
