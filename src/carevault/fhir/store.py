@@ -576,16 +576,7 @@ class ResourceStore:
         async with read_connection(self._engine) as conn:
             row = (
                 await conn.execute(
-                    select(fhir_versions)
-                    .join(
-                        fhir_resources,
-                        and_(
-                            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
-                            fhir_resources.c.id == fhir_versions.c.id,
-                            fhir_resources.c.version == fhir_versions.c.version,
-                        ),
-                    )
-                    .where(
+                    _current_versions().where(
                         and_(
                             fhir_resources.c.resource_type == resource_type,
                             fhir_resources.c.id == resource_id,
@@ -605,16 +596,7 @@ class ResourceStore:
         async with read_connection(self._engine) as conn:
             rows = (
                 await conn.execute(
-                    select(fhir_versions)
-                    .join(
-                        fhir_resources,
-                        and_(
-                            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
-                            fhir_resources.c.id == fhir_versions.c.id,
-                            fhir_resources.c.version == fhir_versions.c.version,
-                        ),
-                    )
-                    .where(
+                    _current_versions().where(
                         and_(
                             fhir_resources.c.resource_type == resource_type,
                             fhir_resources.c.id.in_(sorted(set(resource_ids))),
@@ -747,6 +729,18 @@ class ResourceStore:
                 )
             )
         return result
+
+
+def _current_versions() -> Any:
+    """SELECT of the current version row of resources (the pointer joined to its version)."""
+    return select(fhir_versions).join(
+        fhir_resources,
+        and_(
+            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
+            fhir_resources.c.id == fhir_versions.c.id,
+            fhir_resources.c.version == fhir_versions.c.version,
+        ),
+    )
 
 
 class _Retry(Exception):
