@@ -102,14 +102,18 @@ def _decode_header(segment: bytes) -> dict[str, Any]:
         raise InvalidTokenError("malformed header") from err
 
 
-def verify_jws_signature(raw: bytes, key: Any, alg: str) -> bytes:
+def verify_jws_signature(
+    raw: bytes, key: Any, alg: str, *, header_allowlisted: bool = False
+) -> bytes:
     """Check the JWS compact serialization `raw` with `key` under `alg` only; return the payload.
 
     `alg` is the algorithm bound to the key (`SigningKey.alg`), never one read from the token.
     Raises `InvalidTokenError` for an algorithm outside the allowlist, a header naming another
     algorithm, a malformed JWS or a bad signature. joserfc does the parsing (`extract_compact`),
     the header rules (`check_header`) and the signature check (its algorithm model's `verify`);
-    the model is resolved once per algorithm instead of on every call.
+    the model is resolved once per algorithm instead of on every call. `header_allowlisted`
+    says the caller has already limited the header to `ALLOWED_HEADER_PARAMS` (stricter than
+    joserfc's header rules), so they are not checked a second time.
     """
     registry = _SIGNATURE_REGISTRIES.get(alg)
     if registry is None:
@@ -118,7 +122,8 @@ def verify_jws_signature(raw: bytes, key: Any, alg: str) -> bytes:
     try:
         obj = jws.extract_compact(raw, registry=registry)
         header = obj.headers()
-        registry.check_header(header)
+        if not header_allowlisted:
+            registry.check_header(header)
         if header.get("alg") != alg:
             raise InvalidTokenError("algorithm not allowed for this key")
         model.check_key(key)
@@ -271,7 +276,7 @@ class AccessTokenVerifier:
         if header.get("alg") != key.alg:
             raise InvalidTokenError("algorithm not allowed for this key")
 
-        payload = verify_jws_signature(raw, key.key, key.alg)
+        payload = verify_jws_signature(raw, key.key, key.alg, header_allowlisted=True)
         claims = _strict_json_object(payload)
         self._check_claims(claims)
         return (
