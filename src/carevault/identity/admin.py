@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 
 from carevault.crypto.passwords import PasswordHasher
-from carevault.identity.accounts import AccountError, User, UserStore
+from carevault.identity.accounts import AccountError, User, UserStore, validate_links
 from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.password_policy import check_password
 from carevault.identity.roles import Role
@@ -86,8 +86,6 @@ class AccountAdmin:
 
     async def set_role(self, username: str, role: Role) -> User:
         user = await self._require(username)
-        from carevault.identity.accounts import validate_links
-
         validate_links([role], user.organization_id, user.practitioner_id, user.patient_id)
         await self._users.set_roles(user.id, [role])
         await self._sessions.end_all(user.id, "role_change")
