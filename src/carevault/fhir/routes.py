@@ -43,7 +43,6 @@ from carevault.fhir.store import (
     StoredResource,
     VersionConflict,
     WriteContention,
-    WriteOperation,
     instant,
 )
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
@@ -760,12 +759,7 @@ async def delete(
     if_match = _if_match(request)
     store = request.app.state.services.store
     try:
-        if if_match is None:
-            stored = await store.delete(resource_type, resource_id)
-        else:
-            [stored] = await store.write_many(
-                [WriteOperation("delete", resource_type, resource_id, if_match=if_match)]
-            )
+        stored = await store.delete(resource_type, resource_id, if_match=if_match)
     except NotFound:
         raise FhirError(404, outcome.not_found()) from None
     except VersionConflict:

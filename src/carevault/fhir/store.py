@@ -106,6 +106,7 @@ class WriteOperation:
     resource_id: str
     body: dict[str, Any] | None = None
     if_match: int | None = None
+    allow_create: bool = False  # update-as-create (import, granted users)
 
 
 def _at(error: StoreError, index: int) -> StoreError:
@@ -253,15 +254,8 @@ class ResourceStore:
 
     async def create(self, body: dict[str, Any]) -> StoredResource:
         """Store a validated resource under a new server-assigned id (any client id is ignored)."""
-        stored, _ = await self._write(
-            body["resourceType"],
-            str(uuid.uuid4()),
-            body,
-            if_match=None,
-            allow_create=True,
-            must_create=True,
-        )
-        return stored
+        op = WriteOperation("create", body["resourceType"], str(uuid.uuid4()), body)
+        return (await self.write_many([op]))[0]
 
     async def update(
         self,
@@ -273,138 +267,18 @@ class ResourceStore:
         allow_create: bool = False,
     ) -> tuple[StoredResource, bool]:
         """Write a new version; return it and whether the resource was created."""
-        return await self._write(
-            resource_type,
-            resource_id,
-            body,
-            if_match=if_match,
-            allow_create=allow_create,
-            must_create=False,
+        op = WriteOperation(
+            "update", resource_type, resource_id, body, if_match, allow_create=allow_create
         )
+        stored = (await self.write_many([op]))[0]
+        return stored, stored.version == 1  # versions only grow: 1 is the creating write
 
-    async def delete(self, resource_type: str, resource_id: str) -> StoredResource:
+    async def delete(
+        self, resource_type: str, resource_id: str, *, if_match: int | None = None
+    ) -> StoredResource:
         """Logical delete: a new, empty version; history keeps the earlier ones."""
-        for _ in range(WRITE_ATTEMPTS):
-            current = await self._current(resource_type, resource_id)
-            if current is None:
-                raise NotFound("not found")
-            version, deleted, scope, _erased = current
-            if deleted:
-                return StoredResource(
-                    resource_type, resource_id, version, self._clock(), True, None
-                )
-            now = self._clock()
-            async with write_transaction(self._engine) as conn:
-                swapped = await conn.execute(
-                    update(fhir_resources)
-                    .where(
-                        and_(
-                            fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id == resource_id,
-                            fhir_resources.c.version == version,
-                        )
-                    )
-                    .values(version=version + 1, last_updated=now, deleted=True)
-                )
-                if swapped.rowcount != 1:
-                    continue
-                await conn.execute(
-                    insert(fhir_versions).values(
-                        resource_type=resource_type,
-                        id=resource_id,
-                        version=version + 1,
-                        last_updated=now,
-                        deleted=True,
-                        scope=scope,
-                        body=b"",
-                    )
-                )
-                await self._replace_index(conn, None, resource_type, resource_id)
-            return StoredResource(resource_type, resource_id, version + 1, now, True, None)
-        raise WriteContention("contention")
-
-    async def _write(
-        self,
-        resource_type: str,
-        resource_id: str,
-        body: dict[str, Any],
-        *,
-        if_match: int | None,
-        allow_create: bool,
-        must_create: bool,
-    ) -> tuple[StoredResource, bool]:
-        for _ in range(WRITE_ATTEMPTS):
-            current = None if must_create else await self._current(resource_type, resource_id)
-            if current is None and not allow_create:
-                raise NotFound("not found")
-            version = current[0] if current else 0
-            if current is not None and current[3]:
-                raise Erased(version, self._clock())
-            if if_match is not None and if_match != version:
-                raise VersionConflict("version conflict")
-            now = self._clock()
-            stamped = self._stamp(body, resource_id, version + 1, now)
-            patients = self._patients(stamped)
-            scope = self._scope(resource_type, patients)
-            try:
-                ciphertext = await self._envelope.encrypt(
-                    scope,
-                    orjson.dumps(stamped),
-                    associated_data(resource_type, resource_id, version + 1),
-                )
-            except KeyDestroyed:
-                raise Erased(version, now) from None  # its patient was erased
-            try:
-                async with write_transaction(self._engine) as conn:
-                    if current is None:
-                        await conn.execute(
-                            insert(fhir_resources).values(
-                                resource_type=resource_type,
-                                id=resource_id,
-                                version=1,
-                                last_updated=now,
-                                deleted=False,
-                                scope=scope,
-                            )
-                        )
-                    else:
-                        swapped = await conn.execute(
-                            update(fhir_resources)
-                            .where(
-                                and_(
-                                    fhir_resources.c.resource_type == resource_type,
-                                    fhir_resources.c.id == resource_id,
-                                    fhir_resources.c.version == version,
-                                )
-                            )
-                            .values(
-                                version=version + 1, last_updated=now, deleted=False, scope=scope
-                            )
-                        )
-                        if swapped.rowcount != 1:
-                            raise _Retry
-                    await conn.execute(
-                        insert(fhir_versions).values(
-                            resource_type=resource_type,
-                            id=resource_id,
-                            version=version + 1,
-                            last_updated=now,
-                            deleted=False,
-                            scope=scope,
-                            body=ciphertext,
-                        )
-                    )
-                    await self._replace_compartments(conn, resource_type, resource_id, patients)
-                    await self._replace_index(conn, stamped, resource_type, resource_id)
-            except _Retry:
-                continue
-            except IntegrityError:
-                if must_create:
-                    raise
-                continue  # someone created it between our read and our insert
-            stored = StoredResource(resource_type, resource_id, version + 1, now, False, stamped)
-            return stored, current is None
-        raise WriteContention("contention")
+        op = WriteOperation("delete", resource_type, resource_id, if_match=if_match)
+        return (await self.write_many([op]))[0]
 
     async def write_many(self, operations: Sequence[WriteOperation]) -> list[StoredResource]:
         """Apply creates, updates and deletes in ONE database transaction: all or nothing.
@@ -434,7 +308,7 @@ class ResourceStore:
                     if op.action == "create"
                     else await self._current(op.resource_type, op.resource_id)
                 )
-                if op.action != "create" and current is None:
+                if current is None and not (op.action == "create" or op.allow_create):
                     raise _at(NotFound("not found"), index)
                 version = current[0] if current else 0
                 if current is not None and op.action == "update" and current[3]:
@@ -532,6 +406,12 @@ class ResourceStore:
                         )
             except _Retry:
                 continue
+            except IntegrityError:
+                # An update-as-create lost a race with another creator of the same id: read
+                # again and update it instead. A plain create must not silently become an update.
+                if any(op.action == "update" and op.allow_create for op in operations):
+                    continue
+                raise
             return results
         raise WriteContention("contention")
 
