@@ -97,12 +97,19 @@ class Settings(BaseSettings):
     master_key: SecretStr | None = None
     dek_cache_size: int = Field(10000, ge=0)  # 0: unwrap the data key on every call
     dek_cache_ttl_seconds: float = Field(300, ge=0)  # bounds a destroy seen by other hosts
+    # The key vault: where the wrapped data keys live, apart from the data they open, so that a
+    # copy of the database never carries the keys that an erasure destroys (fhir/erasure.py).
+    # Unset: an SQLite file in the keys directory. Multi-host deployments point it at a shared
+    # database that is not the data database (production refuses the same URL).
+    key_database_url: str | None = None
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # FHIR update (fhir/routes.py): when true, PUT and DELETE without If-Match answer 428.
     fhir_require_if_match: bool = False
     # User ids (token `sub`) allowed update-as-create (PUT to an id that does not exist yet);
     # off for everyone else, since it would reveal whether an id exists. Comma-separated.
     fhir_update_create_users: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Largest inline attachment (decoded bytes of one `Attachment.data`) a FHIR write may carry.
+    fhir_max_attachment_bytes: int = Field(512 * 1024, ge=0)
 
     @field_validator("trusted_proxies", "fhir_update_create_users", mode="before")
     @classmethod
