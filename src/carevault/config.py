@@ -28,6 +28,8 @@ MAX_CLOCK_LEEWAY_SECONDS = 60
 
 SIGNING_ALGORITHMS = ("ES256", "EdDSA", "PS256", "RS256")
 
+KEY_VAULT_FILE = "data-keys.db"  # the embedded key vault, in the keys directory
+
 
 class Environment(StrEnum):
     development = "development"
@@ -131,12 +133,30 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be set together")
         return self
 
+    @model_validator(mode="after")
+    def _vault_apart(self) -> Settings:
+        # Not only a production rule: the data database's own migrations would drop the
+        # vault's table, and every copy of the database would carry the keys it should not.
+        if self.key_database_url and self.key_vault_url == self.sqlalchemy_url:
+            raise ValueError(
+                "key_database_url must name another database than database_url: the key vault "
+                "is kept apart so that no copy of the data database carries its keys"
+            )
+        return self
+
     @property
     def sqlalchemy_url(self) -> str:
         """Async SQLAlchemy URL: PostgreSQL through psycopg 3, else the embedded SQLite file."""
         if self.database_url:
             return to_async_url(self.database_url)
         return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'carevault.db'}"
+
+    @property
+    def key_vault_url(self) -> str:
+        """Async SQLAlchemy URL of the key vault (see `key_database_url`)."""
+        if self.key_database_url:
+            return to_async_url(self.key_database_url)
+        return f"sqlite+aiosqlite:///{self.keys_dir.resolve() / KEY_VAULT_FILE}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -15,7 +15,7 @@ from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
 from carevault.crypto.envelope import EnvelopeCipher
 from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
 from carevault.crypto.passwords import PasswordHasher
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, create_vault_engine
 from carevault.fhir.compartment import PatientCompartment
 from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import UserStore
@@ -39,6 +39,7 @@ from carevault.tokens.signal import ChangeSignal
 class Services:
     settings: Settings
     engine: AsyncEngine
+    vault_engine: AsyncEngine  # the key vault: wrapped data keys, apart from the data
     secrets: InstanceSecrets
     keyring: KeyRing
     issuer: AccessTokenIssuer
@@ -64,6 +65,7 @@ class Services:
     async def close(self) -> None:
         await self.revocations.close()
         await self.engine.dispose()
+        await self.vault_engine.dispose()
         self.hasher.close()
         self.signal.close()
         self.envelope.close()
@@ -96,8 +98,9 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     events = SecurityEventLog(engine)
     throttle = LoginThrottle(settings, engine, clock)
     custody = KeyCustody.from_settings(settings)
+    vault_engine = create_vault_engine(settings)
     envelope = EnvelopeCipher(
-        engine,
+        vault_engine,
         custody,
         cache_size=settings.dek_cache_size,
         cache_ttl_seconds=settings.dek_cache_ttl_seconds,
@@ -122,6 +125,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     return Services(
         settings=settings,
         engine=engine,
+        vault_engine=vault_engine,
         secrets=instance_secrets,
         keyring=keyring,
         issuer=issuer,

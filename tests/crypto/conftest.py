@@ -15,10 +15,11 @@ from tests.conftest import copy_tree, make_settings
 
 
 def other_host_settings(first: Settings, data_dir: Path, **overrides: Any) -> Settings:
-    """Another host on the same database: its own data directory (so no shared change
-    counter) holding a copy of the first one's keys."""
+    """Another host on the same database and key vault: its own data directory (so no shared
+    change counter) holding a copy of the first one's key files."""
     copy_tree(first.keys_dir, data_dir / "keys")
     database_url = first.database_url or f"sqlite:///{first.data_dir.resolve() / 'carevault.db'}"
+    overrides.setdefault("key_database_url", first.key_vault_url)
     return make_settings(data_dir, database_url, **overrides)
 
 

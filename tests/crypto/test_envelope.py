@@ -42,7 +42,7 @@ class FakeMonotonic:
 
 
 async def _rows(services: Services) -> list[Any]:
-    async with read_connection(services.engine) as conn:
+    async with read_connection(services.vault_engine) as conn:
         return (await conn.execute(select(data_keys).order_by(data_keys.c.scope))).all()
 
 
@@ -92,7 +92,7 @@ async def test_wrapped_dek_moved_to_another_scope_row_fails(
     mine = await services.envelope.encrypt("patient:victim", b"victim's record", AD)
     theirs = await services.envelope.encrypt("patient:attacker", b"attacker's", AD)
     victim = next(r for r in await _rows(services) if r.scope == "patient:victim")
-    async with write_transaction(services.engine) as conn:
+    async with write_transaction(services.vault_engine) as conn:
         await conn.execute(
             update(data_keys)
             .where(data_keys.c.scope == "patient:attacker")
@@ -157,12 +157,12 @@ async def test_invalid_scopes_are_refused(services: Services, scope: str) -> Non
 
 
 async def test_cache_is_bounded_lru(services: Services) -> None:
-    envelope = EnvelopeCipher(services.engine, services.custody, cache_size=2)
+    envelope = EnvelopeCipher(services.vault_engine, services.custody, cache_size=2)
     cts = {s: await envelope.encrypt(s, s.encode(), AD) for s in ("type:A", "type:B", "type:C")}
     assert envelope.cached_scopes() == 2
     for scope, ciphertext in cts.items():
         assert await envelope.decrypt(scope, ciphertext, AD) == scope.encode()
-    uncached = EnvelopeCipher(services.engine, services.custody, cache_size=0)
+    uncached = EnvelopeCipher(services.vault_engine, services.custody, cache_size=0)
     assert await uncached.decrypt("type:A", cts["type:A"], AD) == b"type:A"
     assert uncached.cached_scopes() == 0
 
@@ -202,6 +202,27 @@ async def test_destroy_shreds_one_scope_and_survives_restart(
     assert await restarted.envelope.decrypt("patient:kept", kept[0], AD) == b"rec 0"
 
 
+async def test_destroyed_key_leaves_no_copy_in_the_vault_files(
+    services: Services, settings: Settings
+) -> None:
+    """The embedded vault zeroes a destroyed key's bytes (secure_delete) and truncates its
+    write-ahead log, so neither the file nor the WAL keeps the wrapped DEK; a neighbour's
+    key is untouched."""
+    await services.envelope.encrypt("patient:gone", b"phi", AD)
+    await services.envelope.encrypt("patient:kept", b"phi", AD)
+    wrapped = {row.scope: bytes(row.wrapped) for row in await _rows(services)}
+
+    def vault_bytes() -> bytes:
+        files = sorted(settings.keys_dir.glob("data-keys.db*"))
+        return b"".join(f.read_bytes() for f in files)
+
+    assert wrapped["patient:gone"] in vault_bytes()  # control: the scan does find keys
+    await services.envelope.destroy("patient:gone")
+    raw = vault_bytes()
+    assert wrapped["patient:gone"][16:48] not in raw
+    assert wrapped["patient:kept"] in raw
+
+
 async def test_destroy_before_first_use_blocks_the_scope(services: Services) -> None:
     await services.envelope.destroy("patient:erased")
     with pytest.raises(KeyDestroyed):
@@ -226,7 +247,9 @@ async def test_destroy_reaches_other_hosts_within_the_ttl(
 ) -> None:
     host2 = await instances(other_host_settings(settings, tmp_path / "host2"))
     monotonic = FakeMonotonic()
-    cipher2 = EnvelopeCipher(host2.engine, host2.custody, cache_ttl_seconds=30, monotonic=monotonic)
+    cipher2 = EnvelopeCipher(
+        host2.vault_engine, host2.custody, cache_ttl_seconds=30, monotonic=monotonic
+    )
     ciphertext = await services.envelope.encrypt("patient:p1", b"phi", AD)
     assert await cipher2.decrypt("patient:p1", ciphertext, AD) == b"phi"
     await services.envelope.destroy("patient:p1")

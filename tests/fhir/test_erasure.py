@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, inspect, select
 
 from carevault.crypto.envelope import DecryptionFailed, KeyDestroyed
 from carevault.db.tables import (
@@ -198,25 +199,17 @@ async def _decrypt_all(services: Any, rows: list[Any]) -> None:
         )
 
 
-async def test_cli_erase_shreds_every_version_and_copies(harness, settings, monkeypatch, tmp_path):
+async def test_cli_erase_shreds_every_version_and_copies(
+    harness, settings, monkeypatch, tmp_path, request
+):
     h = harness
     auth = await _login(h, "dr.erase", Role.physician)
     seeded = await _seed(h, auth)
     a_id, a, b = seeded["A"][0][1], seeded["A"], seeded["B"]
-    copy_dir = None
-    if settings.database_url is None:
-        # "any copy of the database": a consistent copy, taken before the erasure
-        copy_dir = tmp_path / "copy"
-        copy_dir.mkdir()
-        shutil.copytree(settings.keys_dir, copy_dir / "keys")
-        for name in ("instance-secrets", "secrets"):
-            if (settings.data_dir / name).exists():
-                shutil.copytree(settings.data_dir / name, copy_dir / name)
-        src = sqlite3.connect(settings.data_dir / "carevault.db")
-        dst = sqlite3.connect(copy_dir / "carevault.db")
-        src.backup(dst)
-        src.close()
-        dst.close()
+    # "any copy of the database": a consistent copy of the data database, taken before the
+    # erasure (a backup, a replica, a stolen file).
+    copy_dir = tmp_path / "copy"
+    copy_url = _copy_data_database(settings, copy_dir, request)
     _cli_env(monkeypatch, settings)
 
     dry = await _cli("patient", "erase", a_id)
@@ -260,60 +253,83 @@ async def test_cli_erase_shreds_every_version_and_copies(harness, settings, monk
     unknown = await _cli("patient", "erase", "no-such-patient", "--yes")
     assert unknown.exit_code == 1
 
-    if copy_dir is None:
-        return
-    # The copy taken before the erasure: its ciphertexts of A are the live ones, byte for byte.
-    copy_settings = make_settings(copy_dir, None, key_reload_interval_seconds=0.05)
-    live_data_keys = []
-    async with h.services.engine.connect() as conn:
-        live_data_keys = [dict(r._mapping) for r in (await conn.execute(select(data_keys))).all()]
-    copy = build_services(copy_settings)
+    # The copy, restored after the erasure with every key the deployment has (the key vault,
+    # the KEK, the master key): its ciphertexts of A are the live ones byte for byte, and dead;
+    # B's decrypt. The copy itself never held a data key.
+    shutil.copytree(settings.keys_dir, copy_dir / "keys")
+    copy = build_services(make_settings(copy_dir, copy_url, key_reload_interval_seconds=0.05))
     await copy.start()
     try:
         a_rows = [v for v in await _versions(copy, a) if v.body]
         b_rows = [v for v in await _versions(copy, b) if v.body]
-        assert {(r.id, r.version, bytes(r.body)) for r in a_rows} <= {
+        assert a_rows and {(r.id, r.version, bytes(r.body)) for r in a_rows} <= {
             (r.id, r.version, bytes(r.body)) for r in await _versions(h.services, a)
         }
-        # Restored against the current key table (the DEKs live there, not in the copy):
-        # A's ciphertexts are dead everywhere, B's decrypt.
-        async with copy.engine.begin() as conn:
-            await conn.execute(delete(data_keys))
-            await conn.execute(insert(data_keys), live_data_keys)
-        copy.envelope._cache.clear()
         for row in a_rows:
             with pytest.raises(KeyDestroyed):
                 await copy.envelope.decrypt(
                     row.scope, row.body, associated_data(row.resource_type, row.id, row.version)
                 )
         await _decrypt_all(copy, b_rows)
+        async with copy.engine.connect() as conn:
+            tables = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+        assert "data_keys" not in tables
     finally:
         await copy.close()
 
 
-async def test_pre_erasure_copy_of_key_table_dies_with_kek_rotation(
+def _copy_data_database(settings: Any, copy_dir: Path, request: Any) -> str | None:
+    """A copy of the data database alone, as a backup would hold it; its URL (None: SQLite)."""
+    copy_dir.mkdir()
+    if settings.database_url is None:
+        src = sqlite3.connect(settings.data_dir / "carevault.db")
+        dst = sqlite3.connect(copy_dir / "carevault.db")
+        src.backup(dst)
+        src.close()
+        dst.close()
+        return None
+    import psycopg
+
+    source = settings.database_url.rsplit("search_path%3D", 1)[1]
+    copy_url = request.getfixturevalue("pg_schema")()
+    target = copy_url.rsplit("search_path%3D", 1)[1]
+    base = settings.database_url.split("?", 1)[0]
+    with psycopg.connect(base, autocommit=True) as conn:
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (source,)
+            )
+        ]
+        for name in names:  # names come from the catalogue, schemas from the fixture
+            conn.execute(f'CREATE TABLE "{target}"."{name}" (LIKE "{source}"."{name}")')
+            conn.execute(f'INSERT INTO "{target}"."{name}" SELECT * FROM "{source}"."{name}"')
+    return copy_url
+
+
+async def test_pre_erasure_copy_of_key_vault_dies_with_kek_rotation(
     harness, settings, monkeypatch, tmp_path
 ):
-    """The documented limit, pinned: a copy of `data_keys` taken BEFORE the erasure still holds
-    A's wrapped DEK, which the KEK of the time opens; `keys rotate-kek` (dropping the old KEK
-    key) is what completes the shredding for such copies."""
+    """The documented limit, pinned: a copy of the key vault taken BEFORE the erasure (a vault
+    backup) still holds A's wrapped DEK, which the KEK of the time opens; `keys rotate-kek`
+    (dropping the old KEK key) is what completes the shredding for such copies."""
     h = harness
     auth = await _login(h, "dr.kek", Role.physician)
     seeded = await _seed(h, auth)
     a_id, a = seeded["A"][0][1], seeded["A"]
-    async with h.services.engine.connect() as conn:
+    async with h.services.vault_engine.connect() as conn:
         old_keys = [dict(r._mapping) for r in (await conn.execute(select(data_keys))).all()]
     a_rows = [v for v in await _versions(h.services, a) if v.body]
     _cli_env(monkeypatch, settings)
     assert (await _cli("patient", "erase", a_id, "--yes")).exit_code == 0
 
     async def with_key_table(rows: list[dict]) -> None:
-        async with h.services.engine.begin() as conn:
+        async with h.services.vault_engine.begin() as conn:
             await conn.execute(delete(data_keys))
             await conn.execute(insert(data_keys), rows)
         h.services.envelope._cache.clear()
 
-    async with h.services.engine.connect() as conn:
+    async with h.services.vault_engine.connect() as conn:
         live_keys = [dict(r._mapping) for r in (await conn.execute(select(data_keys))).all()]
     await with_key_table(old_keys)  # "restore" the old key table
     await _decrypt_all(h.services, a_rows)  # opens: the old KEK key still exists

@@ -1,14 +1,15 @@
 """Envelope encryption of data at rest: one data key (DEK) per scope, wrapped by the KEK.
 
 A scope is a short string such as ``"patient:<fhir id>"`` or ``"type:Organization"``. Its DEK is
-a tink AES256_GCM keyset, created on first use and stored in `data_keys` wrapped by the KEK
+a tink AES256_GCM keyset, created on first use and stored in the key vault's `data_keys` (a
+database apart from the ciphertexts: `Settings.key_database_url`) wrapped by the KEK
 (`custody.py`) with tink's encrypted keyset format; the wrapping's associated data is
 ``b"carevault-dek:" + scope``, so a wrapped DEK copied into another scope's row does not unwrap.
 Ciphertexts are tink AEAD output (key-id prefix, nonce, ciphertext, tag); the caller's
 associated data (resource type, id, version) keeps a ciphertext from being moved between rows.
 
 Destroying a scope (crypto-shredding) empties its wrapped DEK for good: every ciphertext of the
-scope becomes unreadable and the scope cannot be encrypted to again.
+scope becomes unreadable, wherever a copy of it is, and the scope cannot be encrypted to again.
 
 Decrypted DEKs are cached per process (LRU, bounded, absolute TTL). A destroy evicts at once in
 its own process and, through a memory-mapped change counter in the data directory, in every
@@ -117,7 +118,7 @@ class EnvelopeCipher:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        vault: AsyncEngine,
         custody: KeyCustody,
         *,
         cache_size: int = 10000,
@@ -126,7 +127,7 @@ class EnvelopeCipher:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._engine = engine
+        self._engine = vault
         self._custody = custody
         self._cache = _DekCache(cache_size, cache_ttl_seconds)
         self._signal = signal
@@ -149,9 +150,11 @@ class EnvelopeCipher:
     async def destroy(self, scope: str) -> None:
         """Crypto-shred the scope: its wrapped DEK is overwritten with nothing, for good.
 
-        Also works for a scope that never had a DEK (a tombstone stops it getting one). Old
-        copies of the wrapped DEK can outlive this in dead PostgreSQL tuples until VACUUM, in
-        SQLite free pages / WAL until overwritten or checkpointed, and in backups; they open
+        Also works for a scope that never had a DEK (a tombstone stops it getting one). On an
+        SQLite vault the old bytes are zeroed in the file (`secure_delete`) and the write-ahead
+        log is checkpointed and truncated, so no copy of the wrapped DEK stays in the vault's
+        files; a PostgreSQL vault keeps the old row version until VACUUM. Copies of the vault
+        itself taken before the destroy (its backups) still hold the wrapped DEK: they open
         only with a KEK key that wrapped them, so rotating the KEK (which drops old keys) after
         such copies expire completes the shredding.
         """
@@ -173,14 +176,23 @@ class EnvelopeCipher:
         )
         async with write_transaction(self._engine) as conn:
             await conn.execute(stmt)
+        if self._engine.dialect.name == "sqlite":
+            async with read_connection(self._engine) as conn:
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         self._cache.evict(scope)
         if self._signal is not None:
             self._signal.bump()  # other processes on this host drop their caches
 
     async def is_destroyed(self, scope: str) -> bool:
+        return await self.key_state(scope) == "destroyed"
+
+    async def key_state(self, scope: str) -> str:
+        """``"absent"`` (no DEK yet), ``"live"`` or ``"destroyed"``."""
         _check_scope(scope)
         row = await self._load_row(scope)
-        return row is not None and row.destroyed_at is not None
+        if row is None:
+            return "absent"
+        return "live" if row.destroyed_at is None else "destroyed"
 
     async def kek_usage(self) -> dict[int, int]:
         """Live (not destroyed) DEKs per KEK key id that wraps them."""

@@ -22,20 +22,30 @@ _WRITE = "carevault_write"
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    url = settings.sqlalchemy_url
+    """The data database."""
+    return _engine(settings.sqlalchemy_url, pool_size=10)
+
+
+def create_vault_engine(settings: Settings) -> AsyncEngine:
+    """The key vault (`Settings.key_database_url`). On SQLite it runs with `secure_delete`, so
+    a destroyed data key's bytes are overwritten in the file instead of left in a free page."""
+    return _engine(settings.key_vault_url, pool_size=4, secure_delete=True)
+
+
+def _engine(url: str, *, pool_size: int, secure_delete: bool = False) -> AsyncEngine:
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url,
             connect_args={"isolation_level": None, "timeout": 30},
-            pool_size=8,
+            pool_size=min(pool_size, 8),
             max_overflow=8,
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, secure_delete)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, secure_delete: bool) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -45,6 +55,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
+        if secure_delete:
+            cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
@@ -68,9 +80,9 @@ async def read_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]
         yield conn
 
 
-def sync_url(settings: Settings) -> str:
+def sync_url(async_url: str) -> str:
     """The synchronous driver URL for Alembic and offline tools."""
-    url = make_url(settings.sqlalchemy_url)
+    url = make_url(async_url)
     if url.drivername == "sqlite+aiosqlite":
         url = url.set(drivername="sqlite")
     return url.render_as_string(hide_password=False)

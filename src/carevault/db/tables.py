@@ -19,14 +19,16 @@ from sqlalchemy import (
     Text,
 )
 
-metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)  # the data database
+# The key vault (`Settings.key_database_url`), a database of its own: see `data_keys`.
+vault_metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 users = Table(
     "users",
@@ -114,20 +116,6 @@ security_events = Table(
     Index("ix_security_events_occurred_at", "occurred_at"),
 )
 
-# One data key (DEK) per scope ("patient:<id>", "type:<resource type>"), a tink keyset wrapped by
-# the KEK (crypto/envelope.py). Destroying a scope empties `wrapped` for good (crypto-shredding).
-data_keys = Table(
-    "data_keys",
-    metadata,
-    Column("scope", String(100), primary_key=True),
-    Column("wrapped", LargeBinary, nullable=False),  # empty once destroyed
-    # tink key id (uint32, hence 64-bit) of the KEK primary that wrapped it: rotation progress
-    Column("kek_key_id", BigInteger, nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("destroyed_at", Float),
-    Index("ix_data_keys_kek_key_id", "kek_key_id"),
-)
-
 # --- FHIR record store --------------------------------------------------------------------
 # Bodies exist only as AEAD ciphertext (crypto/envelope.py); these tables hold nothing a raw
 # dump could read as PHI. Search values are plain only where fhir/search_params.SENSITIVITY
@@ -206,4 +194,22 @@ fhir_idempotency = Table(
     Column("status", Integer),  # 201 (created) or 200 (If-None-Exist matched); NULL: pending
     Column("created_at", Float, nullable=False),
     Index("ix_fhir_idempotency_created_at", "created_at"),
+)
+
+
+# --- Key vault ------------------------------------------------------------------------------
+# One data key (DEK) per scope ("patient:<id>", "type:<resource type>"), a tink keyset wrapped by
+# the KEK (crypto/envelope.py). Destroying a scope empties `wrapped` for good (crypto-shredding).
+# It lives in the key vault, not beside the ciphertexts: a copy of the data database never holds
+# a key, so an erasure reaches every copy (backups, replicas, a stolen file) at once.
+data_keys = Table(
+    "data_keys",
+    vault_metadata,
+    Column("scope", String(100), primary_key=True),
+    Column("wrapped", LargeBinary, nullable=False),  # empty once destroyed
+    # tink key id (uint32, hence 64-bit) of the KEK primary that wrapped it: rotation progress
+    Column("kek_key_id", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("destroyed_at", Float),
+    Index("ix_data_keys_kek_key_id", "kek_key_id"),
 )

@@ -4,7 +4,8 @@
 Every version of every resource encrypted under the patient's data key (scope
 ``"patient:<id>"``) becomes unreadable for good, in the live database and in every copy of it
 (backups, replicas, a stolen file): the ciphertexts stay where they are, but the only key that
-opens them is destroyed (`EnvelopeCipher.destroy`).
+opens them is destroyed (`EnvelopeCipher.destroy`). That key lives in the key vault, never in
+the data database, so no copy of the data database ever held it.
 
 Order, and why:
 
@@ -33,9 +34,10 @@ destroying the other patient's record: such resources are counted in
 reference ``Patient/<id>`` are removed, and the resource otherwise stays readable (its body may
 still name this patient). Conversely, a shared resource encrypted under THIS patient's key is
 erased for every patient it concerns. Absolute-URL references to the patient in other
-resources' indexes are not removed. Old copies of the wrapped DEK (dead PostgreSQL tuples,
-SQLite free pages, backups of `data_keys`) open only with a KEK key that wrapped them: rotate
-the KEK (`carevault keys rotate-kek`) once such copies have aged out to finish the shredding.
+resources' indexes are not removed. Copies of the key vault taken before the erasure (its
+backups; dead tuples of a PostgreSQL vault until VACUUM) still hold the wrapped DEK and open
+only with a KEK key that wrapped them: rotate the KEK (`carevault keys rotate-kek`) once such
+copies have aged out to finish the shredding.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import (
-    data_keys,
     fhir_compartments,
     fhir_index_dates,
     fhir_index_keys,
@@ -245,18 +246,16 @@ async def plan_erasure(services: Any, patient_id: str) -> ErasureReport:
                 )
             ).all()
         )
-        key = (
-            await conn.execute(select(data_keys.c.destroyed_at).where(data_keys.c.scope == scope))
-        ).first()
+    key_state = await services.envelope.key_state(scope)
     own = [r for r in rows if r.scope == scope]
-    if not rows and key is None:
+    if not rows and key_state == "absent":
         raise PatientNotFound("no such patient")
     return ErasureReport(
         erased=sum(1 for r in own if r.erased_at is None),
         already_erased=sum(1 for r in own if r.erased_at is not None),
         versions_shredded=versions,
         shared_other_scope=len(rows) - len(own),
-        key_destroyed=key is not None and key.destroyed_at is not None,
+        key_destroyed=key_state == "destroyed",
     )
 
 

@@ -1,4 +1,5 @@
-"""Alembic environment: runs migrations on the synchronous URL given by `carevault.db.migrate`."""
+"""Alembic environment: runs migrations on the synchronous URL given by `carevault.db.migrate`
+(also the key vault's environment: `vault_migrations/env.py` runs this file)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ if url.startswith("sqlite"):
 
 
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=None, render_as_batch=True)
+    context.configure(
+        connection=connection,
+        target_metadata=None,
+        render_as_batch=True,
+        version_table=config.attributes.get("version_table", "alembic_version"),
+    )
     with context.begin_transaction():
         context.run_migrations()
 engine.dispose()
