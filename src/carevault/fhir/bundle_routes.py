@@ -33,7 +33,13 @@ async def transaction_or_batch(request: Request, principal: Caller) -> Response:
         return err.status, err.body
 
     try:
-        body = await process(request.app.state.services.store, parsed, on_integrity_failure)
+        services = request.app.state.services
+        body = await process(
+            services.store,
+            parsed,
+            on_integrity_failure,
+            max_attachment_bytes=services.settings.fhir_max_attachment_bytes,
+        )
     except BundleError as err:
         raise FhirError(err.status, err.body) from None
     return fhir_response(body)

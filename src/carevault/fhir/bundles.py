@@ -43,6 +43,7 @@ from carevault.fhir.store import (
     instant,
 )
 from carevault.fhir.validation import (
+    DEFAULT_MAX_ATTACHMENT_BYTES,
     FhirValidationError,
     Issue,
     is_supported_type,
@@ -74,6 +75,7 @@ _STATUS_TEXT: Final = {
     409: "409 Conflict",
     410: "410 Gone",
     412: "412 Precondition Failed",
+    413: "413 Content Too Large",
     422: "422 Unprocessable Entity",
     500: "500 Internal Server Error",
 }
@@ -356,9 +358,10 @@ def rewrite_references(resource: Any, mapping: dict[str, str]) -> tuple[Any, boo
     return root[0], unresolved
 
 
-def resolve(entries: list[Entry]) -> None:
+def resolve(entries: list[Entry], max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES) -> None:
     """Assign ids, rewrite references and validate every resource, in place. Failures are put
-    on the entries (a transaction then refuses the whole Bundle)."""
+    on the entries (a transaction then refuses the whole Bundle); `max_attachment_bytes` is
+    the limit of `validate_resource` on inline binary content (413 for the entry)."""
     mapping = assign_ids(entries)
     for entry in entries:
         if entry.failure is not None or entry.resource is None:
@@ -368,10 +371,13 @@ def resolve(entries: list[Entry]) -> None:
             _fail(entry, 400, "invalid", _TEXT_UNRESOLVED, ".resource")
             continue
         try:
-            entry.resource = validate_resource(rewritten, entry.resource_type)
+            entry.resource = validate_resource(
+                rewritten, entry.resource_type, max_attachment_bytes=max_attachment_bytes
+            )
         except FhirValidationError as err:
             entry.failure = EntryFailure(
-                422, outcome.operation_outcome([_rebase(issue, entry) for issue in err.issues])
+                err.status or 422,
+                outcome.operation_outcome([_rebase(issue, entry) for issue in err.issues]),
             )
 
 
@@ -407,7 +413,10 @@ def _failed(failure: EntryFailure) -> dict[str, Any]:
 IntegrityHandler = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
 
 
-def _store_failure(err: StoreError) -> EntryFailure:
+def store_failure(err: StoreError) -> EntryFailure:
+    """The status and OperationOutcome of a store error: the one mapping of store errors to
+    HTTP, shared by the REST routes (`routes.store_errors`) and Bundle entries. An
+    `IntegrityFailure` maps to a bare 500 here; callers that read report it first."""
     if isinstance(err, Gone):
         return EntryFailure(410, outcome.gone())
     if isinstance(err, NotFound):
@@ -432,7 +441,7 @@ async def _read(
         status, body = await on_integrity_failure()
         return _failed(EntryFailure(status, body))
     except StoreError as err:
-        return _failed(_store_failure(err))
+        return _failed(store_failure(err))
     return {
         "fullUrl": f"{stored.resource_type}/{stored.id}",
         "resource": stored.body,
@@ -457,11 +466,15 @@ def _operation(entry: Entry) -> WriteOperation:
 
 
 async def process(
-    store: ResourceStore, body: object, on_integrity_failure: IntegrityHandler
+    store: ResourceStore,
+    body: object,
+    on_integrity_failure: IntegrityHandler,
+    *,
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
 ) -> dict[str, Any]:
     """Process a parsed request body; return the response Bundle. Raises BundleError when
     the Bundle is refused as a whole (always, for a transaction that cannot be applied)."""
-    bundle_type, entries = await asyncio.to_thread(_prepare, body)
+    bundle_type, entries = await asyncio.to_thread(_prepare, body, max_attachment_bytes)
     if bundle_type == "transaction":
         results = await _transaction(store, entries, on_integrity_failure)
     else:
@@ -474,10 +487,10 @@ async def process(
     }
 
 
-def _prepare(body: object) -> tuple[str, list[Entry]]:
+def _prepare(body: object, max_attachment_bytes: int) -> tuple[str, list[Entry]]:
     # Validating up to MAX_ENTRIES resources takes a while: in a worker thread, off the loop.
     bundle_type, entries = parse_bundle(body)
-    resolve(entries)
+    resolve(entries, max_attachment_bytes)
     return bundle_type, entries
 
 
@@ -502,7 +515,7 @@ async def _transaction(
     try:
         stored = await store.write_many([_operation(entry) for entry in writes])
     except StoreError as err:
-        failure = _store_failure(err)
+        failure = store_failure(err)
         index = getattr(err, "operation_index", None)
         body = _at_entry(failure.outcome, writes[index]) if index is not None else failure.outcome
         raise BundleError(failure.status, body) from None
@@ -528,7 +541,7 @@ async def _batch(
             try:
                 [stored] = await store.write_many([_operation(entry)])
             except StoreError as err:
-                results.append(_failed(_store_failure(err)))
+                results.append(_failed(store_failure(err)))
             else:
                 results.append(_written(entry, stored))
     return results

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -24,6 +26,7 @@ from fastapi.responses import Response
 from carevault import __version__
 from carevault.fhir import idempotency, outcome
 from carevault.fhir.authorization import may_use_fhir
+from carevault.fhir.bundles import store_failure
 from carevault.fhir.search import (
     CONTROL_PARAMS,
     CURSOR_ALONE,
@@ -41,8 +44,7 @@ from carevault.fhir.store import (
     IntegrityFailure,
     NotFound,
     StoredResource,
-    VersionConflict,
-    WriteContention,
+    StoreError,
     instant,
 )
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
@@ -68,6 +70,13 @@ class FhirError(Exception):
         super().__init__(str(status))
 
 
+def _issue(status: int, code: str, text: str) -> FhirError:
+    return FhirError(
+        status,
+        outcome.operation_outcome([{"severity": "error", "code": code, "diagnostics": text}]),
+    )
+
+
 def fhir_response(
     body: dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -86,18 +95,7 @@ async def error_response(_request: Request, err: FhirError) -> Response:
 
 async def fhir_principal(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if not may_use_fhir(principal):
-        raise FhirError(
-            403,
-            outcome.operation_outcome(
-                [
-                    {
-                        "severity": "error",
-                        "code": "forbidden",
-                        "diagnostics": "You are not allowed to use the record server.",
-                    }
-                ]
-            ),
-        )
+        raise _issue(403, "forbidden", "You are not allowed to use the record server.")
     return principal
 
 
@@ -120,12 +118,14 @@ async def _body(request: Request, resource_type: str) -> dict[str, Any]:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise FhirError(400, outcome.invalid_request()) from None
+    limit = request.app.state.services.settings.fhir_max_attachment_bytes
     try:
-        return validate_resource(parsed, resource_type)
+        return validate_resource(parsed, resource_type, max_attachment_bytes=limit)
     except FhirValidationError as err:
-        raise FhirError(
-            422 if isinstance(parsed, dict) else 400, outcome.validation_failed(err)
-        ) from None
+        # 400: not an object, or base64Binary content that is not base64; 413: inline binary
+        # content over fhir_max_attachment_bytes; 422: not a valid resource of the type.
+        status = err.status or (422 if isinstance(parsed, dict) else 400)
+        raise FhirError(status, outcome.validation_failed(err)) from None
 
 
 def _headers(stored: StoredResource, *, location: bool = False) -> dict[str, str]:
@@ -150,8 +150,19 @@ async def _integrity_failure(request: Request, principal: Principal) -> FhirErro
     return FhirError(500, outcome.processing_error())
 
 
-def _gone(err: Gone) -> FhirError:
-    return FhirError(410, outcome.gone(), {"ETag": f'W/"{err.version}"'})
+@asynccontextmanager
+async def store_errors(request: Request, principal: Principal) -> AsyncIterator[None]:
+    """Every route's mapping of the store's errors (`bundles.store_failure`): NotFound 404,
+    Gone 410 (with the ETag of the deleting version), VersionConflict 412, WriteContention
+    409; an IntegrityFailure is a security event and a 500, never garbage."""
+    try:
+        yield
+    except IntegrityFailure:
+        raise await _integrity_failure(request, principal) from None
+    except StoreError as err:
+        failure = store_failure(err)
+        headers = {"ETag": f'W/"{err.version}"'} if isinstance(err, Gone) else None
+        raise FhirError(failure.status, failure.outcome, headers) from None
 
 
 @router.get("/metadata")
@@ -307,15 +318,9 @@ async def patient_everything(resource_id: str, request: Request, principal: Call
     ):
         raise FhirError(400, outcome.not_supported())
     store = request.app.state.services.store
-    try:
+    async with store_errors(request, principal):  # Gone: deleted or erased
         patient = await store.read("Patient", resource_id)
         members = await store.compartment_resources(resource_id)
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except Gone as err:  # deleted or erased
-        raise _gone(err) from None
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     resources = [patient] + [
         m for m in members if (m.resource_type, m.id) != ("Patient", resource_id)
     ]
@@ -338,24 +343,16 @@ async def instance_history(
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
-    try:
+    async with store_errors(request, principal):  # Gone: erased (crypto-shredded)
         entries = await request.app.state.services.store.history(resource_type, resource_id)
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except Gone as err:  # erased (crypto-shredded)
-        raise _gone(err) from None
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     return fhir_response(_history_bundle(entries))
 
 
 @router.get("/{resource_type}/_history")
 async def type_history(resource_type: str, request: Request, principal: Caller) -> Response:
     _check_type(resource_type)
-    try:
+    async with store_errors(request, principal):
         entries = await request.app.state.services.store.history(resource_type)
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     return fhir_response(_history_bundle(entries))
 
 
@@ -397,10 +394,8 @@ async def _search(
         result = await execute(services.engine, search)
     except SearchError as err:
         raise _search_error(err) from None
-    try:
+    async with store_errors(request, principal):
         bundle = await _search_bundle(result, services.store)
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     links = [
         {
             "relation": "self",
@@ -479,13 +474,6 @@ async def search_post(resource_type: str, request: Request, principal: Caller) -
     return await _search(resource_type, pairs, request, principal)
 
 
-def _issue(status: int, code: str, text: str) -> FhirError:
-    return FhirError(
-        status,
-        outcome.operation_outcome([{"severity": "error", "code": code, "diagnostics": text}]),
-    )
-
-
 def _if_none_exist(request: Request, resource_type: str) -> Search | None:
     """The search of an `If-None-Exist` header (`a=1&b=2`, also `?a=1` or `Type?a=1`)."""
     value = request.headers.get("if-none-exist")
@@ -520,7 +508,7 @@ async def _create_or_match(
 ) -> tuple[StoredResource, int]:
     """Create `body` (201), or with If-None-Exist return the one match (200) or refuse (412)."""
     services = request.app.state.services
-    try:
+    async with store_errors(request, principal):  # Gone: the match's patient was erased
         if search is not None:
             try:
                 result = await execute(services.engine, search)
@@ -531,16 +519,11 @@ async def _create_or_match(
                     412, "multiple-matches", "If-None-Exist matched more than one resource."
                 )
             if result.ids:
-                return await services.store.read(search.resource_type, result.ids[0]), 200
+                try:
+                    return await services.store.read(search.resource_type, result.ids[0]), 200
+                except NotFound:  # the match was deleted meanwhile
+                    raise FhirError(409, outcome.conflict()) from None
         return await services.store.create(body), 201
-    except WriteContention:
-        raise FhirError(409, outcome.conflict()) from None
-    except NotFound:  # the match was deleted meanwhile
-        raise FhirError(409, outcome.conflict()) from None
-    except Gone as err:  # its patient was erased
-        raise _gone(err) from None
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
 
 
 @router.post("/{resource_type}", status_code=201)
@@ -571,16 +554,10 @@ async def create(resource_type: str, request: Request, principal: Caller) -> Res
     except idempotency.StillPending:
         raise FhirError(409, outcome.conflict()) from None
     if recorded is not None:  # replay the first response, write nothing
-        try:
+        async with store_errors(request, principal):
             stored = await services.store.vread(
                 recorded.resource_type, recorded.resource_id, recorded.version
             )
-        except NotFound:
-            raise FhirError(404, outcome.not_found()) from None
-        except Gone as err:
-            raise _gone(err) from None
-        except IntegrityFailure:
-            raise await _integrity_failure(request, principal) from None
         return fhir_response(stored.body, recorded.status, _headers(stored, location=True))
     try:
         stored, status = await _create_or_match(request, principal, body, search)
@@ -599,14 +576,8 @@ async def read(
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
-    try:
+    async with store_errors(request, principal):
         stored = await request.app.state.services.store.read(resource_type, resource_id)
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except Gone as err:
-        raise _gone(err) from None
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     return fhir_response(stored.body, 200, _headers(stored))
 
 
@@ -618,16 +589,10 @@ async def vread(
     _check_id(resource_id)
     if not version.isdigit() or len(version) > 9:
         raise FhirError(404, outcome.not_found())
-    try:
+    async with store_errors(request, principal):
         stored = await request.app.state.services.store.vread(
             resource_type, resource_id, int(version)
         )
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except Gone as err:
-        raise _gone(err) from None
-    except IntegrityFailure:
-        raise await _integrity_failure(request, principal) from None
     return fhir_response(stored.body, 200, _headers(stored))
 
 
@@ -656,34 +621,13 @@ async def update(
     if_match = _if_match(request)
     body = await _body(request, resource_type)
     if body.get("id") != resource_id:
-        raise FhirError(
-            400,
-            outcome.operation_outcome(
-                [
-                    {
-                        "severity": "error",
-                        "code": "invalid",
-                        "diagnostics": "The resource id must match the id in the URL.",
-                    }
-                ]
-            ),
-        )
-    try:
-        # Update-as-create is off for ordinary callers: it would reveal which ids exist.
-        allow_create = (
-            principal.user_id in request.app.state.services.settings.fhir_update_create_users
-        )
+        raise _issue(400, "invalid", "The resource id must match the id in the URL.")
+    # Update-as-create is off for ordinary callers: it would reveal which ids exist.
+    allow_create = principal.user_id in request.app.state.services.settings.fhir_update_create_users
+    async with store_errors(request, principal):  # Gone: erased (crypto-shredded)
         stored, created = await request.app.state.services.store.update(
             resource_type, resource_id, body, if_match=if_match, allow_create=allow_create
         )
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except VersionConflict:
-        raise FhirError(412, outcome.precondition_failed()) from None
-    except WriteContention:
-        raise FhirError(409, outcome.conflict()) from None
-    except Gone as err:  # erased (crypto-shredded)
-        raise _gone(err) from None
     return fhir_response(stored.body, 201 if created else 200, _headers(stored, location=created))
 
 
@@ -698,33 +642,11 @@ async def delete_patient(
 
     values = request.query_params.getlist("_erase")
     if len(values) > 1 or (values and values[0] not in ("true", "false")):
-        raise FhirError(
-            400,
-            outcome.operation_outcome(
-                [
-                    {
-                        "severity": "error",
-                        "code": "invalid",
-                        "diagnostics": "_erase must be true or false.",
-                    }
-                ]
-            ),
-        )
+        raise _issue(400, "invalid", "_erase must be true or false.")
     if not values or values[0] == "false":
         return await delete("Patient", resource_id, request, await fhir_principal(principal))
     if Role.admin not in principal.roles:
-        raise FhirError(
-            403,
-            outcome.operation_outcome(
-                [
-                    {
-                        "severity": "error",
-                        "code": "forbidden",
-                        "diagnostics": "Only an administrator may erase a patient.",
-                    }
-                ]
-            ),
-        )
+        raise _issue(403, "forbidden", "Only an administrator may erase a patient.")
     _check_id(resource_id)
     try:
         report = await erase_patient(request.app.state.services, resource_id, principal.user_id)
@@ -758,12 +680,6 @@ async def delete(
     _check_id(resource_id)
     if_match = _if_match(request)
     store = request.app.state.services.store
-    try:
+    async with store_errors(request, principal):
         stored = await store.delete(resource_type, resource_id, if_match=if_match)
-    except NotFound:
-        raise FhirError(404, outcome.not_found()) from None
-    except VersionConflict:
-        raise FhirError(412, outcome.precondition_failed()) from None
-    except WriteContention:
-        raise FhirError(409, outcome.conflict()) from None
     return fhir_response(None, 204, {"ETag": stored.etag})

@@ -14,6 +14,14 @@ out and never use its messages.) Element names from the body do appear in `expre
 the client needs to know which element was rejected; names are not values and are
 length-limited and sanitized.
 
+Inline binary content (every ``base64Binary`` element: ``Attachment.data`` anywhere in a
+resource, contained resources and extensions included, ``Binary.data``, ``Signature.data``...)
+is checked after the models: it must be strict base64 (RFC 4648; white space between groups is
+allowed, as FHIR's base64Binary pattern allows it) that decodes to exactly the bytes the models
+decoded (the library's decoder silently drops data after a padding character), and decode to at
+most `max_attachment_bytes` bytes (`Settings.fhir_max_attachment_bytes`). `FhirValidationError`
+then carries `status`: 400 for content that is not base64, 413 for content over the limit.
+
 The check is structural only, as far as the library goes: terminology bindings (e.g. that
 ``gender`` is one of male/female/other/unknown), invariants written in FHIRPath and profiles
 are not checked.
@@ -24,6 +32,8 @@ administrative resources carevault serves the two agree.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from dataclasses import dataclass
@@ -34,7 +44,9 @@ from fhir.resources.R4B import fhirtypes, get_fhir_model_class
 from fhir.resources.R4B.domainresource import DomainResource
 from fhir.resources.R4B.resource import Resource
 from fhir_core.types import FhirBase
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from carevault.config import Settings
 
 if TYPE_CHECKING:
     from fhir_core.fhirabstractmodel import FHIRAbstractModel
@@ -42,7 +54,9 @@ if TYPE_CHECKING:
     SUPPORTED_TYPES: frozenset[str]
 
 Severity = Literal["fatal", "error", "warning", "information"]
-IssueCode = Literal["structure", "required", "value", "invariant", "not-supported", "invalid"]
+IssueCode = Literal[
+    "structure", "required", "value", "invariant", "not-supported", "invalid", "too-long"
+]
 
 # Containers (objects + arrays) deeper than this are refused before the models see them: real
 # resources stay far below it (a transaction Bundle holding a Questionnaire with 20 nested item
@@ -53,6 +67,11 @@ MAX_DEPTH: Final = 100
 MAX_ISSUES: Final = 100
 # Element names in `expression` are cut to this length; FHIR names are far shorter.
 _MAX_NAME = 64
+# Decoded bytes of one inline base64Binary element (Attachment.data, Binary.data, ...), when the
+# caller does not pass the configured limit: the setting's own default, so that a caller that
+# forgets to pass it still gets a limit.
+_SETTING = Settings.model_fields["fhir_max_attachment_bytes"]
+DEFAULT_MAX_ATTACHMENT_BYTES: Final[int] = _SETTING.default
 
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _ELEMENT_NAME = re.compile(r"^_?[A-Za-z][A-Za-z0-9]*$")
@@ -73,11 +92,24 @@ class Issue:
 
 
 class FhirValidationError(Exception):
-    """The body is not a valid FHIR resource; `issues` says why (never echoing values)."""
+    """The body is not a valid FHIR resource; `issues` says why (never echoing values).
+
+    `status` is the HTTP status the problem itself calls for, or None where the caller decides
+    (400 for a body that is not a JSON object, otherwise 422): 400 when some base64Binary
+    content is not base64 (it cannot be parsed at all), else 413 when some inline binary
+    content is over the size limit."""
 
     def __init__(self, issues: list[Issue]) -> None:
         super().__init__("FHIR resource failed validation")
         self.issues = issues
+
+    @property
+    def status(self) -> int | None:
+        if any(issue.diagnostics == _TEXT_BASE64 for issue in self.issues):
+            return 400
+        if any(issue.code == "too-long" for issue in self.issues):
+            return 413
+        return None
 
 
 # Generic texts, one per kind of problem. They are the only diagnostics we emit.
@@ -100,16 +132,24 @@ _TEXT_NOT_JSON = "Value is not a JSON value"
 _TEXT_NON_FINITE = "Numbers must be finite"
 _TEXT_INVALID = "The resource could not be validated"
 _TEXT_BASE64 = "Invalid base64 content"
+_TEXT_TOO_LARGE = "Inline binary content is larger than this server accepts"
 _TEXT_RANGE = "Number is out of range"
 _TEXT_ID = "Resource ids are 1 to 64 characters"
 
 
-def validate_resource(body: object, expected_type: str | None = None) -> dict[str, Any]:
+def validate_resource(
+    body: object,
+    expected_type: str | None = None,
+    *,
+    max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
+) -> dict[str, Any]:
     """Validate a parsed JSON body as a FHIR resource and return its normalized JSON dict.
 
     `expected_type`, when given (e.g. from the URL ``/fhir/Patient``), must equal the body's
     resourceType. Raises FhirValidationError (and nothing else) for any invalid input,
-    including non-objects, unknown types, excessive nesting and non-finite numbers.
+    including non-objects, unknown types, excessive nesting, non-finite numbers, content that
+    is not strict base64 in a base64Binary element and inline binary content that decodes to
+    more than `max_attachment_bytes` bytes (each element on its own).
     """
     if not isinstance(body, dict):
         raise FhirValidationError([_issue("structure", _TEXT_NOT_OBJECT)])
@@ -130,6 +170,9 @@ def validate_resource(body: object, expected_type: str | None = None) -> dict[st
         if issues:
             raise FhirValidationError(issues)
         instance = model.model_validate(body)
+        issues = _check_binary(instance, body, resource_type, max_attachment_bytes)
+        if issues:
+            raise FhirValidationError(issues)
         # The library's own JSON-mode export (FHIR element order, `_field` siblings, base64
         # and dates as FHIR strings, nulls and empty arrays dropped); it is the same document
         # as model_dump_json() (tested), and cheaper than serializing and parsing that.
@@ -263,6 +306,64 @@ def _check_scalar(value: Any, path: str, issues: list[Issue]) -> None:
             issues.append(_issue("value", _TEXT_NON_FINITE, path))
         return
     issues.append(_issue("structure", _TEXT_NOT_JSON, path))
+
+
+# --- inline binary content ----------------------------------------------------------------
+
+
+def _check_binary(instance: BaseModel, raw: dict[str, Any], path: str, limit: int) -> list[Issue]:
+    """Issues for the base64Binary elements of a validated resource: not strict base64, or
+    over `limit` decoded bytes. Walks the model (so that the element types are the models',
+    not guessed from names) side by side with the raw JSON it was validated from (the
+    library keeps only the decoded bytes); only the elements the body set are visited."""
+    issues: list[Issue] = []
+    stack: list[tuple[BaseModel, dict[str, Any], str]] = [(instance, raw, path)]
+    while stack and len(issues) < MAX_ISSUES:
+        model, source, at = stack.pop()
+        fields = type(model).model_fields
+        for name in sorted(model.model_fields_set):
+            value = getattr(model, name, None)
+            info = fields.get(name)
+            if value is None or info is None:
+                continue
+            key = info.alias or name
+            raw_value = source.get(key)
+            child = f"{at}.{key}"
+            if isinstance(value, list):
+                if not isinstance(raw_value, list) or len(raw_value) != len(value):
+                    continue  # not from this body (cannot happen for validated input)
+                for index, (item, raw_item) in enumerate(zip(value, raw_value, strict=True)):
+                    _visit(item, raw_item, f"{child}[{index}]", limit, stack, issues)
+            else:
+                _visit(value, raw_value, child, limit, stack, issues)
+    return issues[:MAX_ISSUES]
+
+
+def _visit(
+    value: Any,
+    raw: Any,
+    path: str,
+    limit: int,
+    stack: list[tuple[BaseModel, dict[str, Any], str]],
+    issues: list[Issue],
+) -> None:
+    if isinstance(value, BaseModel):
+        if isinstance(raw, dict):
+            stack.append((value, raw, path))
+    elif isinstance(value, bytes):  # base64Binary is the only FHIR type the models hold as bytes
+        if not isinstance(raw, str) or _strict_b64decode(raw) != value:
+            issues.append(_issue("value", _TEXT_BASE64, path))
+        elif len(value) > limit:
+            issues.append(_issue("too-long", _TEXT_TOO_LARGE, path))
+
+
+def _strict_b64decode(text: str) -> bytes | None:
+    """The bytes of RFC 4648 base64 `text` (white space between characters allowed, as in
+    FHIR's base64Binary), or None when it is not exactly that."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 # --- pydantic errors -> issues ---------------------------------------------------------
