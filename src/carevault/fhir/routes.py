@@ -22,14 +22,21 @@ import orjson
 import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from sqlalchemy import and_, func, not_, or_, select
 
 from carevault import __version__
+from carevault.db.engine import read_connection
+from carevault.db.tables import fhir_compartments, fhir_resources
 from carevault.fhir import idempotency, outcome
 from carevault.fhir.authorization import may_use_fhir
 from carevault.fhir.bundles import store_failure
 from carevault.fhir.search import (
+    BAD_CURSOR,
     CONTROL_PARAMS,
     CURSOR_ALONE,
+    DEFAULT_COUNT,
+    FORMATS,
+    INVALID_VALUE,
     MAX_PARAMS,
     CursorCodec,
     Search,
@@ -249,8 +256,11 @@ def _operations(resource_type: str) -> dict[str, list[dict[str, str]]]:
                 "name": "everything",
                 "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
                 "documentation": (
-                    "GET only, no parameters: the Patient and every current resource in its "
-                    "compartment, in one unpaged searchset Bundle."
+                    "GET only: the Patient and every current resource in its compartment, "
+                    "as a searchset Bundle paged by _count (default "
+                    f"{EVERYTHING_DEFAULT_COUNT}, at most {EVERYTHING_MAX_COUNT}) with "
+                    "opaque next links. Other parameters (start, end, _since, _type) are "
+                    "not supported."
                 ),
             }
         ]
@@ -306,35 +316,138 @@ def _history_bundle(entries: list[StoredResource]) -> dict[str, Any]:
     }
 
 
+EVERYTHING_DEFAULT_COUNT = DEFAULT_COUNT
+# Lower than a search's MAX_COUNT: $everything pages mix every type, DocumentReferences with
+# inline attachments (up to fhir_max_attachment_bytes each) among them.
+EVERYTHING_MAX_COUNT = 200
+_START = ("", "")  # keyset position before the first member (the page held only the Patient)
+
+
+def _everything_page_request(
+    request: Request, resource_id: str, user_id: str
+) -> tuple[Search, tuple[Any, ...] | None]:
+    """The page a $everything request asks for: `_count` (and `_format`) on the first page,
+    `_cursor` alone after it. The cursor is search's (`CursorCodec`: encrypted, authenticated,
+    bound to the caller and expiring), issued for the pseudo-type
+    ``Patient/<id>/$everything``, so a search's cursor or another patient's does not decode."""
+    scope = f"Patient/{resource_id}/$everything"
+    pairs = request.query_params.multi_items()
+    after = None
+    try:
+        cursors = [value for name, value in pairs if name == "_cursor"]
+        if cursors:
+            if len(pairs) != 1:
+                raise SearchError(CURSOR_ALONE)
+            pairs, after = _cursor_codec(request).decode(cursors[0], scope, user_id)
+            if after is None or len(after) != 2 or not all(isinstance(v, str) for v in after):
+                raise SearchError(BAD_CURSOR)
+        count = EVERYTHING_DEFAULT_COUNT
+        for name, value in pairs:
+            if name == "_format" and value in FORMATS:
+                continue
+            if name != "_count":  # start, end, _since, _type...: refused, not ignored
+                raise FhirError(400, outcome.not_supported())
+            if not value.isascii() or not value.isdigit() or len(value) > 9:
+                raise SearchError(INVALID_VALUE)
+            count = min(int(value), EVERYTHING_MAX_COUNT)
+    except SearchError as err:
+        raise _search_error(err) from None
+    page = Search(scope, (("_count", str(count)),), after, count, "accurate", (), ())
+    return page, after
+
+
+async def _compartment_page(
+    engine: Any, patient_id: str, after: tuple[str, str] | None, limit: int
+) -> tuple[int, list[tuple[str, str]], bool]:
+    """(number of members, the next `limit` members after `after` in (type, id) order,
+    whether more follow). Members: current, not deleted (nor erased) resources of the Patient
+    compartment of `patient_id`, the Patient itself left out. Keyset paging over the
+    compartment index, so that only one page of records is read and decrypted per request."""
+    c, r = fhir_compartments, fhir_resources
+    where = and_(
+        c.c.patient_id == patient_id,
+        r.c.deleted.is_(False),
+        r.c.erased_at.is_(None),
+        not_(and_(c.c.resource_type == "Patient", c.c.id == patient_id)),
+    )
+    joined = c.join(r, and_(r.c.resource_type == c.c.resource_type, r.c.id == c.c.id))
+    async with read_connection(engine) as conn:
+        total = (
+            await conn.execute(select(func.count()).select_from(joined).where(where))
+        ).scalar_one()
+        page_where = where
+        if after is not None:
+            page_where = and_(
+                where,
+                or_(
+                    c.c.resource_type > after[0],
+                    and_(c.c.resource_type == after[0], c.c.id > after[1]),
+                ),
+            )
+        rows = (
+            await conn.execute(
+                select(c.c.resource_type, c.c.id)
+                .select_from(joined)
+                .where(page_where)
+                .order_by(c.c.resource_type, c.c.id)
+                .limit(limit + 1)
+            )
+        ).all()
+    members = [(row.resource_type, row.id) for row in rows]
+    return total, members[:limit], len(members) > limit
+
+
 @router.get("/Patient/{resource_id}/$everything")
 async def patient_everything(resource_id: str, request: Request, principal: Caller) -> Response:
-    """The Patient and every current resource in its compartment (right of access), as one
-    searchset Bundle. No parameters (start, end, _since, _type, _count) are supported: they are
-    refused rather than ignored, and the Bundle is not paged."""
+    """The Patient and every current resource in its compartment (right of access), as a
+    paged searchset Bundle: the Patient first, then the others by type and id. `_count`
+    (default 50, at most EVERYTHING_MAX_COUNT) sets the page size and a `next` link carries
+    an opaque cursor; no other parameter (start, end, _since, _type) is supported: they are
+    refused rather than ignored."""
     _check_id(resource_id)
-    if any(
-        name != "_format" or value not in ("json", "application/json", FHIR_JSON)
-        for name, value in request.query_params.multi_items()
-    ):
-        raise FhirError(400, outcome.not_supported())
-    store = request.app.state.services.store
+    page, after = _everything_page_request(request, resource_id, principal.user_id)
+    services = request.app.state.services
+    store = services.store
+    first = after is None
     async with store_errors(request, principal):  # Gone: deleted or erased
-        patient = await store.read("Patient", resource_id)
-        members = await store.compartment_resources(resource_id)
-    resources = [patient] + [
-        m for m in members if (m.resource_type, m.id) != ("Patient", resource_id)
-    ]
+        patient = await store.read("Patient", resource_id)  # on every page: still there?
+        limit = max(page.count - 1, 0) if first else page.count
+        total, members, has_next = await _compartment_page(
+            services.engine, resource_id, None if first else after, limit
+        )
+        by_type: dict[str, list[str]] = {}
+        for member_type, member_id in members:
+            by_type.setdefault(member_type, []).append(member_id)
+        found = {t: await store.read_many(t, ids) for t, ids in by_type.items()}
+    resources = [patient] if first and page.count > 0 else []
+    # a member deleted since the page was listed is left out (read_many skips it)
+    resources += [found[t][i] for t, i in members if i in found[t]]
     entries = [
-        {
-            "fullUrl": f"{r.resource_type}/{r.id}",
-            "resource": r.body,
-            "search": {"mode": "match"},
-        }
+        {"fullUrl": f"{r.resource_type}/{r.id}", "resource": r.body, "search": {"mode": "match"}}
         for r in resources
     ]
-    return fhir_response(
-        {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
-    )
+    codec = _cursor_codec(request)
+    base = f"/fhir/Patient/{resource_id}/$everything"
+    links = [
+        {
+            "relation": "self",
+            "url": f"{base}?_count={page.count}"
+            if first
+            else f"{base}?_cursor=" + codec.encode(page, after, principal.user_id),
+        }
+    ]
+    if page.count > 0 and has_next:
+        position = members[-1] if members else _START
+        cursor = codec.encode(page, position, principal.user_id)
+        links.append({"relation": "next", "url": f"{base}?_cursor={cursor}"})
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total + 1,
+        "link": links,
+        "entry": entries,
+    }
+    return fhir_response(bundle)
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
