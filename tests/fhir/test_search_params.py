@@ -123,7 +123,7 @@ def test_official_per_type_expressions() -> None:
     assert search_param("Patient", "_id").expressions == ("Resource.id",)
     assert search_param("Patient", "nope") is None
     assert search_param("Medication", "code") is None
-    assert set(search_params_for("Medication")) == {"_id", "_lastUpdated"}
+    assert set(search_params_for("Medication")) == {"_id", "_lastUpdated", "_security"}
 
 
 def test_sensitivity_table() -> None:
@@ -172,6 +172,7 @@ EXPECTED: dict[tuple[str, str], set[tuple]] = {
     },
     ("Patient", "name"): {("Zyxwvutsrqp",), ("Anna",), ("Maria",), ("Mrs.",)},
     ("Patient", "family"): {("Zyxwvutsrqp",)},
+    ("Patient", "organization"): set(),  # the sample has no managingOrganization: see below
     ("Patient", "given"): {("Anna",), ("Maria",)},
     ("Patient", "birthdate"): {("1984", "1984-02", "1984-02-29")},
     ("Patient", "gender"): {(None, "female")},
@@ -342,6 +343,22 @@ def test_entries_have_no_duplicates_and_are_hashable() -> None:
     ]
     assert extract_index({"resourceType": None}) == []
     assert extract_index({"resourceType": "NoSuchType", "id": "x"})[0].param == "_id"
+
+
+def test_access_control_index_entries() -> None:
+    """managingOrganization (organization boundary) and meta.security (sensitive labels) are
+    indexed in the clear: opaque ids and label codes, no PHI."""
+    entries = extract_index(
+        {
+            "resourceType": "Patient",
+            "managingOrganization": {"reference": "Organization/org-1"},
+            "meta": {"security": [{"system": "http://x.example/labels", "code": "R"}]},
+        }
+    )
+    by_param = {e.param: e for e in entries}
+    assert by_param["organization"].values == ("Organization", "org-1")
+    assert by_param["_security"].values == ("http://x.example/labels", "R")
+    assert not by_param["organization"].phi and not by_param["_security"].phi
 
 
 def test_phi_entries_are_marked() -> None:

@@ -54,10 +54,14 @@ SENSITIVITY: Final[Mapping[tuple[str, str], Sensitivity]] = MappingProxyType(
         # every resource type
         (COMMON, "_id"): "plain",
         (COMMON, "_lastUpdated"): "plain",
+        # security labels (meta.security): access control filters sensitive records by them
+        (COMMON, "_security"): "plain",
         # Patient: demographics
         ("Patient", "identifier"): "phi",
         ("Patient", "name"): "phi",
         ("Patient", "family"): "phi",
+        # managingOrganization (an opaque reference): the organization boundary of access control
+        ("Patient", "organization"): "plain",
         ("Patient", "given"): "phi",
         ("Patient", "birthdate"): "phi",
         ("Patient", "gender"): "phi",
