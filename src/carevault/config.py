@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     # Largest inline attachment (decoded bytes of one `Attachment.data`) a FHIR write may carry.
     fhir_max_attachment_bytes: int = Field(512 * 1024, ge=0)
 
+    # Access control (access/). The policy file replaces access/default_policy.toml.
+    access_policy_file: Path | None = None
+    break_glass_default_minutes: int = Field(60, ge=1, le=240)
+    break_glass_max_minutes: int = Field(240, ge=1, le=240)
+    break_glass_max_auth_age_seconds: int = Field(300, ge=30, le=3600)  # fresh login required
+    # Break-glass alerts always go to the log; also POSTed here when set (retried).
+    alert_webhook_url: str | None = None
+
     @field_validator("trusted_proxies", "fhir_update_create_users", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
