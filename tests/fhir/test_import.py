@@ -16,10 +16,12 @@ from typer.testing import CliRunner
 from carevault.cli import app
 from carevault.fhir.importer import (
     MSG_CONDITIONAL_NONE,
+    MSG_CONDITIONAL_NOT_IN_RUN,
     MSG_INVALID,
     import_paths,
     ordered_files,
 )
+from carevault.fhir.search_params import SENSITIVITY
 from carevault.identity.roles import Role
 
 SYNTHEA = "https://github.com/synthetichealth/synthea"
@@ -472,3 +474,94 @@ async def test_conditional_update_entry(services, tmp_path):
     second = await import_paths(services, [tmp_path])
     assert second.ok and second.counts["Organization"]["updated"] == 1
     assert (await services.store.read("Organization", org)).version == 2
+
+
+async def test_location_conditional_references(services, tmp_path):
+    """Newer Synthea: hospitalInformation also holds Locations (ifNoneExist on a Synthea
+    identifier, managingOrganization a logical reference by identifier), and Encounters,
+    Procedures, Claims... point at them with ``Location?identifier=...``. Location.identifier
+    is not a search parameter, so such references resolve against the entries of the same
+    import run; a later run that lacks the Location says so per entry."""
+    export, later = tmp_path / "export", tmp_path / "later"
+    org, org_ident, loc, loc_ident = uid(), uid(), uid(), uid()
+    pat, enc, proc = uid(), uid(), uid()
+    organization = {
+        "resourceType": "Organization",
+        "identifier": [{"system": SYNTHEA, "value": org_ident}],
+        "name": "Location Clinic",
+    }
+    location = {
+        "resourceType": "Location",
+        "identifier": [{"system": SYNTHEA, "value": loc_ident}],
+        "status": "active",
+        "name": "Location Clinic",
+        "managingOrganization": {
+            "identifier": {"system": SYNTHEA, "value": org_ident},
+            "display": "Location Clinic",
+        },
+    }
+    write(
+        export,
+        "hospitalInformation1700000000001.json",
+        bundle(
+            "transaction",
+            [
+                entry(
+                    organization, f"urn:uuid:{org}", ifNoneExist=f"identifier={SYNTHEA}|{org_ident}"
+                ),
+                entry(location, f"urn:uuid:{loc}", ifNoneExist=f"identifier={SYNTHEA}|{loc_ident}"),
+            ],
+        ),
+    )
+    at_location = {"reference": f"Location?identifier={SYNTHEA}|{loc_ident}"}
+    encounter = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"urn:uuid:{pat}"},
+        "location": [{"location": at_location}],
+        "serviceProvider": {"reference": f"Organization?identifier={SYNTHEA}|{org_ident}"},
+    }
+    procedure = {
+        "resourceType": "Procedure",
+        "status": "completed",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "430193006"}]},
+        "subject": {"reference": f"urn:uuid:{pat}"},
+        "encounter": {"reference": f"urn:uuid:{enc}"},
+        "location": at_location,
+    }
+    patient_bundle = bundle(
+        "transaction",
+        [
+            entry(patient(pat, "Locatedpatient", uid()), f"urn:uuid:{pat}"),
+            entry(encounter, f"urn:uuid:{enc}"),
+            entry(procedure, f"urn:uuid:{proc}"),
+        ],
+    )
+    write(export, "Lou_Located.json", patient_bundle)
+    report = await import_paths(services, [export])
+    assert report.ok, report.errors
+    stored = await services.store.read("Encounter", enc)
+    assert stored.body["location"][0]["location"]["reference"] == f"Location/{loc}"
+    assert stored.body["serviceProvider"]["reference"] == f"Organization/{org}"
+    assert (await services.store.read("Procedure", proc)).body["location"]["reference"] == (
+        f"Location/{loc}"
+    )
+    location_stored = (await services.store.read("Location", loc)).body
+    assert location_stored["managingOrganization"]["identifier"]["value"] == org_ident
+
+    # the whole export again: the Location is found by its ifNoneExist within the run
+    again = await import_paths(services, [export])
+    assert again.ok and again.counts["Location"] == {"created": 0, "updated": 0, "existing": 1}
+
+    # a run with the patient file alone
+    write(later, "Lou_Located.json", patient_bundle)
+    alone = await import_paths(services, [later])
+    if ("Location", "identifier") in SENSITIVITY:
+        assert alone.ok, alone.errors
+    else:
+        assert [(e.index, e.message) for e in alone.errors] == [
+            (1, MSG_CONDITIONAL_NOT_IN_RUN),
+            (2, MSG_CONDITIONAL_NOT_IN_RUN),
+        ]
+        assert alone.counts["Patient"]["updated"] == 1

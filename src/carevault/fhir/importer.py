@@ -14,9 +14,14 @@ Made for Synthea output of both generations:
   the match); a conditional update (``PUT Type?query``) updates its one match, or creates.
   A conditional reference is resolved by searching the store (search.py), plus the resources
   of this run not committed yet (``identifier`` queries): exactly one match is required,
-  zero or several are an entry error.
+  zero or several are an entry error. Types whose identifier is not a search parameter
+  (Synthea's ``Location?identifier=...``) are matched against this run's entries only, so the
+  hospitalInformation file must be imported in the same run as the patients that use it.
 
-Contained resources and their ``#id`` references are kept as they are.
+Contained resources and their ``#id`` references are kept; ``urn:uuid:`` and conditional
+references inside contained resources are rewritten like all others (real Synthea
+ExplanationOfBenefits carry a contained ServiceRequest and Coverage that point at the patient
+and practitioner that way).
 
 Each file is written in ONE store transaction (`ResourceStore.write_many`) when it is a
 transaction Bundle; entries that could not be prepared (invalid, unresolvable reference) are
@@ -71,6 +76,10 @@ MSG_IF_NONE_EXIST_INVALID = "The conditional create or update is not a supported
 MSG_CONDITIONAL_NONE = "A conditional reference matched no resource"
 MSG_CONDITIONAL_MANY = "A conditional reference matched more than one resource"
 MSG_CONDITIONAL_INVALID = "A conditional reference is not a supported search"
+MSG_CONDITIONAL_NOT_IN_RUN = (
+    "A conditional reference matched no entry of this import run, and resources of its type "
+    "cannot be searched by identifier: import the file that has it in the same run"
+)
 MSG_UNRESOLVED = "A urn: reference does not match the fullUrl of any imported entry"
 MSG_INVALID = "The resource is not valid FHIR"
 MSG_ERASED = "The resource was erased and cannot be written again"
@@ -169,9 +178,12 @@ class _Run:
 
     # --- conditional lookups ------------------------------------------------------------
 
-    async def _matches(self, resource_type: str, query: str) -> set[str] | None:
-        """Ids of `resource_type` matching the search `query`, or None when the query is not
-        supported (neither by search.py nor by the in-run identifier index)."""
+    async def _matches(self, resource_type: str, query: str) -> tuple[set[str], bool] | None:
+        """Ids of `resource_type` matching the search `query`, and whether the store was
+        searched; None when the query is not supported (neither by search.py nor by the in-run
+        identifier index). An ``identifier=system|value`` query on a type whose identifier is
+        not a search parameter (e.g. Synthea's ``Location?identifier=...``) is answered from
+        this run's entries alone (searched False)."""
         pairs = parse_qsl(query, keep_blank_values=True)
         if not pairs or any(name.startswith("_") for name, _ in pairs):
             return None
@@ -185,10 +197,27 @@ class _Run:
                 resource_type, [*pairs, ("_count", "2")], self.services.blind_index
             )
         except SearchError:
-            return found if supported else None
+            return (found, False) if supported else None
         result = await execute(self.services.engine, search)
         found.update(result.ids)
-        return found
+        return found, True
+
+    async def _stored_with(self, entry: _Entry, query: str) -> bool:
+        """Whether the resource stored under the entry's own id carries the identifier of its
+        ``identifier=system|value`` query: how a conditional create is recognised on a type
+        whose identifier cannot be searched (Synthea's Locations, imported again)."""
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if len(pairs) != 1 or pairs[0][0] != "identifier":
+            return False
+        try:
+            stored = await self.store.read(entry.resource_type, entry.resource_id)
+        except StoreError:
+            return False
+        identifiers = (stored.body or {}).get("identifier")
+        return isinstance(identifiers, list) and any(
+            isinstance(i, dict) and f"{i.get('system')}|{i.get('value')}" == pairs[0][1]
+            for i in identifiers
+        )
 
     def _remember_identifiers(self, entry: _Entry) -> None:
         assert entry.resource is not None
@@ -276,10 +305,13 @@ class _Run:
                 continue
             query = entry.if_none_exist or entry.update_query
             if query is not None:
-                matches = await self._matches(entry.resource_type, query)
-                if matches is None:
+                answer = await self._matches(entry.resource_type, query)
+                if answer is None:
                     entry.error = MSG_IF_NONE_EXIST_INVALID
                     continue
+                matches, searched = answer
+                if not matches and not searched and await self._stored_with(entry, query):
+                    matches = {entry.resource_id}
                 if len(matches) > 1:
                     entry.error = MSG_IF_NONE_EXIST
                     continue
@@ -293,8 +325,9 @@ class _Run:
                     entry.error = MSG_DUPLICATE
                     continue
                 self.mapping[entry.full_url] = target
-            if not entry.existing:
-                self._remember_identifiers(entry)
+            # an existing match too: its identifiers are those of the query that found it, and
+            # conditional references to types that cannot be searched rely on this index
+            self._remember_identifiers(entry)
         # 2. references: urn:uuid/fullUrl via the run's map, conditional ones by search
         for entry in entries:
             if entry.error is not None or entry.existing:
@@ -305,9 +338,12 @@ class _Run:
                 conditional = _CONDITIONAL.fullmatch(reference)
                 if conditional is None or reference in local:
                     continue
-                matches = await self._matches(conditional["type"], conditional["query"])
-                if matches is None:
+                answer = await self._matches(conditional["type"], conditional["query"])
+                matches = answer[0] if answer is not None else set()
+                if answer is None:
                     entry.error = MSG_CONDITIONAL_INVALID
+                elif not matches and not answer[1]:
+                    entry.error = MSG_CONDITIONAL_NOT_IN_RUN
                 elif not matches:
                     entry.error = MSG_CONDITIONAL_NONE
                 elif len(matches) > 1:
