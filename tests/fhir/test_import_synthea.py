@@ -146,8 +146,13 @@ def _fetch(sdist: Sdist, cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sdist_cache(pytestconfig: pytest.Config) -> Path:
-    return Path(pytestconfig.cache.mkdir("synthea-sdists"))
+def sdist_cache(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pytest's cache directory (kept between runs), or a temporary one without the cache
+    plugin (``-p no:cacheprovider``)."""
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is None:
+        return tmp_path_factory.mktemp("synthea-sdists")
+    return Path(cache.mkdir("synthea-sdists"))
 
 
 @pytest.fixture(scope="session")
