@@ -71,14 +71,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fhir: comma-separated data set sizes in resources (default 10000)",
     )
     parser.add_argument(
+        "--stores",
+        default=None,
+        help="fhir: comma-separated stores, sqlite and/or postgresql (default sqlite, plus "
+        "postgresql when --pg or $CAREVAULT_TEST_DATABASE_URL is set); a store that does not "
+        "answer is skipped with the reason shown",
+    )
+    parser.add_argument(
         "--pg",
         default=None,
         metavar="URL",
-        help="fhir: also run on PostgreSQL at URL (default $CAREVAULT_TEST_DATABASE_URL); "
+        help="fhir: PostgreSQL server for the postgresql store (default "
+        "$CAREVAULT_TEST_DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/test); "
         "a fresh schema per run, dropped afterwards",
     )
     parser.add_argument(
-        "--no-sqlite", action="store_true", help="fhir: PostgreSQL only (needs --pg)"
+        "--no-sqlite",
+        action="store_true",
+        help="fhir: PostgreSQL only (same as --stores postgresql)",
+    )
+    parser.add_argument(
+        "--seed-workers",
+        type=int,
+        default=2,
+        help="fhir: processes that seed the data set in parallel (default 2)",
+    )
+    parser.add_argument(
+        "--seed-method",
+        choices=("bulk", "write_many"),
+        default="bulk",
+        help="fhir: bulk = the store's row builders + executemany (default); write_many = "
+        "ResourceStore.write_many (the HTTP path, ~4x slower)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 3 s load, 1 s warm-up, 500 iterations x 3"
@@ -87,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--duration",
         type=float,
         default=None,
-        help="seconds of load per HTTP measurement (default 10, quick 3)",
+        help="seconds of load per HTTP measurement (default 10, fhir 8, quick 3)",
     )
     parser.add_argument(
         "--warmup",
@@ -104,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="baseline/auth pairs per server, order alternating; the median round "
-        "by ratio is reported (default 3, quick 1)",
+        "by ratio is reported (default 3, fhir 2, quick 1)",
     )
     parser.add_argument(
         "--workers2", action="store_true", help="also measure the server with 2 uvicorn workers"
@@ -148,21 +171,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directories")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    fhir = args.scenarios == "fhir"  # 4 store/size pairs x 7 scenarios: shorter by default
+    args.duration = args.duration or (3.0 if args.quick else 8.0 if fhir else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.iterations = args.iterations or (500 if args.quick else 3000)
     args.repeat = args.repeat or (3 if args.quick else 5)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 2 if fhir else 3)
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:
         args.sizes = [int(x.replace("_", "")) for x in args.sizes.split(",") if x.strip()]
     except ValueError:
         parser.error("--sizes takes comma-separated integers, e.g. 10000,100000")
-    if not args.sizes or min(args.sizes) < 8:
-        parser.error("--sizes must be at least 8")
-    args.pg = args.pg or os.environ.get("CAREVAULT_TEST_DATABASE_URL") or None
-    if args.no_sqlite and not args.pg:
-        parser.error("--no-sqlite needs --pg URL or CAREVAULT_TEST_DATABASE_URL")
+    if not args.sizes or min(args.sizes) < 15:
+        parser.error("--sizes must be at least 15")
+    env_pg = os.environ.get("CAREVAULT_TEST_DATABASE_URL") or None
+    if args.stores is None:
+        args.stores = ["sqlite"] + (["postgresql"] if (args.pg or env_pg) else [])
+    else:
+        args.stores = [x.strip().lower() for x in args.stores.split(",") if x.strip()]
+    if args.no_sqlite:
+        args.stores = [s for s in args.stores if s != "sqlite"] or ["postgresql"]
+    for store in args.stores:
+        if store not in ("sqlite", "postgresql"):
+            parser.error(f"unknown store {store}; choose from sqlite, postgresql")
+    args.stores = list(dict.fromkeys(args.stores))
+    args.pg = args.pg or env_pg or "postgresql://postgres@127.0.0.1:5432/test"
+    if args.seed_workers < 1:
+        parser.error("--seed-workers must be at least 1")
     for alg in args.algorithms:
         if alg not in ALGORITHMS:
             parser.error(f"unknown algorithm {alg}; choose from {', '.join(ALGORITHMS)}")
@@ -251,6 +286,9 @@ class Steps:
     def begin(self, description: str, total: float | None) -> None:
         if self.current is not None:
             self.progress.remove_task(self.current)
+        if not self.progress.console.is_terminal:  # piped: no live bar, so one line per step
+            done = int(self.progress.tasks[self._index(self.overall)].completed)
+            self.progress.console.log(f"[{done}/{self.progress.tasks[0].total:.0f}] {description}")
         self.current = self.progress.add_task(description, total=total)
 
     def tick_to(self, completed: float) -> None:
@@ -623,10 +661,13 @@ def main(argv: list[str] | None = None) -> int:
 def fhir_tables(runs: list[Any]) -> list[Table]:
     from bench.fhir import SCENARIOS
 
-    http = Table(title="FHIR over HTTP (wrk, same-run baseline: static bytes of one Patient)")
+    http = Table(
+        title="FHIR over HTTP (wrk; baseline = static bytes of one Patient, no auth, same round)"
+    )
     for col, justify in (
         ("store / N", "left"),
         ("scenario", "left"),
+        ("conns", "right"),
         ("req/s", "right"),
         ("p50 ms", "right"),
         ("p99 ms", "right"),
@@ -651,7 +692,8 @@ def fhir_tables(runs: list[Any]) -> list[Table]:
                 verdict = "[red]ERRORS[/red]"
             http.add_row(
                 f"{run.store} {run.size:,}",
-                f"{name} (1 conn)" if name.endswith("-c1") else name,
+                name.removesuffix("-c1"),
+                str(r.connections),
                 f"{r.rps:,.0f}",
                 _fmt_ms(r.latency_us["p50"]),
                 _fmt_ms(r.latency_us["p99"]),
@@ -661,6 +703,7 @@ def fhir_tables(runs: list[Any]) -> list[Table]:
                 target,
                 verdict,
             )
+        http.add_section()
     micro = Table(title="Read path in-process: store.read('Patient', id), µs per call (median)")
     for col in (
         "store / N",
@@ -694,89 +737,89 @@ def fhir_tables(runs: list[Any]) -> list[Table]:
     return [http, micro]
 
 
-def fhir_main(args: argparse.Namespace, started: dt.datetime, cpus: int, pin: bool) -> int:
-    from bench.fhir import SCENARIOS, run_fhir_http
+def _plan_summary(plan: list[str]) -> str:
+    """PostgreSQL: the execution time line; SQLite: the plan's steps."""
+    times = [line.strip() for line in plan if line.strip().startswith("Execution Time")]
+    if times:
+        return times[0].removeprefix("Execution Time: ")
+    return "; ".join(line.split(" ", 3)[-1] for line in plan)[:110]
 
-    wrk = None
-    if args.loadgen in ("auto", "wrk"):
-        wrk = ensure_wrk(not args.no_install, lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    if wrk is None:
-        console.print("[red]the fhir set needs wrk (Lua scripts rotate ids and POST bodies)[/red]")
-        return 2
-    runner = WrkRunner(wrk, args.threads, args.connections, 1 if pin else None)
-    stores: list[str | None] = ([] if args.no_sqlite else [None]) + ([args.pg] if args.pg else [])
-    machine = machine_info(runner.name)
-    console.print(
-        f"[bold]carevault bench[/bold] fhir: sizes {args.sizes}, stores "
-        f"{['postgresql' if s else 'sqlite' for s in stores]}, {machine['cpu_count']} CPUs, "
-        f"load generator {runner.name}, pinned: {pin}"
-    )
-    runs: list[Any] = []
-    try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            per_run = 4 + len(SCENARIOS) * args.rounds
-            steps = Steps(progress, per_run * len(args.sizes) * len(stores))
-            for size in args.sizes:
-                for pg_url in stores:
-                    runs.append(run_fhir_http(args, runner, steps, size, pin, pg_url))
-            steps.finish()
-    finally:
-        runner.close()
-    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    for table in fhir_tables(runs):
-        console.print(table)
+
+def fhir_plans_table(runs: list[Any]) -> Table:
+    table = Table(title="Query plans of one read / search (in-process, before the HTTP load)")
+    for col in ("store / N", "query", "statements", "plan (PostgreSQL: EXPLAIN ANALYZE time)"):
+        table.add_column(col)
+    for run in runs:
+        for query, statements in run.plans.items():
+            table.add_row(
+                f"{run.store} {run.size:,}",
+                query,
+                str(len(statements)),
+                " | ".join(_plan_summary(s["plan"]) for s in statements),
+            )
+    return table
+
+
+def fhir_verdict(runs: list[Any]) -> bool:
     verdicts = []
     for run in runs:
         read = run.chosen["fhir-read-c1"]
         verdicts.append(run.read_path["encryption_share_direct"] < FHIR_ENCRYPTION_SHARE_MAX)
         verdicts.append(read.latency_us["p99"] / 1000 < FHIR_READ_P99_MAX_MS)
         verdicts.append(all(r.error_count == 0 for r in run.chosen.values()))
-        console.print(
-            f"{run.store} {run.size:,}: seeded {run.seeded.resources:,} resources in "
-            f"{run.seeded.seconds:.1f} s ({run.seeded.per_second:,.0f}/s); Patient body "
-            f"{run.info['patient_body_bytes']} bytes; first search pages "
-            f"{run.info['entries_in_first_search_page']}",
-            highlight=False,
-        )
-    report = {
+    return all(verdicts)
+
+
+def fhir_report(
+    args: argparse.Namespace,
+    started: dt.datetime,
+    machine: dict[str, Any],
+    stores: list[tuple[str, str | None]],
+    skipped: dict[str, str],
+    runs: list[Any],
+    complete: bool,
+    error: str | None,
+) -> dict[str, Any]:
+    from bench.fhir import SCENARIOS
+
+    return {
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         "command": [sys.executable, "-m", "bench", *sys.argv[1:]],
         "scenario_set": "fhir",
         "machine": machine,
         "parameters": {
-            "sizes": args.sizes,
-            "stores": ["postgresql" if s else "sqlite" for s in stores],
+            "sizes": sorted(args.sizes),
+            "stores": [s for s, _ in stores],
+            "skipped_stores": skipped,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "connections": args.connections,
             "threads": args.threads,
             "rounds": args.rounds,
             "read_path_repeat": args.repeat,
-            "pinned": pin,
+            "seed_workers": args.seed_workers,
+            "seed_method": args.seed_method,
+            "pinned": machine.get("pinned"),
             "server": {"factory": "bench.app:create_bench_app", "workers": 1},
         },
         "targets": {
             "encryption_share_max": FHIR_ENCRYPTION_SHARE_MAX,
             "fhir_read_p99_ms_max": FHIR_READ_P99_MAX_MS,
+            "fhir_read_p99_measured_on": "fhir-read-c1 (1 connection)",
         },
         "results": {
             "fhir": [
                 {
                     "store": run.store,
                     "size": run.size,
+                    "resources_in_store": run.resources_in_store,
                     "seed": {
-                        "resources": run.seeded.resources,
+                        "resources_this_step": run.seeded.resources,
                         "patients": len(run.seeded.patient_ids),
                         "seconds": round(run.seeded.seconds, 2),
+                        "per_second": round(run.seeded.per_second, 1),
+                        **run.seeded.extra,
                     },
                     "read_path": run.read_path,
                     "http": {
@@ -787,18 +830,105 @@ def fhir_main(args: argparse.Namespace, started: dt.datetime, cpus: int, pin: bo
                         }
                         for name in SCENARIOS
                     },
+                    "query_plans": run.plans,
                     "rounds": run.rounds,
                     "server": run.info,
                 }
                 for run in runs
             ]
         },
-        "passed": all(verdicts),
+        "complete": complete,
+        "error": error,
+        "passed": fhir_verdict(runs) if complete else None,
     }
+
+
+def fhir_main(args: argparse.Namespace, started: dt.datetime, cpus: int, pin: bool) -> int:
+    from bench.fhir import pg_unavailable, run_fhir_store, steps_per_store
+
+    wrk = None
+    if args.loadgen in ("auto", "wrk"):
+        wrk = ensure_wrk(not args.no_install, lambda m: console.print(f"[yellow]{m}[/yellow]"))
+    if wrk is None:
+        console.print("[red]the fhir set needs wrk (Lua scripts rotate ids and POST bodies)[/red]")
+        return 2
+    runner = WrkRunner(wrk, args.threads, args.connections, 1 if pin else None)
+    skipped: dict[str, str] = {}
+    stores: list[tuple[str, str | None]] = []
+    for store in args.stores:
+        if store == "postgresql":
+            reason = pg_unavailable(args.pg)
+            if reason:
+                skipped[store] = reason
+                console.print(f"[yellow]SKIPPED postgresql: {reason}[/yellow]")
+                continue
+            stores.append((store, args.pg))
+        else:
+            stores.append((store, None))
+    machine = machine_info(runner.name)
+    machine["pinned"] = pin
+    console.print(
+        f"[bold]carevault bench[/bold] fhir: sizes {sorted(args.sizes)}, stores "
+        f"{[s for s, _ in stores]}, {machine['cpu_count']} CPUs, load generator {runner.name}, "
+        f"pinned: {pin}, load average {machine['loadavg_at_start']}"
+    )
+    runs: list[Any] = []
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}-fhir.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def write(complete: bool, error: str | None = None) -> None:
+        """The JSON so far: rewritten after every store/size, so a failure keeps what ran."""
+        report = fhir_report(args, started, machine, stores, skipped, runs, complete, error)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def on_run(run: Any) -> None:
+        runs.append(run)
+        write(False)
+
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            steps = Steps(progress, steps_per_store(args.sizes, args.rounds) * len(stores))
+            for store, pg_url in stores:
+                run_fhir_store(args, runner, steps, store, pg_url, pin, on_run=on_run)
+            steps.finish()
+    except BaseException as err:
+        machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        write(False, f"{type(err).__name__}: {err}"[:2000])
+        console.print(f"[red]stopped: partial results in {_display(path)}[/red]")
+        raise
+    finally:
+        runner.close()
+    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    for table in fhir_tables(runs):
+        console.print(table)
+    console.print(fhir_plans_table(runs))
+    for run in runs:
+        console.print(
+            f"{run.store} {run.size:,}: {sum(run.resources_in_store.values()):,} resources in "
+            f"the store ({run.resources_in_store}); seeded {run.seeded.resources:,} more in "
+            f"{run.seeded.seconds:.1f} s ({run.seeded.per_second:,.0f}/s, "
+            f"{args.seed_workers} processes, {run.seeded.extra.get('method')}); Patient body "
+            f"{run.info['patient_body_bytes']} bytes; first search pages "
+            f"{run.info['entries_in_first_search_page']}",
+            highlight=False,
+        )
+    for store, reason in skipped.items():
+        console.print(f"[yellow]{store} skipped: {reason}[/yellow]")
+    write(True)
+    passed = fhir_verdict(runs)
     load = machine["loadavg_at_start"]
+    console.print(
+        f"load average at start {load}, at end {machine['loadavg_at_end']} ({cpus} CPUs)",
+        highlight=False,
+    )
     if load and load[0] > 0.5 * cpus:
         console.print(
             f"[yellow]note: load average was {load[0]:.2f} on {cpus} CPUs at the start: "
@@ -806,9 +936,9 @@ def fhir_main(args: argparse.Namespace, started: dt.datetime, cpus: int, pin: bo
         )
     console.print(
         f"results written to [bold]{_display(path)}[/bold]; "
-        f"targets {'all met' if all(verdicts) else 'NOT all met'}"
+        f"targets {'all met' if passed else 'NOT all met'}"
     )
-    return 1 if args.strict and not all(verdicts) else 0
+    return 1 if args.strict and not passed else 0
 
 
 def _display(path: Path) -> str:

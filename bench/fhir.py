@@ -29,14 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, select
+from sqlalchemy import and_, insert, select
 
-from carevault.db.engine import read_connection
-from carevault.db.tables import fhir_resources, fhir_versions
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.tables import (
+    fhir_compartments,
+    fhir_index_dates,
+    fhir_index_keys,
+    fhir_resources,
+    fhir_versions,
+)
 from carevault.fhir.store import WriteOperation, associated_data
 from carevault.fhir.validation import validate_resource
 
-RESOURCES_PER_PATIENT = 8  # Patient + 5 Observation + Encounter + Condition
+# Per patient: the Patient, then per encounter 1 Encounter, 5 Observations, 1 Condition. Synthea's
+# records have far more of everything per patient; this keeps its proportions roughly (most
+# rows Observations, then Encounters, few Conditions) with enough patients for the name and
+# patient searches to have many distinct keys.
+ENCOUNTERS_PER_PATIENT = 2
+RESOURCES_PER_PATIENT = 1 + ENCOUNTERS_PER_PATIENT * 7  # 15
 SEED = 20261123
 
 FAMILIES = (
@@ -85,38 +96,52 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def patient_groups(n: int, seed: int = SEED) -> Iterator[PatientGroup]:
-    """Deterministic groups of RESOURCES_PER_PATIENT resources, about `n` resources in all."""
-    rng = random.Random(seed)
-    for index in range(max(1, n // RESOURCES_PER_PATIENT)):
-        pid = _uuid(rng)
-        family = rng.choice(FAMILIES)
-        given = rng.choice(GIVEN)
-        year, month, day = rng.randint(1930, 2020), rng.randint(1, 12), rng.randint(1, 28)
-        patient = {
-            "resourceType": "Patient",
-            "id": pid,
-            "identifier": [
-                {
-                    "system": "urn:oid:2.16.840.1.113883.4.1",
-                    "value": f"{rng.randint(100, 899):03d}-{rng.randint(10, 99)}-{index:04d}",
-                },
-                {"system": "https://carevault.example/mrn", "value": f"MRN{index:08d}"},
-            ],
-            "active": True,
-            "name": [{"use": "official", "family": family, "given": [given, rng.choice(GIVEN)]}],
-            "telecom": [{"system": "phone", "value": f"+46 70 {rng.randint(1000000, 9999999)}"}],
-            "gender": rng.choice(("female", "male")),
-            "birthDate": f"{year:04d}-{month:02d}-{day:02d}",
-            "address": [
-                {
-                    "line": [f"{rng.randint(1, 200)} {rng.choice(FAMILIES)} Street"],
-                    "city": rng.choice(CITIES),
-                    "postalCode": f"{rng.randint(10000, 99999)}",
-                }
-            ],
-        }
-        subject = {"reference": f"Patient/{pid}"}
+def group_count(n: int) -> int:
+    """Patients (groups of RESOURCES_PER_PATIENT resources) in a data set of about `n`."""
+    return max(1, n // RESOURCES_PER_PATIENT)
+
+
+def patient_groups(n: int, seed: int = SEED, start: int = 0) -> Iterator[PatientGroup]:
+    """Deterministic groups of RESOURCES_PER_PATIENT resources, about `n` resources in all,
+    from group number `start` on. Each group has its own random stream (seeded by the data set
+    seed and its number), so a data set of 100,000 is the one of 10,000 plus 90,000 more."""
+    for index in range(start, group_count(n)):
+        yield make_group(index, seed)
+
+
+def make_group(index: int, seed: int = SEED) -> PatientGroup:
+    """Patient group number `index`: the same for a given (index, seed) in every run."""
+    rng = random.Random(f"{seed}:{index}")
+    pid = _uuid(rng)
+    family = rng.choice(FAMILIES)
+    given = rng.choice(GIVEN)
+    year, month, day = rng.randint(1930, 2020), rng.randint(1, 12), rng.randint(1, 28)
+    patient = {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [
+            {
+                "system": "urn:oid:2.16.840.1.113883.4.1",
+                "value": f"{rng.randint(100, 899):03d}-{rng.randint(10, 99)}-{index:04d}",
+            },
+            {"system": "https://carevault.example/mrn", "value": f"MRN{index:08d}"},
+        ],
+        "active": True,
+        "name": [{"use": "official", "family": family, "given": [given, rng.choice(GIVEN)]}],
+        "telecom": [{"system": "phone", "value": f"+46 70 {rng.randint(1000000, 9999999)}"}],
+        "gender": rng.choice(("female", "male")),
+        "birthDate": f"{year:04d}-{month:02d}-{day:02d}",
+        "address": [
+            {
+                "line": [f"{rng.randint(1, 200)} {rng.choice(FAMILIES)} Street"],
+                "city": rng.choice(CITIES),
+                "postalCode": f"{rng.randint(10000, 99999)}",
+            }
+        ],
+    }
+    subject = {"reference": f"Patient/{pid}"}
+    resources: list[dict[str, Any]] = [patient]
+    for _ in range(ENCOUNTERS_PER_PATIENT):
         enc_id = _uuid(rng)
         start = f"20{rng.randint(15, 25):02d}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
         encounter = {
@@ -131,7 +156,7 @@ def patient_groups(n: int, seed: int = SEED) -> Iterator[PatientGroup]:
             "subject": subject,
             "period": {"start": f"{start}T09:00:00Z", "end": f"{start}T09:30:00Z"},
         }
-        resources: list[dict[str, Any]] = [patient, encounter]
+        resources.append(encounter)
         for code, display, unit, low, high in rng.sample(VITALS, 5):
             resources.append(
                 {
@@ -186,7 +211,7 @@ def patient_groups(n: int, seed: int = SEED) -> Iterator[PatientGroup]:
                 "onsetDateTime": f"{start}T09:00:00Z",
             }
         )
-        yield PatientGroup(pid, family, resources)
+    return PatientGroup(pid, family, resources)
 
 
 @dataclass
@@ -202,41 +227,153 @@ class SeedResult:
         return self.resources / self.seconds if self.seconds else 0.0
 
 
+SEED_METHODS = ("bulk", "write_many")
+VALIDATE_ALL_GROUPS = 50  # the first groups have every body validated; then 1 group in 10
+
+
+def _validated(group: PatientGroup) -> list[dict[str, Any]]:
+    """Every body through `validate_resource`, as the HTTP layer would; the generator's dicts
+    must already be in normal form (same JSON), so unvalidated groups store the same data."""
+    out = []
+    for body in group.resources:
+        valid = validate_resource(body, body["resourceType"])
+        if valid != body:
+            raise AssertionError(f"bench data set: {body['resourceType']} is not in normal form")
+        out.append(valid)
+    return out
+
+
+def bulk_unsupported(store: Any) -> str | None:
+    """Why `_write_bulk` cannot mirror this store's write path (None: it can)."""
+    missing = [
+        name
+        for name in ("_stamp", "patients_of", "_scope", "_index_rows", "_envelope", "_clock")
+        if not hasattr(store, name)
+    ]
+    return f"ResourceStore has no {', '.join(missing)}" if missing else None
+
+
+async def _write_bulk(services: Any, bodies: list[dict[str, Any]], now: float) -> None:
+    """Create `bodies` (new ids) the way `ResourceStore.write_many` does, rows built by the
+    store's own code (`_stamp`, `patients_of`, `_scope`, `_index_rows`) and encrypted by its
+    envelope, but inserted with one executemany per table in ONE transaction instead of ~8
+    statements per resource (the data set's bodies are new: no compare-and-swap to do). Like
+    write_many, a transaction that writes an access fact (Patient, CareTeam, ...) moves the
+    access generation once."""
+    store, envelope = services.store, services.envelope
+    resources: list[dict[str, Any]] = []
+    versions: list[dict[str, Any]] = []
+    compartments: list[dict[str, Any]] = []
+    keys: list[dict[str, Any]] = []
+    dates: list[dict[str, Any]] = []
+    for body in bodies:
+        rtype, rid = body["resourceType"], body["id"]
+        stamped = store._stamp(body, rid, 1, now)
+        patients = store.patients_of(stamped)
+        scope = store._scope(rtype, patients)
+        ciphertext = await envelope.encrypt(
+            scope, orjson.dumps(stamped), associated_data(rtype, rid, 1)
+        )
+        row = {
+            "resource_type": rtype,
+            "id": rid,
+            "version": 1,
+            "last_updated": now,
+            "deleted": False,
+            "scope": scope,
+        }
+        resources.append(row)
+        versions.append({**row, "body": ciphertext})
+        compartments.extend({"resource_type": rtype, "id": rid, "patient_id": p} for p in patients)
+        key_rows, date_rows = store._index_rows(stamped)
+        keys.extend(key_rows)
+        dates.extend(date_rows)
+    generation = getattr(store, "_access_generation", None)
+    bump = None
+    if generation is not None:
+        from carevault.access.generation import ACCESS_FACT_TYPES, bump_in
+
+        if any(b["resourceType"] in ACCESS_FACT_TYPES for b in bodies):
+            bump = bump_in
+    async with write_transaction(services.engine) as conn:
+        for table, rows in (
+            (fhir_resources, resources),
+            (fhir_versions, versions),
+            (fhir_compartments, compartments),
+            (fhir_index_keys, keys),
+            (fhir_index_dates, dates),
+        ):
+            if rows:
+                await conn.execute(insert(table), rows)
+        if bump is not None:
+            await bump(conn)
+    if bump is not None:
+        generation.changed()
+
+
 async def seed(
     services: Any,
     n: int,
     *,
+    start_group: int = 0,
+    stop_group: int | None = None,
+    step: int = 1,
+    method: str = "bulk",
     batch_groups: int = 25,
     advance: Callable[[int], None] | None = None,
 ) -> SeedResult:
-    """Write the data set through `ResourceStore.write_many`, `batch_groups` patients per
-    transaction (every body validated as the HTTP layer would)."""
-    store = services.store
+    """Write patient groups `start_group`, `start_group + step`, ... (below `stop_group`, by
+    default all of a data set of about `n`) into the store, `batch_groups` patients per
+    transaction.
+
+    method "write_many": through `ResourceStore.write_many`, the path of HTTP and Bundle writes.
+    method "bulk" (default, ~5x faster): `_write_bulk`, the same rows built by the store's code
+    (tested equal to write_many's in tests/test_bench_smoke.py). Either way every body is
+    encrypted under its patient's own data key (created on first use, as in production),
+    compartment rows and blind indexes are real. Bodies of the first VALIDATE_ALL_GROUPS groups
+    and of every 10th after are checked with `validate_resource` (the data set is generated in
+    normal form; a body that is not stops the run).
+    """
+    if method not in SEED_METHODS:
+        raise ValueError(f"seed method must be one of {SEED_METHODS}")
+    fallback = bulk_unsupported(services.store) if method == "bulk" else None
+    if fallback:  # the store changed under the benchmark: the slow path, said so
+        method = "write_many"
+    stop = group_count(n) if stop_group is None else stop_group
     started = time.perf_counter()
     patient_ids: list[str] = []
     families: list[str] = []
-    batch: list[WriteOperation] = []
+    batch: list[dict[str, Any]] = []
     written = 0
 
     async def flush() -> None:
         nonlocal written, batch
-        if batch:
-            await store.write_many(batch)
-            written += len(batch)
-            if advance:
-                advance(len(batch))
-            batch = []
+        if not batch:
+            return
+        if method == "bulk":
+            await _write_bulk(services, batch, services.store._clock())
+        else:
+            await services.store.write_many(
+                [WriteOperation("create", b["resourceType"], b["id"], b) for b in batch]
+            )
+        written += len(batch)
+        if advance:
+            advance(len(batch))
+        batch = []
 
-    for index, group in enumerate(patient_groups(n)):
+    for count, index in enumerate(range(start_group, stop, step)):
+        group = make_group(index)
         patient_ids.append(group.patient_id)
         families.append(group.family)
-        for body in group.resources:
-            valid = validate_resource(body, body["resourceType"])
-            batch.append(WriteOperation("create", body["resourceType"], body["id"], valid))
-        if (index + 1) % batch_groups == 0:
+        if index < VALIDATE_ALL_GROUPS or index % 10 == 0:
+            batch.extend(_validated(group))
+        else:
+            batch.extend(group.resources)
+        if (count + 1) % batch_groups == 0:
             await flush()
     await flush()
-    return SeedResult(written, patient_ids, families, time.perf_counter() - started)
+    extra = {"method": method, **({"bulk_fallback": fallback} if fallback else {})}
+    return SeedResult(written, patient_ids, families, time.perf_counter() - started, extra)
 
 
 # ---------------------------------------------------------------------------------- read path
@@ -430,12 +567,23 @@ function request()
 end
 """
 
+# POST one body per line of BENCH_BODIES_FILE in turn (each for another patient).
 POST_SCRIPT = r"""
-local f = io.open(os.getenv("BENCH_BODY_FILE"), "rb")
+local bodies = {}
+local counter = 0
 wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
 wrk.headers["Content-Type"] = "application/fhir+json"
+function init(args)
+  for line in io.lines(os.getenv("BENCH_BODIES_FILE")) do
+    bodies[#bodies + 1] = line
+  end
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+  counter = math.random(1, #bodies)
+end
+function request()
+  counter = counter % #bodies + 1
+  return wrk.format("POST", nil, nil, bodies[counter])
+end
 """
 
 
@@ -462,6 +610,205 @@ def create_body(patient_id: str) -> bytes:
     )
 
 
+# ---------------------------------------------------------------------------------- seeding
+
+
+def _seed_worker(
+    settings_kwargs: dict[str, Any],
+    n: int,
+    start_group: int,
+    stop_group: int,
+    step: int,
+    method: str,
+    queue: Any,
+) -> None:
+    """One seeding process (spawned): its own `build_services` on the same database."""
+    import traceback
+
+    from carevault.config import Settings
+    from carevault.runtime import build_services
+
+    async def run() -> tuple[int, dict[str, Any]]:
+        services = build_services(Settings(**settings_kwargs))
+        await services.start()
+        try:
+            result = await seed(
+                services,
+                n,
+                start_group=start_group,
+                stop_group=stop_group,
+                step=step,
+                method=method,
+                advance=lambda k: queue.put(("tick", k)),
+            )
+        finally:
+            await services.close()
+        return result.resources, result.extra
+
+    try:
+        queue.put(("done", asyncio.run(run())))
+    except BaseException:  # reported to the harness, which stops the run
+        queue.put(("error", traceback.format_exc()[-3000:]))
+
+
+def seed_processes(
+    settings_kwargs: dict[str, Any],
+    n: int,
+    *,
+    start_group: int = 0,
+    workers: int = 2,
+    method: str = "bulk",
+    advance: Callable[[int], None] | None = None,
+) -> tuple[int, float, dict[str, Any]]:
+    """Seed groups `start_group` .. of a data set of about `n` with `workers` processes (group
+    i goes to process i mod workers: validation, index extraction and encryption are CPU-bound
+    and run in parallel; SQLite serialises the short write transactions). Returns (resources
+    written, seconds, what `seed` reported: the method used)."""
+    import multiprocessing
+    import queue as queue_module
+
+    stop_group = group_count(n)
+    started = time.perf_counter()
+    if stop_group <= start_group:
+        return 0, 0.0, {"method": method}
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    processes = [
+        context.Process(
+            target=_seed_worker,
+            args=(settings_kwargs, n, start_group + w, stop_group, workers, method, messages),
+            daemon=True,
+        )
+        for w in range(max(1, workers))
+    ]
+    for process in processes:
+        process.start()
+    written = finished = 0
+    extra: dict[str, Any] = {}
+    try:
+        while finished < len(processes):
+            try:
+                kind, value = messages.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"a seeding process died (exit {dead[0].exitcode})"
+                    ) from None
+                continue
+            if kind == "tick":
+                written += value
+                if advance:
+                    advance(value)
+            elif kind == "done":
+                finished += 1
+                extra.update(value[1])
+            else:
+                raise RuntimeError(f"a seeding process failed:\n{value}")
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()  # our own child
+    return written, time.perf_counter() - started, extra
+
+
+# ---------------------------------------------------------------------------------- in-process
+
+
+async def _count_resources(engine: Any) -> dict[str, int]:
+    from sqlalchemy import func
+
+    async with read_connection(engine) as conn:
+        rows = await conn.execute(
+            select(fhir_resources.c.resource_type, func.count()).group_by(
+                fhir_resources.c.resource_type
+            )
+        )
+        return {str(t): int(c) for t, c in rows}
+
+
+async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[str, Any]:
+    """The data-database statements of a read, a search by patient and a search by name, as the
+    product issues them (captured while running them in-process), with their plans: EXPLAIN
+    (ANALYZE, BUFFERS) on PostgreSQL, EXPLAIN QUERY PLAN on SQLite."""
+    from sqlalchemy import event
+
+    from carevault.fhir.search import execute, parse_search
+
+    engine = services.engine
+    captured: list[tuple[str, Any]] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "EXPLAIN", "SELECT 1")):
+            captured.append((statement, parameters))
+
+    async def run(name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
+        captured.clear()
+        event.listen(engine.sync_engine, "before_cursor_execute", listener)
+        try:
+            await action()
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", listener)
+        statements = [(s, p) for s, p in captured if "data_keys" not in s]
+        out = []
+        postgres = engine.dialect.name == "postgresql"
+        async with read_connection(engine) as conn:
+            for statement, parameters in statements:
+                prefix_sql = "EXPLAIN (ANALYZE, BUFFERS) " if postgres else "EXPLAIN QUERY PLAN "
+                rows = (await conn.exec_driver_sql(prefix_sql + statement, parameters)).all()
+                plan = [str(r[0]) if postgres else " ".join(str(x) for x in r) for r in rows]
+                out.append({"sql": " ".join(statement.split()), "plan": plan})
+        return out
+
+    blind = services.blind_index
+    return {
+        "read": await run("read", lambda: services.store.read("Patient", patient_id)),
+        "search-patient": await run(
+            "search-patient",
+            lambda: execute(engine, parse_search("Observation", [("patient", patient_id)], blind)),
+        ),
+        "search-name": await run(
+            "search-name",
+            lambda: execute(engine, parse_search("Patient", [("name", prefix)], blind)),
+        ),
+    }
+
+
+async def measure_in_process(
+    settings: Any,
+    patient_ids: list[str],
+    families: list[str],
+    *,
+    repeat: int = 5,
+    samples: int = 500,
+    cold_samples: int = 200,
+    advance: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """(read-path measurement, resources per type in the store, query plans)."""
+    from carevault.runtime import build_services
+
+    services = build_services(settings)
+    await services.start()
+    try:
+        counts = await _count_resources(services.engine)
+        read_path = await measure_read_path(
+            services,
+            patient_ids,
+            samples=samples,
+            repeat=repeat,
+            cold_samples=cold_samples,
+            advance=advance,
+        )
+        rng = random.Random(SEED + 2)
+        plans = await explain_queries(
+            services, rng.choice(patient_ids), search_prefixes(families)[0]
+        )
+    finally:
+        await services.close()
+    return read_path, counts, plans
+
+
 # ---------------------------------------------------------------------------------- HTTP run
 
 READ_IDS_MAX = 5000  # distinct ids the read and search-by-patient scenarios rotate through
@@ -475,10 +822,26 @@ SCENARIOS = (
     "baseline-c1",
     "fhir-read-c1",
 )
+STORES = ("sqlite", "postgresql")
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def baseline_of(scenario: str) -> str:
     return "baseline-c1" if scenario.endswith("-c1") else "baseline"
+
+
+def pg_unavailable(pg_url: str) -> str | None:
+    """Why PostgreSQL at `pg_url` cannot be used (None: it answers)."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed"
+    try:
+        with psycopg.connect(pg_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except Exception as err:  # any failure to connect is a reason to skip
+        return f"{pg_url.split('@')[-1]} does not answer: {type(err).__name__}: {err}".strip()[:300]
+    return None
 
 
 def create_pg_schema(pg_url: str) -> tuple[str, str]:
@@ -499,42 +862,14 @@ def drop_pg_schema(pg_url: str, name: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
-async def seed_and_measure(
-    settings: Any,
-    n: int,
-    *,
-    seed_advance: Callable[[int], None] | None = None,
-    measure_advance: Callable[[int], None] | None = None,
-    samples: int = 500,
-    repeat: int = 5,
-    cold_samples: int = 200,
-) -> tuple[SeedResult, dict[str, Any]]:
-    """Seed through a `build_services` of `settings`, then measure the read path on it."""
-    from carevault.runtime import build_services
-
-    services = build_services(settings)
-    await services.start()
-    try:
-        seeded = await seed(services, n, advance=seed_advance)
-        read_path = await measure_read_path(
-            services,
-            seeded.patient_ids,
-            samples=samples,
-            repeat=repeat,
-            cold_samples=cold_samples,
-            advance=measure_advance,
-        )
-    finally:
-        await services.close()
-    return seeded, read_path
-
-
 @dataclass
 class FhirRun:
     store: str
     size: int
-    seeded: SeedResult
+    seeded: SeedResult  # cumulative: every patient of the data set; seconds: this growth step
+    resources_in_store: dict[str, int]  # per type, before the HTTP load (creates add more)
     read_path: dict[str, Any]
+    plans: dict[str, Any]
     chosen: dict[str, Any]  # scenario -> LoadResult (median round by ratio)
     ratios: dict[str, float]  # scenario -> req/s ratio to the baseline of the same round
     p99_ratios: dict[str, float]
@@ -542,49 +877,120 @@ class FhirRun:
     info: dict[str, Any]
 
 
-def run_fhir_http(
+def steps_per_store(sizes: list[int], rounds: int) -> int:
+    # init; per size: seed, in-process, server start, every scenario x rounds
+    return 1 + len(sizes) * (3 + len(SCENARIOS) * rounds)
+
+
+def run_fhir_store(
     args: Any,
     runner: Any,
     steps: Any,
-    size: int,
-    pin: bool,
+    store_name: str,
     pg_url: str | None,
-) -> FhirRun:
-    from bench.server import BenchServer, ServerError, _http
+    pin: bool,
+    on_run: Callable[[FhirRun], None] | None = None,
+) -> list[FhirRun]:
+    """One store: a fresh database, seeded to each size in turn (growing: 10,000 then 90,000
+    more for 100,000), measured in-process and over HTTP at each size."""
+    from bench.server import BenchServer
     from carevault.config import Settings
 
-    store_name = "postgresql" if pg_url else "sqlite"
     schema = database_url = None
     if pg_url:
         schema, database_url = create_pg_schema(pg_url)
     server = BenchServer(cpu=0 if pin else None, keep=args.keep, database_url=database_url)
-    label = f"{store_name} {size:,}"
+    runs: list[FhirRun] = []
     try:
-        steps.begin(f"{label}: carevault init + user add", None)
+        steps.begin(f"{store_name}: carevault init + user add", None)
         password = server.prepare()
         steps.done()
-        settings = Settings(
-            data_dir=server.data_dir,
-            database_url=database_url,
-            signing_algorithm=server.algorithm,
-        )
-        total = max(1, size // RESOURCES_PER_PATIENT) * RESOURCES_PER_PATIENT
-        progress = steps.progress
-        seed_task = progress.add_task(f"{label}: seed through the store", total=total)
-        measure_task = progress.add_task(f"{label}: read path in-process", total=6 * args.repeat)
-        seeded, read_path = asyncio.run(
-            seed_and_measure(
-                settings,
-                size,
-                seed_advance=lambda k: progress.advance(seed_task, k),
-                measure_advance=lambda k: progress.advance(measure_task, k),
-                repeat=args.repeat,
+        settings_kwargs = {
+            "data_dir": server.data_dir,
+            "database_url": database_url,
+            "signing_algorithm": server.algorithm,
+        }
+        settings = Settings(**settings_kwargs)
+        have_groups = 0
+        for size in sorted(args.sizes):
+            label = f"{store_name} {size:,}"
+            groups = group_count(size)
+            total = (groups - have_groups) * RESOURCES_PER_PATIENT
+            steps.begin(
+                f"{label}: seed {total:,} more through the store ({args.seed_workers} procs)",
+                total,
             )
-        )
-        progress.remove_task(seed_task)
-        progress.remove_task(measure_task)
-        steps.progress.advance(steps.overall, 2)
+            written, seconds, seed_extra = seed_processes(
+                settings_kwargs,
+                size,
+                start_group=have_groups,
+                workers=args.seed_workers,
+                method=args.seed_method,
+                advance=steps.advance,
+            )
+            steps.done()
+            have_groups = groups
+            every = [make_group(i) for i in range(groups)]
+            seeded = SeedResult(
+                written,
+                [g.patient_id for g in every],
+                [g.family for g in every],
+                seconds,
+                {**seed_extra, "workers": args.seed_workers},
+            )
+            steps.begin(f"{label}: read path in-process, query plans", 6 * args.repeat)
+            read_path, counts, plans = asyncio.run(
+                measure_in_process(
+                    settings,
+                    seeded.patient_ids,
+                    seeded.families,
+                    repeat=args.repeat,
+                    advance=steps.advance,
+                )
+            )
+            steps.done()
+            run = _measure_http(
+                args,
+                runner,
+                steps,
+                server,
+                password,
+                label,
+                store_name,
+                size,
+                seeded,
+                counts,
+                read_path,
+                plans,
+            )
+            runs.append(run)
+            if on_run is not None:
+                on_run(run)  # the harness writes the results so far
+    finally:
+        server.cleanup()
+        if pg_url and schema and not args.keep:
+            drop_pg_schema(pg_url, schema)
+    return runs
 
+
+def _measure_http(
+    args: Any,
+    runner: Any,
+    steps: Any,
+    server: Any,
+    password: str,
+    label: str,
+    store_name: str,
+    size: int,
+    seeded: SeedResult,
+    counts: dict[str, int],
+    read_path: dict[str, Any],
+    plans: dict[str, Any],
+) -> FhirRun:
+    from bench.server import ServerError, _http
+
+    single = None
+    try:
         steps.begin(f"{label}: start server, log in", None)
         server.start(timeout=120)
         server.login(password)
@@ -602,7 +1008,8 @@ def run_fhir_http(
         rng = random.Random(SEED + 1)
         ids = rng.sample(seeded.patient_ids, min(READ_IDS_MAX, len(seeded.patient_ids)))
         prefixes = search_prefixes(seeded.families)
-        (root / "create.json").write_bytes(create_body(first))
+        bodies = root / "create.jsonl"
+        bodies.write_bytes(b"\n".join(create_body(i) for i in ids) + b"\n")
         files = {
             "fhir-read": write_paths(root / "read.txt", [f"/fhir/Patient/{i}" for i in ids]),
             "fhir-search-patient": write_paths(
@@ -618,7 +1025,7 @@ def run_fhir_http(
             "fhir-read": ("GET", f"/fhir/Patient/{ids[0]}", None),
             "fhir-search-patient": ("GET", f"/fhir/Observation?patient={ids[0]}", None),
             "fhir-search-name": ("GET", f"/fhir/Patient?name={prefixes[0]}", None),
-            "fhir-create": ("POST", "/fhir/Observation", create_body(first)),
+            "fhir-create": ("POST", "/fhir/Observation", create_body(ids[0])),
         }
         search_sizes = {}
         for name, (method, path, body) in checks.items():
@@ -634,7 +1041,7 @@ def run_fhir_http(
         if static != patient_bytes:
             raise ServerError("/bench/static does not serve the Patient's bytes")
 
-        scenario_args: dict[str, tuple[str | None, str | None, dict[str, str]]] = {
+        scenario_args: dict[str, tuple[str, str | None, dict[str, str]]] = {
             "baseline": ("/bench/static", None, {}),
             "fhir-read": ("/", ROTATE_SCRIPT, {"BENCH_PATHS_FILE": str(files["fhir-read"])}),
             "fhir-search-patient": (
@@ -647,11 +1054,7 @@ def run_fhir_http(
                 ROTATE_SCRIPT,
                 {"BENCH_PATHS_FILE": str(files["fhir-search-name"])},
             ),
-            "fhir-create": (
-                "/fhir/Observation",
-                POST_SCRIPT,
-                {"BENCH_BODY_FILE": str(root / "create.json")},
-            ),
+            "fhir-create": ("/fhir/Observation", POST_SCRIPT, {"BENCH_BODIES_FILE": str(bodies)}),
         }
         scenario_args["baseline-c1"] = scenario_args["baseline"]
         scenario_args["fhir-read-c1"] = scenario_args["fhir-read"]
@@ -663,7 +1066,7 @@ def run_fhir_http(
             measured: dict[str, Any] = {}
             for name in order:
                 path, script, script_env = scenario_args[name]
-                url = server.base_url + (path or "/")
+                url = server.base_url + path
                 steps.begin(f"{label}: {name} (round {round_no + 1})", args.warmup + args.duration)
                 header = None if name.startswith("baseline") else server.auth_header
                 load = single if name.endswith("-c1") else runner
@@ -688,11 +1091,9 @@ def run_fhir_http(
             "log_tail": server.log_tail(1000),
         }
     finally:
-        if "single" in locals():
+        if single is not None:
             single.close()
-        server.cleanup()
-        if pg_url and schema and not args.keep:
-            drop_pg_schema(pg_url, schema)
+        server.stop()
     chosen: dict[str, Any] = {}
     ratios: dict[str, float] = {}
     p99_ratios: dict[str, float] = {}
@@ -710,7 +1111,9 @@ def run_fhir_http(
         store_name,
         size,
         seeded,
+        counts,
         read_path,
+        plans,
         chosen,
         ratios,
         p99_ratios,

@@ -105,17 +105,28 @@ async def test_run_micro_reports_every_variant_with_ratios() -> None:
 
 
 def test_fhir_data_set_is_deterministic_and_valid() -> None:
-    from bench.fhir import RESOURCES_PER_PATIENT, patient_groups
+    from bench.fhir import RESOURCES_PER_PATIENT, make_group, patient_groups
     from carevault.fhir.validation import validate_resource
 
-    first = list(patient_groups(40))
-    assert first == list(patient_groups(40))
-    assert len(first) == 40 // RESOURCES_PER_PATIENT
+    n = 3 * RESOURCES_PER_PATIENT
+    first = list(patient_groups(n))
+    assert first == list(patient_groups(n))
+    assert len(first) == 3
+    # random access: a bigger data set is the smaller one plus more groups (growing 10k->100k)
+    assert list(patient_groups(2 * n))[:3] == first
+    assert list(patient_groups(2 * n, start=3))[0] == make_group(3)
     for group in first:
         assert len(group.resources) == RESOURCES_PER_PATIENT
         assert group.resources[0]["id"] == group.patient_id
+        assert {r["resourceType"] for r in group.resources} == {
+            "Patient",
+            "Encounter",
+            "Observation",
+            "Condition",
+        }
         for body in group.resources:
-            validate_resource(body, body["resourceType"])
+            # in normal form already: seeding may skip validating most groups
+            assert validate_resource(body, body["resourceType"]) == body
             if body["resourceType"] != "Patient":
                 assert body["subject"] == {"reference": f"Patient/{group.patient_id}"}
 
@@ -131,12 +142,108 @@ def test_fhir_create_body_and_prefixes() -> None:
     assert search_prefixes(["Lindqvist", "Lindgren", "Berg"]) == ["berg", "lind"]
 
 
+async def _rows_of(services: Any, ids: list[str]) -> dict[str, Any]:
+    """Every store row of the given resource ids; the write's time and ciphertexts left out."""
+    from sqlalchemy import select
+
+    from carevault.db.engine import read_connection
+    from carevault.db.tables import (
+        fhir_compartments,
+        fhir_index_dates,
+        fhir_index_keys,
+        fhir_resources,
+        fhir_versions,
+    )
+
+    out: dict[str, Any] = {}
+    async with read_connection(services.engine) as conn:
+        for table in (
+            fhir_resources,
+            fhir_versions,
+            fhir_compartments,
+            fhir_index_keys,
+            fhir_index_dates,
+        ):
+            rows = (await conn.execute(select(table).where(table.c.id.in_(ids)))).mappings()
+            out[table.name] = sorted(
+                sorted((k, v) for k, v in row.items() if k not in ("last_updated", "body"))
+                for row in rows
+                if row.get("param") != "_lastUpdated"  # the write's time, like last_updated
+            )
+    return out
+
+
+async def _delete_rows(services: Any, ids: list[str]) -> None:
+    from sqlalchemy import delete
+
+    from carevault.db.engine import write_transaction
+    from carevault.db.tables import (
+        fhir_compartments,
+        fhir_index_dates,
+        fhir_index_keys,
+        fhir_resources,
+        fhir_versions,
+    )
+
+    async with write_transaction(services.engine) as conn:
+        for table in (
+            fhir_index_dates,
+            fhir_index_keys,
+            fhir_compartments,
+            fhir_versions,
+            fhir_resources,
+        ):
+            await conn.execute(delete(table).where(table.c.id.in_(ids)))
+
+
+async def test_fhir_bulk_seed_writes_the_rows_write_many_writes(services: Any) -> None:
+    """The fast seeding path stores exactly what `ResourceStore.write_many` stores."""
+    from bench.fhir import RESOURCES_PER_PATIENT, make_group, seed
+
+    ids = [r["id"] for i in range(2) for r in make_group(i).resources]
+    await seed(services, 2 * RESOURCES_PER_PATIENT, method="write_many")
+    by_store = await _rows_of(services, ids)
+    bodies = {i: (await services.store.read(t, i)).body for t, i in _typed(ids)}
+    await _delete_rows(services, ids)
+    assert await _rows_of(services, ids) == {k: [] for k in by_store}
+    seeded = await seed(services, 2 * RESOURCES_PER_PATIENT, method="bulk", batch_groups=1)
+    assert seeded.resources == len(ids)
+    assert await _rows_of(services, ids) == by_store
+    for t, i in _typed(ids):
+        body = (await services.store.read(t, i)).body
+        assert body is not None
+        assert _no_time(body) == _no_time(bodies[i])
+    assert all(len(rows) > 0 for rows in by_store.values())
+
+
+def _typed(ids: list[str]) -> list[tuple[str, str]]:
+    from bench.fhir import make_group
+
+    types = {r["id"]: r["resourceType"] for i in range(2) for r in make_group(i).resources}
+    return [(types[i], i) for i in ids]
+
+
+def _no_time(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "meta": {k: v for k, v in body["meta"].items() if k != "lastUpdated"}}
+
+
 async def test_fhir_seed_and_read_path_measurement(services: Any) -> None:
-    from bench.fhir import RESOURCES_PER_PATIENT, _select_row, measure_read_path, seed
+    from bench.fhir import (
+        RESOURCES_PER_PATIENT,
+        _select_row,
+        explain_queries,
+        measure_read_path,
+        search_prefixes,
+        seed,
+    )
 
     seeded = await seed(services, 3 * RESOURCES_PER_PATIENT, batch_groups=2)
     assert seeded.resources == 3 * RESOURCES_PER_PATIENT
     assert len(seeded.patient_ids) == 3
+    # growing: the next groups only
+    more = await seed(services, 5 * RESOURCES_PER_PATIENT, start_group=3)
+    assert more.resources == 2 * RESOURCES_PER_PATIENT
+    assert not set(more.patient_ids) & set(seeded.patient_ids)
     stored = await services.store.read("Patient", seeded.patient_ids[0])
     assert stored.body["name"][0]["family"] == seeded.families[0]
     patients = await services.store.read_many("Patient", seeded.patient_ids)
@@ -160,3 +267,48 @@ async def test_fhir_seed_and_read_path_measurement(services: Any) -> None:
     # of an empty result).
     row = await _select_row(services.engine, "Patient", seeded.patient_ids[0])
     assert row is not None and row.id == seeded.patient_ids[0] and row.body
+
+    # the searches the HTTP scenarios run find the seeded data, and their plans are captured
+    plans = await explain_queries(
+        services, seeded.patient_ids[0], search_prefixes(seeded.families)[0]
+    )
+    assert set(plans) == {"read", "search-patient", "search-name"}
+    assert all(plans[q] and all(s["plan"] for s in plans[q]) for q in plans)
+
+
+def test_fhir_seed_processes_and_pg_probe(tmp_path: Any) -> None:
+    """Seeding in spawned processes on a fresh SQLite data directory (the harness's path)."""
+    import asyncio
+
+    from bench.fhir import RESOURCES_PER_PATIENT, pg_unavailable, seed_processes
+    from carevault.config import Settings
+    from carevault.db import migrate
+    from carevault.runtime import build_services
+
+    settings = Settings(data_dir=tmp_path / "var")
+    migrate.upgrade(settings)
+    ticks: list[int] = []
+    written, _, extra = seed_processes(
+        {"data_dir": settings.data_dir},
+        4 * RESOURCES_PER_PATIENT,
+        workers=2,
+        advance=ticks.append,
+    )
+    assert written == sum(ticks) == 4 * RESOURCES_PER_PATIENT
+    assert extra["method"] == "bulk"  # the store still has what the fast path mirrors
+
+    async def count() -> int:
+        services = build_services(settings)
+        try:
+            return len(await services.store.read_many("Patient", _patient_ids(4)))
+        finally:
+            await services.close()
+
+    assert asyncio.run(count()) == 4
+    assert pg_unavailable("postgresql://nobody@127.0.0.1:1/none") is not None
+
+
+def _patient_ids(n: int) -> list[str]:
+    from bench.fhir import make_group
+
+    return [make_group(i).patient_id for i in range(n)]
