@@ -113,9 +113,9 @@ def synthea_transaction() -> tuple[dict, dict[str, str]]:
     return bundle, urls
 
 
-async def post_bundle(h, bundle, status: int | None = 200):
+async def post_bundle(h, bundle, status: int | None = 200, headers: dict | None = None):
     response = await h.client.post(
-        "/fhir", content=orjson.dumps(bundle), headers={"content-type": FHIR}
+        "/fhir", content=orjson.dumps(bundle), headers={"content-type": FHIR, **(headers or {})}
     )
     if status is not None:
         assert response.status_code == status, response.text
@@ -600,7 +600,8 @@ async def test_absolute_full_urls_and_their_relative_references(clinician):
             },
         ],
     }
-    result = (await post_bundle(h, bundle)).json()
+    representation = {"Prefer": "return=representation"}
+    result = (await post_bundle(h, bundle, headers=representation)).json()
     observation_id = result["entry"][0]["fullUrl"].split("/")[1]
     patient_id = result["entry"][1]["fullUrl"].split("/")[1]
     assert patient_id != "p-1"
@@ -647,3 +648,34 @@ async def test_write_many_retries_a_lost_compare_and_swap(clinician):
         envelope.encrypt = real_encrypt
     current = await store.read("Patient", a["id"])
     assert (current.version, current.body["gender"]) == (4, "other")
+
+
+async def test_write_entries_carry_the_resource_only_with_return_representation(clinician):
+    h = clinician
+    existing = await create(h, {"resourceType": "Patient", "gender": "male"})
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient", "gender": "female"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {"request": {"method": "GET", "url": f"Patient/{existing['id']}"}},
+        ],
+    }
+    minimal = await post_bundle(h, bundle)
+    written, read = minimal.json()["entry"]
+    assert "resource" not in written  # response element only: status, location, etag...
+    assert set(written["response"]) == {"status", "location", "etag", "lastModified"}
+    assert written["fullUrl"].startswith("Patient/")
+    assert read["resource"]["id"] == existing["id"]  # a read's answer is the resource
+    assert "preference-applied" not in minimal.headers
+
+    full = await post_bundle(h, bundle, headers={"Prefer": "return=representation"})
+    written, read = full.json()["entry"]
+    assert written["resource"]["gender"] == "female"
+    assert written["resource"]["id"] == written["fullUrl"].split("/")[1]
+    assert full.headers["preference-applied"] == "return=representation"
+    other = await post_bundle(h, bundle, headers={"Prefer": "return=minimal"})
+    assert "resource" not in other.json()["entry"][0]

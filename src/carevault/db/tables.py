@@ -213,3 +213,18 @@ data_keys = Table(
     Column("destroyed_at", Float),
     Index("ix_data_keys_kek_key_id", "kek_key_id"),
 )
+
+
+# --- FHIR Idempotency-Key responses ---------------------------------------------------------
+# The recorded response of a transaction/batch Bundle POSTed with an Idempotency-Key (its claim
+# is the `fhir_idempotency` row of the same key_hash): AEAD ciphertext (envelope, scope
+# "type:Bundle") of the response without any resource body (fhir/idempotency.py). Rows expire
+# with their claim (24 h, same created_at).
+fhir_idempotency_responses = Table(
+    "fhir_idempotency_responses",
+    metadata,
+    Column("key_hash", String(64), primary_key=True),
+    Column("response", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_fhir_idempotency_responses_created_at", "created_at"),
+)

@@ -16,6 +16,11 @@ entry's fullUrl maps to ``Type/<url id>`` the same way.
 * batch: every entry on its own (its own store call); a failed entry's
   ``response.outcome`` says why, the others proceed.
 
+The response Bundle's write entries carry their ``response`` element only (status, location,
+etag, lastModified) unless the client sends ``Prefer: return=representation``; GET entries
+always carry the resource read. `BundleResponse.record` is the response without any resource
+body, which is what an ``Idempotency-Key`` keeps (fhir/idempotency.py) to replay it.
+
 Outcomes use the fixed texts of `outcome` and `validation` (no values from the request).
 """
 
@@ -388,29 +393,137 @@ def _status(code: int) -> str:
     return _STATUS_TEXT.get(code, str(code))
 
 
-def _written(entry: Entry, stored: StoredResource) -> dict[str, Any]:
-    if stored.deleted:
-        return {"response": {"status": _status(204), "etag": stored.etag}}
-    created = entry.method == "POST"
-    response: dict[str, Any] = {
-        "status": _status(201 if created else 200),
-        "etag": stored.etag,
-        "lastModified": instant(stored.last_updated),
-    }
-    if created:
-        response["location"] = f"{stored.resource_type}/{stored.id}/_history/{stored.version}"
-    return {
-        "fullUrl": f"{stored.resource_type}/{stored.id}",
-        "resource": stored.body,
-        "response": response,
-    }
-
-
-def _failed(failure: EntryFailure) -> dict[str, Any]:
-    return {"response": {"status": _status(failure.status), "outcome": failure.outcome}}
-
-
 IntegrityHandler = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+@dataclass
+class EntryResult:
+    """One entry of a response Bundle. Everything but `body` is free of PHI (status line,
+    ``Type/id``, version, instants, fixed-text OperationOutcomes), which is what an
+    Idempotency-Key records (`record`); `body` is the resource as written or read, rendered
+    for GET entries always and for writes only with ``Prefer: return=representation``, and
+    read again from the store (`target` is its exact version) when a response is replayed."""
+
+    status: int
+    full_url: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    location: str | None = None
+    outcome: dict[str, Any] | None = None
+    target: tuple[str, str, int] | None = None  # (type, id, version) of the entry's resource
+    read: bool = False  # a GET entry: its resource is the answer
+    body: dict[str, Any] | None = None
+
+    def render(self, representation: bool) -> dict[str, Any]:
+        response: dict[str, Any] = {"status": _status(self.status)}
+        for name, value in (
+            ("location", self.location),
+            ("etag", self.etag),
+            ("lastModified", self.last_modified),
+            ("outcome", self.outcome),
+        ):
+            if value is not None:
+                response[name] = value
+        rendered: dict[str, Any] = {}
+        if self.full_url is not None:
+            rendered["fullUrl"] = self.full_url
+        if self.body is not None and (self.read or representation):
+            rendered["resource"] = self.body
+        rendered["response"] = response
+        return rendered
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "s": self.status,
+            "f": self.full_url,
+            "e": self.etag,
+            "m": self.last_modified,
+            "l": self.location,
+            "o": self.outcome,
+            "t": list(self.target) if self.target is not None else None,
+            "r": self.read,
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> EntryResult:
+        target = data["t"]
+        return cls(
+            status=int(data["s"]),
+            full_url=data["f"],
+            etag=data["e"],
+            last_modified=data["m"],
+            location=data["l"],
+            outcome=data["o"],
+            target=(str(target[0]), str(target[1]), int(target[2])) if target else None,
+            read=bool(data["r"]),
+        )
+
+
+@dataclass
+class BundleResponse:
+    """A transaction-response or batch-response Bundle (see `EntryResult`)."""
+
+    id: str
+    type: str
+    entries: list[EntryResult]
+
+    def render(self, representation: bool = False) -> dict[str, Any]:
+        """The response Bundle. Written resources are included only with `representation`
+        (``Prefer: return=representation``); by default an entry of a write carries its
+        response element only (status, location, etag, lastModified), as FHIR allows."""
+        return {
+            "resourceType": "Bundle",
+            "id": self.id,
+            "type": self.type,
+            "entry": [entry.render(representation) for entry in self.entries],
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What replaying this response needs, without any resource body."""
+        return {"i": self.id, "y": self.type, "e": [e.record() for e in self.entries]}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> BundleResponse:
+        return cls(str(data["i"]), str(data["y"]), [EntryResult.from_record(e) for e in data["e"]])
+
+    async def load_bodies(
+        self, store: ResourceStore, representation: bool, on_integrity_failure: IntegrityHandler
+    ) -> None:
+        """Read again the resource versions a replayed response shows (GET entries; writes
+        with `representation`). A version that cannot be read any more (its patient was
+        erased since) is left out of its entry; a row that does not decrypt refuses the
+        response (BundleError from `on_integrity_failure`)."""
+        for entry in self.entries:
+            if entry.target is None or not (entry.read or representation):
+                continue
+            try:
+                entry.body = (await store.vread(*entry.target)).body
+            except IntegrityFailure:
+                status, body = await on_integrity_failure()
+                raise BundleError(status, body) from None
+            except StoreError:
+                entry.body = None
+
+
+def _written(entry: Entry, stored: StoredResource) -> EntryResult:
+    if stored.deleted:
+        return EntryResult(204, etag=stored.etag)
+    created = entry.method == "POST"
+    return EntryResult(
+        201 if created else 200,
+        full_url=f"{stored.resource_type}/{stored.id}",
+        etag=stored.etag,
+        last_modified=instant(stored.last_updated),
+        location=(
+            f"{stored.resource_type}/{stored.id}/_history/{stored.version}" if created else None
+        ),
+        target=(stored.resource_type, stored.id, stored.version),
+        body=stored.body,
+    )
+
+
+def _failed(failure: EntryFailure) -> EntryResult:
+    return EntryResult(failure.status, outcome=failure.outcome)
 
 
 def store_failure(err: StoreError) -> EntryFailure:
@@ -430,7 +543,7 @@ def store_failure(err: StoreError) -> EntryFailure:
 
 async def _read(
     store: ResourceStore, entry: Entry, on_integrity_failure: IntegrityHandler
-) -> dict[str, Any]:
+) -> EntryResult:
     assert entry.resource_id is not None
     try:
         if entry.version is None:
@@ -442,15 +555,15 @@ async def _read(
         return _failed(EntryFailure(status, body))
     except StoreError as err:
         return _failed(store_failure(err))
-    return {
-        "fullUrl": f"{stored.resource_type}/{stored.id}",
-        "resource": stored.body,
-        "response": {
-            "status": _status(200),
-            "etag": stored.etag,
-            "lastModified": instant(stored.last_updated),
-        },
-    }
+    return EntryResult(
+        200,
+        full_url=f"{stored.resource_type}/{stored.id}",
+        etag=stored.etag,
+        last_modified=instant(stored.last_updated),
+        target=(stored.resource_type, stored.id, stored.version),
+        read=True,
+        body=stored.body,
+    )
 
 
 def _operation(entry: Entry) -> WriteOperation:
@@ -471,20 +584,16 @@ async def process(
     on_integrity_failure: IntegrityHandler,
     *,
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
-) -> dict[str, Any]:
-    """Process a parsed request body; return the response Bundle. Raises BundleError when
-    the Bundle is refused as a whole (always, for a transaction that cannot be applied)."""
+) -> BundleResponse:
+    """Process a parsed request body; return the response (`BundleResponse.render` makes the
+    response Bundle). Raises BundleError when the Bundle is refused as a whole (always, for a
+    transaction that cannot be applied)."""
     bundle_type, entries = await asyncio.to_thread(_prepare, body, max_attachment_bytes)
     if bundle_type == "transaction":
         results = await _transaction(store, entries, on_integrity_failure)
     else:
         results = await _batch(store, entries, on_integrity_failure)
-    return {
-        "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
-        "type": f"{bundle_type}-response",
-        "entry": results,
-    }
+    return BundleResponse(str(uuid.uuid4()), f"{bundle_type}-response", results)
 
 
 def _prepare(body: object, max_attachment_bytes: int) -> tuple[str, list[Entry]]:
@@ -496,7 +605,7 @@ def _prepare(body: object, max_attachment_bytes: int) -> tuple[str, list[Entry]]
 
 async def _transaction(
     store: ResourceStore, entries: list[Entry], on_integrity_failure: IntegrityHandler
-) -> list[dict[str, Any]]:
+) -> list[EntryResult]:
     for entry in entries:
         if entry.failure is not None:
             raise BundleError(entry.failure.status, entry.failure.outcome)
@@ -519,7 +628,7 @@ async def _transaction(
         index = getattr(err, "operation_index", None)
         body = _at_entry(failure.outcome, writes[index]) if index is not None else failure.outcome
         raise BundleError(failure.status, body) from None
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, EntryResult] = {}
     for entry, written in zip(writes, stored, strict=True):
         results[entry.index] = _written(entry, written)
     for entry in entries:
@@ -530,8 +639,8 @@ async def _transaction(
 
 async def _batch(
     store: ResourceStore, entries: list[Entry], on_integrity_failure: IntegrityHandler
-) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
+) -> list[EntryResult]:
+    results: list[EntryResult] = []
     for entry in entries:
         if entry.failure is not None:
             results.append(_failed(entry.failure))

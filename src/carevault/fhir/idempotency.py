@@ -1,4 +1,4 @@
-"""Idempotency-Key on FHIR creates (POST /fhir/{type}).
+"""Idempotency-Key on FHIR creates (POST /fhir/{type}) and Bundles (POST /fhir).
 
 A client that did not get the answer to a create (timeout, dropped connection) sends it again
 with the same `Idempotency-Key`; the second request must not write a second resource. The key
@@ -17,6 +17,16 @@ SQLite and PostgreSQL alike); the result (type, id, version, status) is recorded
 
 Keys are per user: the stored hash is SHA-256 over the user id and the key, so two users' keys
 never collide, and neither the raw key nor the body is stored.
+
+Bundles (transaction and batch) use the same claim, with `bundle_request_hash` (the request
+line is part of the hash, so a key used for a create never replays as a Bundle or back); the
+response is recorded with `complete_response` in `fhir_idempotency_responses` and read back
+with `response`. What is recorded is `bundles.BundleResponse.record()`: status lines,
+``Type/id`` and versions, instants and the fixed-text OperationOutcomes of failed entries -
+never a resource body (a replay reads the recorded versions again from the store, so an
+erasure reaches them). It is nevertheless sealed by the caller with the envelope cipher: the
+outcomes name elements of the request body, and an authenticated record cannot be altered in
+the database to point a replay at another record.
 """
 
 from __future__ import annotations
@@ -32,8 +42,8 @@ from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from carevault.db.engine import write_transaction
-from carevault.db.tables import fhir_idempotency
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.tables import fhir_idempotency, fhir_idempotency_responses
 
 TTL_SECONDS = 24 * 3600
 WAIT_SECONDS = 10.0
@@ -56,9 +66,12 @@ class StillPending(Exception):
 
 @dataclass(frozen=True)
 class Recorded:
-    resource_type: str
-    resource_id: str
-    version: int
+    """The result of a completed request: a create's resource version and status, or (all but
+    `status` None) a Bundle's, whose response is read with `IdempotencyKeys.response`."""
+
+    resource_type: str | None
+    resource_id: str | None
+    version: int | None
     status: int
 
 
@@ -70,6 +83,11 @@ def key_hash(user_id: str, key: str) -> str:
 
 def body_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
+
+
+def bundle_request_hash(raw: bytes) -> str:
+    """The request hash of a Bundle POST: never equal to a create's `body_hash`."""
+    return hashlib.sha256(b"POST /fhir\x00" + raw).hexdigest()
 
 
 class IdempotencyKeys:
@@ -117,6 +135,13 @@ class IdempotencyKeys:
                                 )
                             )
                         )
+                        # recorded responses expire with their claims (same created_at); a
+                        # pending claim taken over has none
+                        await conn.execute(
+                            delete(fhir_idempotency_responses).where(
+                                fhir_idempotency_responses.c.created_at < now - TTL_SECONDS
+                            )
+                        )
                         await conn.execute(
                             insert(fhir_idempotency).values(
                                 key_hash=key, body_hash=body, created_at=now
@@ -145,6 +170,43 @@ class IdempotencyKeys:
                     status=result.status,
                 )
             )
+
+    async def complete_response(self, key: str, status: int, response: bytes) -> None:
+        """Record the response of a Bundle (sealed by the caller) for the claimed `key`."""
+        async with write_transaction(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(fhir_idempotency.c.created_at).where(
+                        and_(
+                            fhir_idempotency.c.key_hash == key,
+                            fhir_idempotency.c.status.is_(None),
+                        )
+                    )
+                )
+            ).first()
+            if row is None:  # taken over after the lease expired: the other request records
+                return
+            await conn.execute(
+                insert(fhir_idempotency_responses).values(
+                    key_hash=key, response=response, created_at=row.created_at
+                )
+            )
+            await conn.execute(
+                update(fhir_idempotency)
+                .where(fhir_idempotency.c.key_hash == key)
+                .values(status=status)
+            )
+
+    async def response(self, key: str) -> bytes | None:
+        """The recorded (sealed) response of a completed Bundle request."""
+        async with read_connection(self._engine) as conn:
+            return (
+                await conn.execute(
+                    select(fhir_idempotency_responses.c.response).where(
+                        fhir_idempotency_responses.c.key_hash == key
+                    )
+                )
+            ).scalar_one_or_none()
 
     async def release(self, key: str) -> None:
         """Forget a claim whose request failed (only a pending one)."""

@@ -639,18 +639,33 @@ async def _create_or_match(
         return await services.store.create(body), 201
 
 
+def idempotency_key(request: Request, principal: Principal) -> str | None:
+    """The caller's `Idempotency-Key` (hashed with their user id), None without one; 400 for
+    a malformed key."""
+    if "idempotency-key" not in request.headers:
+        return None
+    try:
+        return idempotency.key_hash(principal.user_id, request.headers["idempotency-key"])
+    except idempotency.InvalidKey:
+        raise _issue(
+            400, "invalid", "Idempotency-Key must be 1 to 255 printable ASCII characters."
+        ) from None
+
+
+def idempotency_claim_error(err: Exception) -> FhirError:
+    """422 for a key used with another request, 409 while its first request is running."""
+    if isinstance(err, idempotency.KeyReused):
+        return _issue(
+            422, "business-rule", "This Idempotency-Key was already used with another body."
+        )
+    return FhirError(409, outcome.conflict())
+
+
 @router.post("/{resource_type}", status_code=201)
 async def create(resource_type: str, request: Request, principal: Caller) -> Response:
     _check_type(resource_type)
     services = request.app.state.services
-    key = None
-    if "idempotency-key" in request.headers:
-        try:
-            key = idempotency.key_hash(principal.user_id, request.headers["idempotency-key"])
-        except idempotency.InvalidKey:
-            raise _issue(
-                400, "invalid", "Idempotency-Key must be 1 to 255 printable ASCII characters."
-            ) from None
+    key = idempotency_key(request, principal)
     search = _if_none_exist(request, resource_type)
     body = await _body(request, resource_type)
     if key is None:
@@ -660,12 +675,8 @@ async def create(resource_type: str, request: Request, principal: Caller) -> Res
     keys = idempotency.IdempotencyKeys(services.engine, getattr(services, "clock", time.time))
     try:
         recorded = await keys.claim(key, idempotency.body_hash(await request.body()))
-    except idempotency.KeyReused:
-        raise _issue(
-            422, "business-rule", "This Idempotency-Key was already used with another body."
-        ) from None
-    except idempotency.StillPending:
-        raise FhirError(409, outcome.conflict()) from None
+    except (idempotency.KeyReused, idempotency.StillPending) as err:
+        raise idempotency_claim_error(err) from None
     if recorded is not None:  # replay the first response, write nothing
         async with store_errors(request, principal):
             stored = await services.store.vread(
