@@ -151,3 +151,12 @@ async def test_a_page_after_the_patient_was_deleted_is_410(clinician):
     nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
     assert (await h.client.delete(f"/fhir/Patient/{alice}")).status_code == 204
     assert (await h.client.get(nxt)).status_code == 410
+
+
+async def test_capability_statement_documents_the_paging(clinician):
+    body = (await clinician.client.get("/fhir/metadata")).json()
+    resources = {r["type"]: r for r in body["rest"][0]["resource"]}
+    [operation] = resources["Patient"]["operation"]
+    assert operation["name"] == "everything"
+    assert "_count" in operation["documentation"]
+    assert str(EVERYTHING_MAX_COUNT) in operation["documentation"]

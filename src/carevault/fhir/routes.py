@@ -187,23 +187,17 @@ async def capability_statement(request: Request) -> Response:
         "date": instant(0)[:10],
         "kind": "instance",
         "software": {"name": "carevault", "version": __version__},
+        # cpb-15: a statement of kind "instance" describes its implementation
+        "implementation": {"description": "carevault record server"},
         "fhirVersion": "4.0.1",
         "format": ["json"],
         "rest": [
             {
                 "mode": "server",
+                # No `service` coding: none of restful-security-service's codes (OAuth,
+                # SMART-on-FHIR, ...) is implemented yet; claim SMART once its endpoints exist.
                 "security": {
                     "cors": False,
-                    "service": [
-                        {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                    "code": "SMART-on-FHIR",
-                                }
-                            ]
-                        }
-                    ],
                     "description": (
                         "Bearer access tokens (RFC 9068) from this server's /auth/login."
                     ),
