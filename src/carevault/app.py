@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from carevault import __version__
+from carevault.access.routes import router as access_router
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health_router)
     app.include_router(jwks_router)
     app.include_router(auth_router)
+    app.include_router(access_router)
     app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]

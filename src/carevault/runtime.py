@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from carevault.access.alerts import AlertSinks
+from carevault.access.break_glass import BreakGlass
+from carevault.access.generation import AccessGeneration
+from carevault.access.policy import Policy, load_policy
 from carevault.config import Settings
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
@@ -58,17 +62,23 @@ class Services:
     envelope: EnvelopeCipher
     blind_index: BlindIndex
     store: ResourceStore
+    policy: Policy
+    access_generation: AccessGeneration
+    alerts: AlertSinks
+    break_glass: BreakGlass
 
     async def start(self) -> None:
         await self.revocations.start()
 
     async def close(self) -> None:
+        await self.alerts.close()
         await self.revocations.close()
         await self.engine.dispose()
         await self.vault_engine.dispose()
         self.hasher.close()
         self.signal.close()
         self.envelope.close()
+        self.access_generation.close()
 
 
 def ensure_key_material(settings: Settings) -> None:
@@ -122,6 +132,12 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         instance_secrets=instance_secrets,
         clock=clock,
     )
+    policy = load_policy(settings.access_policy_file)
+    access_generation = AccessGeneration(engine, ChangeSignal(settings.data_dir / "access.signal"))
+    alerts = AlertSinks(settings)
+    break_glass = BreakGlass(
+        engine, envelope, events, policy, settings, access_generation, alerts, clock
+    )
     return Services(
         settings=settings,
         engine=engine,
@@ -144,6 +160,10 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         envelope=envelope,
         blind_index=blind_index,
         store=store,
+        policy=policy,
+        access_generation=access_generation,
+        alerts=alerts,
+        break_glass=break_glass,
     )
 
 
