@@ -279,6 +279,39 @@ def user_reset_password(
         console.print(f"new password (shown once): {password}", highlight=False)
 
 
+def _label_change(name: str, label: str, grant: bool) -> bool:
+    from carevault.access.label_grants import UnknownLabel, grant_label, revoke_label
+
+    async def work(services: Services) -> bool:
+        user = await services.users.by_username(name)
+        if user is None:
+            raise _fail(f"no user {name}")
+        change = grant_label if grant else revoke_label
+        return await change(services.engine, services.access_generation, user.id, label)
+
+    try:
+        return _run(Settings(), work)
+    except UnknownLabel as err:
+        raise _fail(str(err)) from None
+
+
+@user_app.command("grant-label")
+def user_grant_label(name: str, label: str) -> None:
+    """Let a user see records carrying a sensitive label (PSY, HIV, SUD, ...), where the
+    user's role accepts per-user label grants; takes effect on the user's next request."""
+    changed = _label_change(name, label.upper(), grant=True)
+    console.print(f"{name} may see {label.upper()} records" + ("" if changed else " (already)"))
+
+
+@user_app.command("revoke-label")
+def user_revoke_label(name: str, label: str) -> None:
+    """Withdraw a label grant; takes effect on the user's next request."""
+    changed = _label_change(name, label.upper(), grant=False)
+    console.print(
+        f"{name} may no longer see {label.upper()} records" + ("" if changed else " (had no grant)")
+    )
+
+
 @keys_app.command("rotate")
 def keys_rotate() -> None:
     """Promote the next signing key to current; the old one verifies until its tokens expire."""

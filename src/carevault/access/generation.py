@@ -18,6 +18,9 @@ from carevault.db.engine import read_connection
 from carevault.db.tables import access_generation
 from carevault.tokens.signal import ChangeSignal
 
+# Writes of these types change relationships or consent: the store bumps the generation.
+ACCESS_FACT_TYPES = frozenset({"CareTeam", "PractitionerRole", "Patient", "Consent"})
+
 
 async def bump_in(conn: AsyncConnection) -> None:
     await conn.execute(

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from carevault.fhir.search_params import token_search_key
+
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
@@ -46,4 +48,6 @@ def labels_of_codings(codings: Iterable[tuple[Any, Any]]) -> frozenset[str]:
 
 def index_keys(label: str) -> tuple[str, ...]:
     """The `_security` index keys (``system|code``) under which the store files a label."""
-    return tuple(f"{system}|{label}" for system, codes in SENSITIVE.items() if label in codes)
+    return tuple(
+        token_search_key(system, label) for system, codes in SENSITIVE.items() if label in codes
+    )

@@ -228,3 +228,43 @@ fhir_idempotency_responses = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_fhir_idempotency_responses_created_at", "created_at"),
 )
+
+
+# --- Access control ---------------------------------------------------------------------------
+# Emergency access (access/break_glass.py): one row per grant. The reason a clinician gives can
+# hold PHI, so it is stored only as AEAD ciphertext under the patient's data key (erasing the
+# patient erases it too); everything else is opaque ids and times.
+break_glass_grants = Table(
+    "break_glass_grants",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("reason", LargeBinary, nullable=False),  # ciphertext
+    Column("purpose", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("revoked_at", Float),
+    Column("revoked_by", String(36)),
+    Index("ix_break_glass_grants_user_id", "user_id", "expires_at"),
+    Index("ix_break_glass_grants_created_at", "created_at"),
+)
+
+# Per-user permissions beyond the role: sensitive labels a user may see (PSY, HIV, ...), for
+# roles whose policy accepts per-user grants.
+user_label_grants = Table(
+    "user_label_grants",
+    metadata,
+    Column("user_id", String(36), ForeignKey("users.id"), primary_key=True),
+    Column("label", String(16), primary_key=True),
+    Column("granted_at", Float, nullable=False),
+)
+
+# Bumped in the same transaction as every write that changes an access fact (CareTeam,
+# PractitionerRole, Patient, Consent, grants): caches of those facts compare it per request.
+access_generation = Table(
+    "access_generation",
+    metadata,
+    Column("id", Integer, primary_key=True),  # always 1
+    Column("generation", BigInteger, nullable=False),
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from carevault.access.generation import ACCESS_FACT_TYPES, AccessGeneration, bump_in
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
 from carevault.db.engine import read_connection, write_transaction
@@ -138,18 +139,23 @@ class ResourceStore:
         blind_index: BlindIndex,
         compartment: PatientCompartment,
         clock: Callable[[], float] = time.time,
+        access_generation: AccessGeneration | None = None,
     ) -> None:
         self._engine = engine
         self._envelope = envelope
         self._blind = blind_index
         self._compartment = compartment
         self._clock = clock
+        # Writes of CareTeam, PractitionerRole, Patient or Consent change who may see what:
+        # they move the access generation in their own transaction (access/generation.py).
+        self._access_generation = access_generation
 
     # --- scope and indexing ---------------------------------------------------------------
 
-    def _patients(self, body: dict[str, Any]) -> list[str]:
-        if body["resourceType"] == "Patient":
-            return [body["id"]]
+    def patients_of(self, body: Mapping[str, Any]) -> list[str]:
+        """The ids of the patients whose compartment `body` (a stored resource) is in."""
+        if body.get("resourceType") == "Patient":
+            return [body["id"]] if isinstance(body.get("id"), str) else []
         return sorted(self._compartment.patient_ids(body))
 
     @staticmethod
@@ -328,7 +334,7 @@ class ResourceStore:
                 if op.body is None:
                     raise ValueError("a create or update needs a body")
                 stamped = self._stamp(op.body, op.resource_id, version + 1, now)
-                patients = self._patients(stamped)
+                patients = self.patients_of(stamped)
                 scope = self._scope(op.resource_type, patients)
                 try:
                     ciphertext = await self._envelope.encrypt(
@@ -340,6 +346,7 @@ class ResourceStore:
                     raise _at(Erased(version, now), operations.index(op)) from None
                 prepared.append((stamped, patients, scope, ciphertext))
             results: list[StoredResource] = []
+            bumped = False  # the access generation, at most once per transaction
             try:
                 async with write_transaction(self._engine) as conn:
                     for op, current, prep in zip(operations, currents, prepared, strict=True):
@@ -399,6 +406,13 @@ class ResourceStore:
                                 conn, op.resource_type, op.resource_id, patients
                             )
                         await self._replace_index(conn, stamped, op.resource_type, op.resource_id)
+                        if (
+                            self._access_generation is not None
+                            and not bumped
+                            and op.resource_type in ACCESS_FACT_TYPES
+                        ):
+                            await bump_in(conn)
+                            bumped = True
                         results.append(
                             StoredResource(
                                 op.resource_type, op.resource_id, version + 1, now, deleted, stamped
@@ -412,6 +426,8 @@ class ResourceStore:
                 if any(op.action == "update" and op.allow_create for op in operations):
                     continue
                 raise
+            if bumped and self._access_generation is not None:
+                self._access_generation.changed()
             return results
         raise WriteContention("contention")
 
