@@ -149,29 +149,12 @@ def test_unreadable_actor_next_to_a_readable_one() -> None:
     assert matches(rule, actor_refs=PRAC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "consent._reference accepts only 'Type/id' (exactly one '/'): a versioned reference "
-        "'Practitioner/prac-1/_history/2' (valid FHIR, and accepted elsewhere by "
-        "fhir.compartment) is treated as unresolvable, so the patient's deny against prac-1 "
-        "is not enforced (fails open)"
-    ),
-)
 def test_versioned_actor_reference() -> None:
     actor = {"reference": {"reference": "Practitioner/prac-1/_history/2"}}
     (rule,) = deny_rules(consent({"type": "deny", "actor": [actor]}))
     assert matches(rule, actor_refs=PRAC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "consent._reference ignores absolute references: 'https://<this server>/fhir/"
-        "Practitioner/prac-1' is read as an unresolvable actor, so the deny is not enforced "
-        "(fhir.compartment accepts absolute /Patient/<id> URLs for any base)"
-    ),
-)
 def test_absolute_actor_reference() -> None:
     actor = {"reference": {"reference": "https://ehr.example.org/fhir/Practitioner/prac-1"}}
     (rule,) = deny_rules(consent({"type": "deny", "actor": [actor]}))

@@ -259,15 +259,6 @@ def test_patient_writes_can_be_enabled() -> None:
 
 
 @pytest.mark.parametrize("role", ["admin", "billing"])
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the issue says break-glass is never for admin or billing roles, but Policy accepts "
-        "`break_glass = true` for them and decide() then honours any break-glass grant the "
-        "user holds (e.g. opened under another role); NEVER_ROLES is only checked when a grant "
-        "is opened (access/break_glass.py)"
-    ),
-)
 def test_break_glass_for_admin_or_billing_is_refused(role: str) -> None:
     data = default_data()
     data["roles"][role]["break_glass"] = True
@@ -317,18 +308,14 @@ def test_allows() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "decide() lets an admin role break the glass when a policy file sets break_glass = true "
-        "for admin (here with clinical read configured): the issue says never for admin/billing, "
-        "decision._may_break_glass only reads the policy flag"
-    ),
-)
 def test_decide_never_lets_admin_break_the_glass() -> None:
+    """Even a policy that got past validation (built directly) cannot open the glass for
+    admin: decide checks the role itself."""
     data = default_data()
     data["roles"]["admin"].update(read=["administrative", "clinical"], break_glass=True)
-    policy = Policy.model_validate(data)
+    validated = Policy.model_validate({**data, "roles": {"physician": data["roles"]["physician"]}})
+    roles = {role: RolePolicy.model_validate(rules) for role, rules in data["roles"].items()}
+    policy = validated.model_copy(update={"roles": roles})
     requester = Requester(
         "u",
         ("admin",),

@@ -305,14 +305,6 @@ def test_generator_reaches_every_patients_mode_and_scope_context() -> None:
     assert only_patient > 20 and org > 20 and exclusions > 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "patients = 'own' with no linked patient (Requester.patient_id None): decide permits a "
-        "record outside every compartment (no patient to check), visibility() skips the role "
-        "and returns permitted=False, so a read is allowed that a search would never return"
-    ),
-)
 def test_own_mode_without_linked_patient_outside_compartment() -> None:
     requester = Requester(
         user_id="u", roles=("patient",), scopes=parse_scopes(["user/*.rs"]), purpose="TREAT"
@@ -323,15 +315,6 @@ def test_own_mode_without_linked_patient_outside_compartment() -> None:
     assert decision.permit == admits(vis, target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "visibility().break_glass_patients = grants - care_patients: a patient in the "
-        "requester's care whose Consent denies them, reached only because of a break-glass "
-        "grant, is not listed, so search results are not flagged break-glass while decide() "
-        "flags the same read with the break-glass obligation"
-    ),
-)
 def test_break_glass_over_consent_is_flagged_in_search_too() -> None:
     rule = DenyRule(actors=frozenset({"Practitioner/prac-1"}))
     requester = Requester(

@@ -27,22 +27,18 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.access.generation import AccessGeneration, bump_in
-from carevault.access.policy import PURPOSES, Policy
+from carevault.access.policy import NEVER_BREAK_GLASS, PURPOSES, Policy
 from carevault.config import Settings
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import break_glass_grants, fhir_resources
 from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.principal import Principal
-from carevault.identity.roles import Role
 
 PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 GRANT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 REASON_MIN = 20
 REASON_MAX = 2000
-# Roles that never open emergency access, even if a deployment's policy file says they may:
-# neither administers nor bills care in an emergency.
-NEVER_ROLES = frozenset({Role.admin, Role.billing})
 # Which roles' MFA applies once MFA exists: a token's `amr` must then show a second factor.
 MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "fpt", "face"})
 AUTH_TIME_SKEW = 60  # seconds an auth_time may lie ahead of this host's clock
@@ -139,7 +135,7 @@ class BreakGlass:
     def eligible_roles(self, principal: Principal, purpose: str = "ETREAT") -> tuple[str, ...]:
         eligible = []
         for role in principal.roles:
-            if role in NEVER_ROLES:
+            if role in NEVER_BREAK_GLASS:
                 continue
             rules = self._policy.for_role(role)
             if rules is not None and rules.break_glass and purpose in rules.purposes:

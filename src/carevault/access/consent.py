@@ -89,10 +89,19 @@ def _rule(provision: Mapping[str, Any]) -> DenyRule:
 
 
 def _reference(value: Any) -> str | None:
+    """``Type/id`` of a reference, also from a versioned (``.../_history/n``) or absolute one:
+    a deny must not be lost to the way its actor was written (it can only deny more)."""
     if not isinstance(value, Mapping):
         return None
     ref = value.get("reference")
-    return ref if isinstance(ref, str) and ref.count("/") == 1 else None
+    if not isinstance(ref, str):
+        return None
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2 or not parts[-2] or not parts[-1]:
+        return None
+    return f"{parts[-2]}/{parts[-1]}"
 
 
 def _codes(codings: Any) -> frozenset[str]:

@@ -82,9 +82,7 @@ class AccessControl:
     async def search_condition(self, requester: Requester, resource_type: str) -> Any:
         """The SQL condition of what a search of `resource_type` may return."""
         consents = await self.facts.all_consent_rules()
-        return visible(
-            visibility(self.policy, requester, resource_type, consents, self._clock())
-        )
+        return visible(visibility(self.policy, requester, resource_type, consents, self._clock()))
 
 
 def redact(body: dict[str, Any], decision: Decision) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from carevault.access.consent import DenyRule
-from carevault.access.policy import Policy, RolePolicy, resource_class
+from carevault.access.policy import NEVER_BREAK_GLASS, Policy, RolePolicy, resource_class
 from carevault.access.scopes import Scopes
 
 
@@ -138,19 +138,26 @@ def _decide_for_role(
         return Decision(False, Reason.scope)
     if contexts == {"patient"} and not _only_own(requester, target):
         return Decision(False, Reason.scope)  # patient/ scopes reach the launch patient only
-    if target.labels - visible_labels(rules, requester):
-        return Decision(False, Reason.label)
     obligations: set[str] = set()
+    if target.labels - visible_labels(rules, requester):
+        grants_cover = target.patients and all(
+            _may_break_glass(role, rules, requester, p.id) for p in target.patients
+        )
+        if not (policy.break_glass_overrides_labels and grants_cover):
+            return Decision(False, Reason.label)
+        obligations.add(BREAK_GLASS)
     for patient in target.patients:
         if not _related(policy, rules, requester, patient):
-            if not _may_break_glass(rules, requester, patient.id):
+            if not _may_break_glass(role, rules, requester, patient.id):
                 return Decision(False, Reason.relationship)
             obligations.add(BREAK_GLASS)
     for patient in target.patients:
-        if _consent_denies(requester, patient, resource_type, target.labels, now):
-            if not _may_break_glass(rules, requester, patient.id):
+        if _consent_denies(rules, requester, patient, resource_type, target.labels, now):
+            if not _may_break_glass(role, rules, requester, patient.id):
                 return Decision(False, Reason.consent)
             obligations.add(BREAK_GLASS)
+    if any(_may_break_glass(role, rules, requester, p.id) for p in target.patients):
+        obligations.add(BREAK_GLASS)  # every decision under a grant, needed or not, is flagged
     redact_to = rules.redact.get(resource_type)
     if redact_to is not None:
         obligations.add(REDACT)
@@ -189,18 +196,23 @@ def _related(
     return patient.id in requester.care_patients or same_org  # care
 
 
-def _may_break_glass(rules: RolePolicy, requester: Requester, patient_id: str) -> bool:
-    return rules.break_glass and patient_id in requester.break_glass_patients
+def _may_break_glass(role: str, rules: RolePolicy, requester: Requester, patient_id: str) -> bool:
+    return (
+        rules.break_glass
+        and role not in NEVER_BREAK_GLASS
+        and patient_id in requester.break_glass_patients
+    )
 
 
 def _consent_denies(
+    rules: RolePolicy,
     requester: Requester,
     patient: PatientFacts,
     resource_type: str,
     labels: frozenset[str],
     now: float,
 ) -> bool:
-    if requester.patient_id == patient.id:
+    if rules.patients == "own" and requester.patient_id == patient.id:
         return False  # a patient's consent governs others' access, not their own
     return any(
         rule.matches(
@@ -231,8 +243,12 @@ class Visibility:
     all_patients: bool = False
     patients: frozenset[str] = frozenset()
     organization: str | None = None  # also every patient managed by this organization
+    # patients reachable under a break-glass grant (already in `patients`); whether a record
+    # needed the grant, and so carries the obligation, is `decide`'s answer for that record
     break_glass_patients: frozenset[str] = frozenset()
     hidden_labels: frozenset[str] = frozenset()
+    # records all of whose patients are here show hidden labels too (break_glass_overrides_labels)
+    label_exempt_patients: frozenset[str] = frozenset()
     # (patient, labels): hide that patient's records (carrying one of `labels`, if not empty)
     consent_exclusions: tuple[tuple[str, frozenset[str]], ...] = ()
     only_patient: str | None = None
@@ -272,19 +288,19 @@ def visibility(
         organization = None
         all_patients = False
         if mode == "own":
-            if requester.patient_id is None:
-                continue
-            patients = frozenset({requester.patient_id})
+            # no linked patient: only records outside every compartment (as in decide)
+            patients = frozenset({requester.patient_id} if requester.patient_id else ())
         elif mode == "any" or (mode == "organization" and not policy.organization_boundary):
             all_patients = True
         elif mode in ("care", "organization"):
             patients = requester.care_patients
             if policy.organization_boundary and requester.organization_id is not None:
                 organization = requester.organization_id
-        grants = requester.break_glass_patients if rules.break_glass else frozenset()
+        may_break_glass = rules.break_glass and role not in NEVER_BREAK_GLASS
+        grants = requester.break_glass_patients if may_break_glass else frozenset()
         exclusions = []
         for patient_id, rules_of_patient in consents.items():
-            if patient_id == requester.patient_id or patient_id in grants:
+            if (mode == "own" and patient_id == requester.patient_id) or patient_id in grants:
                 continue
             for rule in rules_of_patient:
                 if rule.matches(
@@ -302,8 +318,9 @@ def visibility(
             patients=patients | grants,
             organization=organization,
             only_patient=requester.patient_id if patient_only else None,
-            break_glass_patients=grants - patients,
+            break_glass_patients=grants,
             hidden_labels=ALL_LABELS - visible_labels(rules, requester),
+            label_exempt_patients=grants if policy.break_glass_overrides_labels else frozenset(),
             consent_exclusions=tuple(exclusions),
             redact_to=rules.redact.get(resource_type),
             role=role,

@@ -52,7 +52,18 @@ def visible(visibility: Visibility) -> ColumnElement[bool]:
     if visibility.only_patient is not None:
         conditions.append(not_(in_compartment(comp.c.patient_id != visibility.only_patient)))
     if visibility.hidden_labels:
-        conditions.append(not_(_labelled(sorted(visibility.hidden_labels))))
+        hidden = _labelled(sorted(visibility.hidden_labels))
+        if visibility.label_exempt_patients:
+            exempt = and_(
+                in_compartment(true()),
+                not_(
+                    in_compartment(
+                        comp.c.patient_id.not_in(sorted(visibility.label_exempt_patients))
+                    )
+                ),
+            )
+            hidden = and_(hidden, not_(exempt))
+        conditions.append(not_(hidden))
     denied_outright = sorted({p for p, labels in visibility.consent_exclusions if not labels})
     if denied_outright:
         conditions.append(not_(in_compartment(comp.c.patient_id.in_(denied_outright))))

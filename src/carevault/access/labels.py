@@ -42,7 +42,7 @@ def labels_of_codings(codings: Iterable[tuple[Any, Any]]) -> frozenset[str]:
     return frozenset(
         code
         for system, code in codings
-        if isinstance(system, str) and code in SENSITIVE.get(system, ())
+        if isinstance(system, str) and isinstance(code, str) and code in SENSITIVE.get(system, ())
     )
 
 

@@ -57,6 +57,8 @@ FINANCIAL = frozenset(
 CLASSES = ("clinical", "demographics", "administrative", "financial", "consent", "reference")
 
 PatientsMode = Literal["care", "organization", "own", "any", "none"]
+# Roles that may never break the glass, whatever a policy file says.
+NEVER_BREAK_GLASS = frozenset({Role.admin, Role.billing})
 
 
 class RolePolicy(BaseModel):
@@ -114,7 +116,16 @@ class Policy(BaseModel):
 
     organization_boundary: bool = False
     denied_status: Literal[403, 404] = 404
+    break_glass_overrides_labels: bool = False
     roles: Mapping[Role, RolePolicy]
+
+    @model_validator(mode="after")
+    def _never_break_glass(self) -> Policy:
+        for role in NEVER_BREAK_GLASS:
+            rules = self.roles.get(role)
+            if rules is not None and rules.break_glass:
+                raise ValueError(f"{role}: break_glass may never be granted to this role")
+        return self
 
     @model_validator(mode="after")
     def _writes_are_reads(self) -> Policy:

@@ -362,7 +362,8 @@ class _Run:
                 continue
             entry.resource = rewritten
         # 3. validation (CPU-bound: off the event loop)
-        await asyncio.to_thread(_validate_all, entries)
+        limit = self.services.settings.fhir_max_attachment_bytes
+        await asyncio.to_thread(_validate_all, entries, limit)
         return entries
 
     # --- writing ------------------------------------------------------------------------
@@ -477,12 +478,14 @@ def _references(resource: Any) -> list[str]:
     return found
 
 
-def _validate_all(entries: list[_Entry]) -> None:
+def _validate_all(entries: list[_Entry], max_attachment_bytes: int) -> None:
     for entry in entries:
         if entry.error is not None or entry.existing or entry.resource is None:
             continue
         try:
-            entry.resource = validate_resource(entry.resource, entry.resource_type)
+            entry.resource = validate_resource(
+                entry.resource, entry.resource_type, max_attachment_bytes=max_attachment_bytes
+            )
         except FhirValidationError:
             entry.error = MSG_INVALID
 
