@@ -12,8 +12,9 @@ from carevault.access.routes import router as access_router
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
+from carevault.fhir.authorization import AccessDenied
 from carevault.fhir.bundle_routes import router as fhir_bundle_router
-from carevault.fhir.routes import FhirError, error_response
+from carevault.fhir.routes import FhirError, access_denied_response, error_response
 from carevault.fhir.routes import router as fhir_router
 from carevault.health import router as health_router
 from carevault.identity.accounts import ProfileCache
@@ -52,5 +53,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
+    app.add_exception_handler(AccessDenied, access_denied_response)  # type: ignore[arg-type]
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
     return app

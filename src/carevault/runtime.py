@@ -11,6 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.access.alerts import AlertSinks
 from carevault.access.break_glass import BreakGlass
+from carevault.access.control import AccessControl
+from carevault.access.facts import AccessFacts
 from carevault.access.generation import AccessGeneration
 from carevault.access.policy import Policy, load_policy
 from carevault.config import Settings
@@ -66,6 +68,7 @@ class Services:
     access_generation: AccessGeneration
     alerts: AlertSinks
     break_glass: BreakGlass
+    access: AccessControl  # the FHIR routes' one door to the decision point
 
     async def start(self) -> None:
         await self.revocations.start()
@@ -119,7 +122,10 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         clock=clock,
     )
     blind_index = BlindIndex(custody.index_prf())
-    store = ResourceStore(engine, envelope, blind_index, shared_compartment(), clock)
+    access_generation = AccessGeneration(engine, ChangeSignal(settings.data_dir / "access.signal"))
+    store = ResourceStore(
+        engine, envelope, blind_index, shared_compartment(), clock, access_generation
+    )
     issuer = AccessTokenIssuer(settings, keyring, clock)
     authenticator = Authenticator(
         users=users,
@@ -133,11 +139,12 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         clock=clock,
     )
     policy = load_policy(settings.access_policy_file)
-    access_generation = AccessGeneration(engine, ChangeSignal(settings.data_dir / "access.signal"))
     alerts = AlertSinks(settings)
+    facts = AccessFacts(engine, store, users, access_generation, clock)
     break_glass = BreakGlass(
         engine, envelope, events, policy, settings, access_generation, alerts, clock
     )
+    facts.grant_source = break_glass
     return Services(
         settings=settings,
         engine=engine,
@@ -164,6 +171,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         access_generation=access_generation,
         alerts=alerts,
         break_glass=break_glass,
+        access=AccessControl(policy, facts, clock),
     )
 
 

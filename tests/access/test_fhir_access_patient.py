@@ -70,15 +70,6 @@ async def test_everything_of_b_looks_missing(world: World) -> None:
     assert_like_missing(denied, missing)
 
 
-EVERYTHING_500 = (
-    "Patient/$everything raises sqlalchemy InvalidRequestError ('returned no FROM clauses due "
-    "to auto-correlation') -> 500 for every caller whose search visibility is not "
-    "all-patients (patient, physician, nurse): the access filter's EXISTS subqueries on "
-    "fhir_compartments are auto-correlated away inside _compartment_page's join"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=Exception, reason=EVERYTHING_500)
 async def test_own_everything_holds_nothing_of_b(world: World) -> None:
     w = world
     own = await w.search("patA", f"/fhir/Patient/{w.ids['A']}/$everything")
@@ -271,24 +262,12 @@ async def _bundle(w: World, who: str, kind: str, entries: list[dict[str, Any]]) 
     return await w.post(who, "/fhir", {"resourceType": "Bundle", "type": kind, "entry": entries})
 
 
-BATCH_DELETE_MISSING = (
-    "a batch/transaction DELETE entry for an id that does not exist crashes: "
-    "EntryAccess.write calls authorize() with current=None and new=None, which trips "
-    "`assert decision is not None` (AssertionError -> 500)"
-)
-
-
 @pytest.mark.parametrize("name", B_RECORDS)
 @pytest.mark.parametrize(
     "method",
     [
         "GET",
-        pytest.param(
-            "DELETE",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason=BATCH_DELETE_MISSING
-            ),
-        ),
+        "DELETE",
     ],
 )
 async def test_batch_entries_on_b_look_like_missing(world: World, name: str, method: str) -> None:
@@ -301,11 +280,6 @@ async def test_batch_entries_on_b_look_like_missing(world: World, name: str, met
     assert B_FAMILY not in response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="batch PUT of an id that does not exist is decided as a create (403 for a patient), "
-    "a PUT of B's existing record as a read (404): the two differ, an existence oracle",
-)
 async def test_batch_put_on_b_looks_like_missing(world: World) -> None:
     w = world
     response = await _bundle(w, "patA", "batch", _entry_pairs(w, "PUT", "obsB"))
@@ -327,21 +301,8 @@ async def test_transaction_get_on_b_looks_like_missing(world: World, name: str) 
 @pytest.mark.parametrize(
     "method",
     [
-        pytest.param(
-            "PUT",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="transaction PUT of a missing id is decided as a create (403 "
-                "forbidden) while a PUT of B's existing record answers 404: an existence "
-                "oracle",
-            ),
-        ),
-        pytest.param(
-            "DELETE",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason=BATCH_DELETE_MISSING
-            ),
-        ),
+        "PUT",
+        "DELETE",
     ],
 )
 async def test_transaction_write_on_b_looks_like_missing(world: World, method: str) -> None:

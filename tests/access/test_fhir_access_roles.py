@@ -262,11 +262,6 @@ async def test_psy_record_hidden_without_grant_then_shown_after_grant(world: Wor
     await like_missing(w, "drC", f"/fhir/Observation/{psy}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exception,
-    reason="Patient/$everything 500s for physicians (auto-correlation bug)",
-)
 async def test_psy_record_absent_from_everything_without_grant(world: World) -> None:
     w = world
     bundle = await w.search("drA", f"/fhir/Patient/{w.ids['A']}/$everything")

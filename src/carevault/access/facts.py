@@ -28,7 +28,7 @@ from carevault.access.label_grants import labels_of_user
 from carevault.access.labels import sensitive_labels
 from carevault.access.scopes import parse_scopes
 from carevault.db.engine import read_connection
-from carevault.db.tables import fhir_index_keys, fhir_resources
+from carevault.db.tables import fhir_compartments, fhir_index_keys, fhir_resources
 from carevault.fhir.search_params import parse_date_search
 from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import User, UserStore
@@ -207,6 +207,20 @@ class AccessFacts:
                     by_patient.setdefault(patient_id, []).extend(rules)
             self._all_consents = {p: tuple(r) for p, r in by_patient.items()}
         return self._all_consents
+
+    async def compartment_of(self, resource_type: str, resource_id: str) -> list[str]:
+        """The patients of a stored record from its compartment rows (kept when it is deleted,
+        so a deleted record without a body still has them)."""
+        async with read_connection(self._engine) as conn:
+            rows = await conn.execute(
+                select(fhir_compartments.c.patient_id).where(
+                    and_(
+                        fhir_compartments.c.resource_type == resource_type,
+                        fhir_compartments.c.id == resource_id,
+                    )
+                )
+            )
+            return sorted(rows.scalars())
 
     # --- index lookups --------------------------------------------------------------------
 

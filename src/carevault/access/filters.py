@@ -21,18 +21,22 @@ def visible(visibility: Visibility) -> ColumnElement[bool]:
     if not visibility.permitted:
         return false()
     rows = fhir_resources
-    comp = fhir_compartments
+    # Aliases, correlated to `fhir_resources` only: the condition may sit in a query that joins
+    # fhir_compartments itself (Patient/$everything), which must not be mistaken for these.
+    comp = fhir_compartments.alias("access_compartments")
     conditions: list[ColumnElement[bool]] = []
 
     def in_compartment(patient_condition: ColumnElement[bool]) -> ColumnElement[bool]:
         return exists(
-            select(comp.c.patient_id).where(
+            select(comp.c.patient_id)
+            .where(
                 and_(
                     comp.c.resource_type == rows.c.resource_type,
                     comp.c.id == rows.c.id,
                     patient_condition,
                 )
             )
+            .correlate(rows)
         )
 
     if not visibility.all_patients:
@@ -40,11 +44,12 @@ def visible(visibility: Visibility) -> ColumnElement[bool]:
             comp.c.patient_id.in_(sorted(visibility.patients)) if visibility.patients else false()
         )
         if visibility.organization is not None:
-            managed = select(fhir_index_keys.c.id).where(
+            keys = fhir_index_keys.alias("access_managed")
+            managed = select(keys.c.id).where(
                 and_(
-                    fhir_index_keys.c.resource_type == "Patient",
-                    fhir_index_keys.c.param == "organization",
-                    fhir_index_keys.c.key == f"Organization/{visibility.organization}",
+                    keys.c.resource_type == "Patient",
+                    keys.c.param == "organization",
+                    keys.c.key == f"Organization/{visibility.organization}",
                 )
             )
             allowed = or_(allowed, comp.c.patient_id.in_(managed))
@@ -79,13 +84,16 @@ def visible(visibility: Visibility) -> ColumnElement[bool]:
 
 def _labelled(labels: list[str]) -> ColumnElement[bool]:
     keys = sorted({key for label in labels for key in index_keys(label)})
+    index = fhir_index_keys.alias("access_labels")
     return exists(
-        select(fhir_index_keys.c.id).where(
+        select(index.c.id)
+        .where(
             and_(
-                fhir_index_keys.c.resource_type == fhir_resources.c.resource_type,
-                fhir_index_keys.c.id == fhir_resources.c.id,
-                fhir_index_keys.c.param == "_security",
-                fhir_index_keys.c.key.in_(keys),
+                index.c.resource_type == fhir_resources.c.resource_type,
+                index.c.id == fhir_resources.c.id,
+                index.c.param == "_security",
+                index.c.key.in_(keys),
             )
         )
+        .correlate(fhir_resources)
     )

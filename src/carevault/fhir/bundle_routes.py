@@ -28,6 +28,7 @@ from fastapi.responses import Response
 
 from carevault.crypto.envelope import DecryptionFailed
 from carevault.fhir import idempotency, outcome
+from carevault.fhir.authorization import EntryAccess
 from carevault.fhir.bundles import BundleError, BundleResponse, process
 from carevault.fhir.routes import (
     Caller,
@@ -75,6 +76,7 @@ async def transaction_or_batch(request: Request, principal: Caller) -> Response:
                 services.store,
                 parsed,
                 on_integrity_failure,
+                EntryAccess(request, principal),
                 max_attachment_bytes=services.settings.fhir_max_attachment_bytes,
             )
         except BundleError as err:
@@ -103,7 +105,12 @@ async def transaction_or_batch(request: Request, principal: Caller) -> Response:
         except (DecryptionFailed, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise await _integrity_failure(request, principal) from None
         try:
-            await replay.load_bodies(services.store, representation, on_integrity_failure)
+            await replay.load_bodies(
+                services.store,
+                representation,
+                on_integrity_failure,
+                EntryAccess(request, principal),
+            )
         except BundleError as err:
             raise FhirError(err.status, err.body) from None
         return respond(replay)

@@ -31,7 +31,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from carevault.fhir import outcome
 from carevault.fhir.compartment import split_absolute_reference
@@ -396,6 +396,25 @@ def _status(code: int) -> str:
 IntegrityHandler = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
 
 
+class EntryAuthorizer(Protocol):
+    """Access control for each entry (fhir/authorization.py behind it): entries are decided
+    one by one exactly as the REST interaction they stand for."""
+
+    async def read(self, stored: StoredResource) -> dict[str, Any] | None:
+        """The body the caller may see, or None: then the entry answers as not found."""
+        ...
+
+    async def deleted(self, resource_type: str, resource_id: str) -> bool:
+        """May the caller learn that this deleted record existed (410), or is it 404?"""
+        ...
+
+    async def write(
+        self, action: str, resource_type: str, resource_id: str, body: dict[str, Any] | None
+    ) -> EntryFailure | None:
+        """None if the caller may do this write; else the failure the entry answers with."""
+        ...
+
+
 @dataclass
 class EntryResult:
     """One entry of a response Bundle. Everything but `body` is free of PHI (status line,
@@ -487,7 +506,11 @@ class BundleResponse:
         return cls(str(data["i"]), str(data["y"]), [EntryResult.from_record(e) for e in data["e"]])
 
     async def load_bodies(
-        self, store: ResourceStore, representation: bool, on_integrity_failure: IntegrityHandler
+        self,
+        store: ResourceStore,
+        representation: bool,
+        on_integrity_failure: IntegrityHandler,
+        authorizer: EntryAuthorizer,
     ) -> None:
         """Read again the resource versions a replayed response shows (GET entries; writes
         with `representation`). A version that cannot be read any more (its patient was
@@ -497,7 +520,7 @@ class BundleResponse:
             if entry.target is None or not (entry.read or representation):
                 continue
             try:
-                entry.body = (await store.vread(*entry.target)).body
+                entry.body = await authorizer.read(await store.vread(*entry.target))
             except IntegrityFailure:
                 status, body = await on_integrity_failure()
                 raise BundleError(status, body) from None
@@ -542,7 +565,10 @@ def store_failure(err: StoreError) -> EntryFailure:
 
 
 async def _read(
-    store: ResourceStore, entry: Entry, on_integrity_failure: IntegrityHandler
+    store: ResourceStore,
+    entry: Entry,
+    on_integrity_failure: IntegrityHandler,
+    authorizer: EntryAuthorizer,
 ) -> EntryResult:
     assert entry.resource_id is not None
     try:
@@ -553,8 +579,18 @@ async def _read(
     except IntegrityFailure:
         status, body = await on_integrity_failure()
         return _failed(EntryFailure(status, body))
+    except Gone as err:
+        if not await authorizer.deleted(entry.resource_type, entry.resource_id):
+            return _failed(store_failure(NotFound("not found")))
+        return _failed(store_failure(err))
     except StoreError as err:
         return _failed(store_failure(err))
+    shown = await authorizer.read(stored)
+    if shown is None:
+        return _failed(store_failure(NotFound("not found")))
+    stored = StoredResource(
+        stored.resource_type, stored.id, stored.version, stored.last_updated, False, shown
+    )
     return EntryResult(
         200,
         full_url=f"{stored.resource_type}/{stored.id}",
@@ -582,6 +618,7 @@ async def process(
     store: ResourceStore,
     body: object,
     on_integrity_failure: IntegrityHandler,
+    authorizer: EntryAuthorizer,
     *,
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES,
 ) -> BundleResponse:
@@ -590,9 +627,9 @@ async def process(
     transaction that cannot be applied)."""
     bundle_type, entries = await asyncio.to_thread(_prepare, body, max_attachment_bytes)
     if bundle_type == "transaction":
-        results = await _transaction(store, entries, on_integrity_failure)
+        results = await _transaction(store, entries, on_integrity_failure, authorizer)
     else:
-        results = await _batch(store, entries, on_integrity_failure)
+        results = await _batch(store, entries, on_integrity_failure, authorizer)
     return BundleResponse(str(uuid.uuid4()), f"{bundle_type}-response", results)
 
 
@@ -603,8 +640,33 @@ def _prepare(body: object, max_attachment_bytes: int) -> tuple[str, list[Entry]]
     return bundle_type, entries
 
 
+async def _authorize_write(authorizer: EntryAuthorizer, entry: Entry) -> EntryFailure | None:
+    assert entry.resource_id is not None
+    action = {"POST": "create", "PUT": "update", "DELETE": "delete"}[entry.method]
+    body = entry.resource if entry.method != "DELETE" else None
+    return await authorizer.write(action, entry.resource_type, entry.resource_id, body)
+
+
+async def _shown_result(
+    authorizer: EntryAuthorizer, entry: Entry, stored: StoredResource
+) -> EntryResult:
+    if stored.body is not None:
+        stored = StoredResource(
+            stored.resource_type,
+            stored.id,
+            stored.version,
+            stored.last_updated,
+            stored.deleted,
+            await authorizer.read(stored),
+        )
+    return _written(entry, stored)
+
+
 async def _transaction(
-    store: ResourceStore, entries: list[Entry], on_integrity_failure: IntegrityHandler
+    store: ResourceStore,
+    entries: list[Entry],
+    on_integrity_failure: IntegrityHandler,
+    authorizer: EntryAuthorizer,
 ) -> list[EntryResult]:
     for entry in entries:
         if entry.failure is not None:
@@ -621,6 +683,10 @@ async def _transaction(
                 ),
             )
         targets.add(target)
+    for entry in writes:  # every entry as its own interaction would be decided: all or nothing
+        failure = await _authorize_write(authorizer, entry)
+        if failure is not None:
+            raise BundleError(failure.status, _at_entry(failure.outcome, entry))
     try:
         stored = await store.write_many([_operation(entry) for entry in writes])
     except StoreError as err:
@@ -630,27 +696,32 @@ async def _transaction(
         raise BundleError(failure.status, body) from None
     results: dict[int, EntryResult] = {}
     for entry, written in zip(writes, stored, strict=True):
-        results[entry.index] = _written(entry, written)
+        results[entry.index] = await _shown_result(authorizer, entry, written)
     for entry in entries:
         if entry.method == "GET":
-            results[entry.index] = await _read(store, entry, on_integrity_failure)
+            results[entry.index] = await _read(store, entry, on_integrity_failure, authorizer)
     return [results[entry.index] for entry in entries]
 
 
 async def _batch(
-    store: ResourceStore, entries: list[Entry], on_integrity_failure: IntegrityHandler
+    store: ResourceStore,
+    entries: list[Entry],
+    on_integrity_failure: IntegrityHandler,
+    authorizer: EntryAuthorizer,
 ) -> list[EntryResult]:
     results: list[EntryResult] = []
     for entry in entries:
         if entry.failure is not None:
             results.append(_failed(entry.failure))
         elif entry.method == "GET":
-            results.append(await _read(store, entry, on_integrity_failure))
+            results.append(await _read(store, entry, on_integrity_failure, authorizer))
+        elif (failure := await _authorize_write(authorizer, entry)) is not None:
+            results.append(_failed(failure))
         else:
             try:
                 [stored] = await store.write_many([_operation(entry)])
             except StoreError as err:
                 results.append(_failed(store_failure(err)))
             else:
-                results.append(_written(entry, stored))
+                results.append(await _shown_result(authorizer, entry, stored))
     return results

@@ -50,6 +50,7 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from carevault.access.generation import bump_in
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
@@ -153,7 +154,9 @@ async def _unlink(services: Any, patient_id: str, now: float) -> tuple[int, int,
     for _ in range(ATTEMPTS):
         try:
             async with write_transaction(services.engine) as conn:
-                return await _unlink_in(conn, patient_id, scope, now)
+                counts = await _unlink_in(conn, patient_id, scope, now)
+            services.access_generation.changed()
+            return counts
         except _Retry:
             continue  # a concurrent write moved a resource on: read again
     raise ErasureFailed("too much write contention; run the erasure again")
@@ -228,6 +231,7 @@ async def _unlink_in(
         .where(and_(fhir_versions.c.scope == scope, fhir_versions.c.deleted.is_(False)))
         .values(deleted=True)
     )
+    await bump_in(conn)  # care teams, consents and the Patient itself are gone
     return erased, already, int(shredded.rowcount or 0), shared
 
 

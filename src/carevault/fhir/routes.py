@@ -11,9 +11,10 @@ specification describes, and `Cache-Control: no-store`: they are ePHI.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -22,13 +23,25 @@ import orjson
 import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import and_, false, func, not_, or_, select
 
 from carevault import __version__
+from carevault.access.control import redact
+from carevault.access.decision import Action, Decision
 from carevault.db.engine import read_connection
 from carevault.db.tables import fhir_compartments, fhir_resources
 from carevault.fhir import idempotency, outcome
-from carevault.fhir.authorization import may_use_fhir
+from carevault.fhir.authorization import (
+    AccessDenied,
+    FhirCaller,
+    authorize,
+    authorize_gone,
+    authorize_type,
+    fhir_caller,
+    forbidden,
+    not_visible,
+    visible_body,
+)
 from carevault.fhir.bundles import store_failure
 from carevault.fhir.search import (
     BAD_CURSOR,
@@ -38,6 +51,7 @@ from carevault.fhir.search import (
     FORMATS,
     INVALID_VALUE,
     MAX_PARAMS,
+    UNKNOWN_PARAM,
     CursorCodec,
     Search,
     SearchError,
@@ -100,13 +114,19 @@ async def error_response(_request: Request, err: FhirError) -> Response:
     return fhir_response(err.body, err.status, err.headers)
 
 
-async def fhir_principal(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
-    if not may_use_fhir(principal):
-        raise _issue(403, "forbidden", "You are not allowed to use the record server.")
-    return principal
+async def access_denied_response(_request: Request, err: AccessDenied) -> Response:
+    return fhir_response(err.body, err.status)
 
 
-Caller = Annotated[Principal, Depends(fhir_principal)]
+async def fhir_principal(
+    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> FhirCaller:
+    """Every FHIR route's caller: the token's principal, with the access facts of the request
+    (purpose of use, relationships, grants) that every decision on this request uses."""
+    return await fhir_caller(request, principal)
+
+
+Caller = Annotated[FhirCaller, Depends(fhir_principal)]
 
 
 def _check_type(resource_type: str) -> None:
@@ -142,7 +162,7 @@ def _headers(stored: StoredResource, *, location: bool = False) -> dict[str, str
     return headers
 
 
-async def _integrity_failure(request: Request, principal: Principal) -> FhirError:
+async def _integrity_failure(request: Request, principal: FhirCaller) -> FhirError:
     # The one place a 5xx is right: a stored row does not decrypt. Never served as garbage.
     await request.app.state.services.events.record(
         SecurityEvent(
@@ -158,7 +178,7 @@ async def _integrity_failure(request: Request, principal: Principal) -> FhirErro
 
 
 @asynccontextmanager
-async def store_errors(request: Request, principal: Principal) -> AsyncIterator[None]:
+async def store_errors(request: Request, principal: FhirCaller) -> AsyncIterator[None]:
     """Every route's mapping of the store's errors (`bundles.store_failure`): NotFound 404,
     Gone 410 (with the ETag of the deleting version), VersionConflict 412, WriteContention
     409; an IntegrityFailure is a security event and a 500, never garbage."""
@@ -351,12 +371,17 @@ def _everything_page_request(
 
 
 async def _compartment_page(
-    engine: Any, patient_id: str, after: tuple[str, str] | None, limit: int
+    engine: Any,
+    patient_id: str,
+    after: tuple[str, str] | None,
+    limit: int,
+    visible: Callable[[str], Awaitable[Any]],
 ) -> tuple[int, list[tuple[str, str]], bool]:
     """(number of members, the next `limit` members after `after` in (type, id) order,
     whether more follow). Members: current, not deleted (nor erased) resources of the Patient
-    compartment of `patient_id`, the Patient itself left out. Keyset paging over the
-    compartment index, so that only one page of records is read and decrypted per request."""
+    compartment of `patient_id`, the Patient itself left out, that the caller may read
+    (`visible(type)`: the access filter of each type). Keyset paging over the compartment
+    index, so that only one page of records is read and decrypted per request."""
     c, r = fhir_compartments, fhir_resources
     where = and_(
         c.c.patient_id == patient_id,
@@ -366,6 +391,13 @@ async def _compartment_page(
     )
     joined = c.join(r, and_(r.c.resource_type == c.c.resource_type, r.c.id == c.c.id))
     async with read_connection(engine) as conn:
+        present = (
+            await conn.execute(
+                select(c.c.resource_type).where(c.c.patient_id == patient_id).distinct()
+            )
+        ).scalars()
+        per_type = [and_(r.c.resource_type == t, await visible(t)) for t in sorted(present)]
+        where = and_(where, or_(false(), *per_type))
         total = (
             await conn.execute(select(func.count()).select_from(joined).where(where))
         ).scalar_one()
@@ -403,11 +435,17 @@ async def patient_everything(resource_id: str, request: Request, principal: Call
     services = request.app.state.services
     store = services.store
     first = after is None
-    async with store_errors(request, principal):  # Gone: deleted or erased
-        patient = await store.read("Patient", resource_id)  # on every page: still there?
+    # on every page: is the Patient still there, and may the caller still read it?
+    patient, decision = await _read_authorized(request, principal, "Patient", resource_id)
+    patient = dataclasses.replace(patient, body=redact(patient.body, decision))
+
+    async def visible(resource_type: str) -> Any:
+        return await principal.access.search_condition(principal.requester, resource_type)
+
+    async with store_errors(request, principal):
         limit = max(page.count - 1, 0) if first else page.count
         total, members, has_next = await _compartment_page(
-            services.engine, resource_id, None if first else after, limit
+            services.engine, resource_id, None if first else after, limit, visible
         )
         by_type: dict[str, list[str]] = {}
         for member_type, member_id in members:
@@ -415,7 +453,11 @@ async def patient_everything(resource_id: str, request: Request, principal: Call
         found = {t: await store.read_many(t, ids) for t, ids in by_type.items()}
     resources = [patient] if first and page.count > 0 else []
     # a member deleted since the page was listed is left out (read_many skips it)
-    resources += [found[t][i] for t, i in members if i in found[t]]
+    for member_type, member_id in members:
+        if member_id in found[member_type]:
+            shown = await visible_body(request, principal, found[member_type][member_id])
+            if shown is not None:
+                resources.append(dataclasses.replace(found[member_type][member_id], body=shown))
     entries = [
         {"fullUrl": f"{r.resource_type}/{r.id}", "resource": r.body, "search": {"mode": "match"}}
         for r in resources
@@ -450,17 +492,43 @@ async def instance_history(
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
+    try:
+        await _read_authorized(request, principal, resource_type, resource_id)
+    except FhirError as err:
+        if err.status != 410:  # a deleted record keeps its history
+            raise
     async with store_errors(request, principal):  # Gone: erased (crypto-shredded)
         entries = await request.app.state.services.store.history(resource_type, resource_id)
-    return fhir_response(_history_bundle(entries))
+    return fhir_response(_history_bundle(await _visible_versions(request, principal, entries)))
+
+
+async def _visible_versions(
+    request: Request, caller: FhirCaller, entries: list[StoredResource]
+) -> list[StoredResource]:
+    """The versions the caller may see, each judged on its own body (labels and patients can
+    change between versions); a deletion on the record's compartment."""
+    shown: list[StoredResource] = []
+    for entry in entries:
+        if entry.body is None:
+            try:
+                await authorize_gone(request, caller, entry.resource_type, entry.id)
+            except AccessDenied:
+                continue
+            shown.append(entry)
+            continue
+        body = await visible_body(request, caller, entry)
+        if body is not None:
+            shown.append(dataclasses.replace(entry, body=body))
+    return shown
 
 
 @router.get("/{resource_type}/_history")
 async def type_history(resource_type: str, request: Request, principal: Caller) -> Response:
     _check_type(resource_type)
+    await authorize_type(principal, Action.search, resource_type)
     async with store_errors(request, principal):
         entries = await request.app.state.services.store.history(resource_type)
-    return fhir_response(_history_bundle(entries))
+    return fhir_response(_history_bundle(await _visible_versions(request, principal, entries)))
 
 
 FORM = "application/x-www-form-urlencoded"
@@ -485,10 +553,12 @@ def _cursor_codec(request: Request) -> CursorCodec:
 
 
 async def _search(
-    resource_type: str, pairs: list[tuple[str, str]], request: Request, principal: Principal
+    resource_type: str, pairs: list[tuple[str, str]], request: Request, principal: FhirCaller
 ) -> Response:
     _check_type(resource_type)
     services = request.app.state.services
+    decision = await authorize_type(principal, Action.search, resource_type)
+    visible = await principal.access.search_condition(principal.requester, resource_type)
     codec = _cursor_codec(request)
     try:
         after = None
@@ -497,12 +567,14 @@ async def _search(
             if len(pairs) != 1:
                 raise SearchError(CURSOR_ALONE)
             pairs, after = codec.decode(cursors[0], resource_type, principal.user_id)
+        if decision.redact_to is not None:
+            _only_redacted_params(pairs, decision.redact_to)
         search = parse_search(resource_type, pairs, services.blind_index, after)
-        result = await execute(services.engine, search)
+        result = await execute(services.engine, search, visible)
     except SearchError as err:
         raise _search_error(err) from None
     async with store_errors(request, principal):
-        bundle = await _search_bundle(result, services.store)
+        bundle = await _search_bundle(result, services.store, request, principal)
     links = [
         {
             "relation": "self",
@@ -522,18 +594,35 @@ async def _search(
     return fhir_response(bundle)
 
 
-async def _search_bundle(result: SearchResult, store: Any) -> dict[str, Any]:
+def _only_redacted_params(pairs: list[tuple[str, str]], shown: frozenset[str]) -> None:
+    """A caller shown only some elements of a type may search only by those: searching by a
+    hidden element would tell them its value one guess at a time."""
+    for name, _value in pairs:
+        base = name.split(":", 1)[0]
+        if base not in CONTROL_PARAMS and base not in ("_id", "_lastUpdated") and base not in shown:
+            raise SearchError(UNKNOWN_PARAM)
+
+
+async def _search_bundle(
+    result: SearchResult, store: Any, request: Request, caller: FhirCaller
+) -> dict[str, Any]:
     search = result.search
     found = await store.read_many(search.resource_type, result.ids)
-    entries = [
-        {
-            "fullUrl": f"{search.resource_type}/{i}",
-            "resource": found[i].body,
-            "search": {"mode": "match"},
-        }
-        for i in result.ids
-        if i in found
-    ]
+    entries = []
+    for i in result.ids:
+        if i not in found:
+            continue
+        body = await visible_body(request, caller, found[i])
+        if body is None:  # the search's filter and the decision disagree: the decision wins
+            log.error("search_filter_mismatch", resource_type=search.resource_type)
+            continue
+        entries.append(
+            {
+                "fullUrl": f"{search.resource_type}/{i}",
+                "resource": body,
+                "search": {"mode": "match"},
+            }
+        )
     by_type: dict[str, list[str]] = {}
     for included_type, included_id in result.includes:
         by_type.setdefault(included_type, []).append(included_id)
@@ -541,15 +630,16 @@ async def _search_bundle(result: SearchResult, store: Any) -> dict[str, Any]:
         if not is_supported_type(included_type):
             continue
         included = await store.read_many(included_type, ids)
-        entries += [
-            {
-                "fullUrl": f"{included_type}/{i}",
-                "resource": included[i].body,
-                "search": {"mode": "include"},
-            }
-            for i in ids
-            if i in included
-        ]
+        for i in ids:
+            body = await visible_body(request, caller, included[i]) if i in included else None
+            if body is not None:  # an include the caller may not read is left out silently
+                entries.append(
+                    {
+                        "fullUrl": f"{included_type}/{i}",
+                        "resource": body,
+                        "search": {"mode": "include"},
+                    }
+                )
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if result.total is not None:
         bundle["total"] = result.total
@@ -611,14 +701,20 @@ def _if_none_exist(request: Request, resource_type: str) -> Search | None:
 
 
 async def _create_or_match(
-    request: Request, principal: Principal, body: dict[str, Any], search: Search | None
+    request: Request, principal: FhirCaller, body: dict[str, Any], search: Search | None
 ) -> tuple[StoredResource, int]:
-    """Create `body` (201), or with If-None-Exist return the one match (200) or refuse (412)."""
+    """Create `body` (201), or with If-None-Exist return the one match (200) or refuse (412).
+    The match is looked for only among records the caller may read: a conditional create
+    must not tell whether an invisible record matches."""
     services = request.app.state.services
+    await authorize(request, principal, Action.create, body["resourceType"], None, new=body)
     async with store_errors(request, principal):  # Gone: the match's patient was erased
         if search is not None:
+            visible = await principal.access.search_condition(
+                principal.requester, search.resource_type
+            )
             try:
-                result = await execute(services.engine, search)
+                result = await execute(services.engine, search, visible)
             except SearchError as err:
                 raise _search_error(err) from None
             if len(result.ids) > 1:
@@ -627,13 +723,22 @@ async def _create_or_match(
                 )
             if result.ids:
                 try:
-                    return await services.store.read(search.resource_type, result.ids[0]), 200
+                    match = await services.store.read(search.resource_type, result.ids[0])
                 except NotFound:  # the match was deleted meanwhile
                     raise FhirError(409, outcome.conflict()) from None
+                return await _shown(request, principal, match), 200
         return await services.store.create(body), 201
 
 
-def idempotency_key(request: Request, principal: Principal) -> str | None:
+async def _shown(request: Request, caller: FhirCaller, stored: StoredResource) -> StoredResource:
+    """`stored` with the body the caller may see; as missing if they may see none of it."""
+    body = await visible_body(request, caller, stored)
+    if body is None:
+        raise not_visible(caller)
+    return dataclasses.replace(stored, body=body)
+
+
+def idempotency_key(request: Request, principal: FhirCaller) -> str | None:
     """The caller's `Idempotency-Key` (hashed with their user id), None without one; 400 for
     a malformed key."""
     if "idempotency-key" not in request.headers:
@@ -676,6 +781,7 @@ async def create(resource_type: str, request: Request, principal: Caller) -> Res
             stored = await services.store.vread(
                 recorded.resource_type, recorded.resource_id, recorded.version
             )
+        stored = await _shown(request, principal, stored)  # access may have changed since
         return fhir_response(stored.body, recorded.status, _headers(stored, location=True))
     try:
         stored, status = await _create_or_match(request, principal, body, search)
@@ -694,9 +800,24 @@ async def read(
 ) -> Response:
     _check_type(resource_type)
     _check_id(resource_id)
-    async with store_errors(request, principal):
-        stored = await request.app.state.services.store.read(resource_type, resource_id)
-    return fhir_response(stored.body, 200, _headers(stored))
+    stored, decision = await _read_authorized(request, principal, resource_type, resource_id)
+    return fhir_response(redact(stored.body, decision), 200, _headers(stored))
+
+
+async def _read_authorized(
+    request: Request, caller: FhirCaller, resource_type: str, resource_id: str
+) -> tuple[StoredResource, Decision]:
+    """The current version (its full body: shown only through `redact`) and the decision to
+    read it, if the caller may; a deleted one answers 410 only to callers who may read it,
+    and a record they may not read answers as missing."""
+    async with store_errors(request, caller):
+        try:
+            stored = await request.app.state.services.store.read(resource_type, resource_id)
+        except Gone:
+            await authorize_gone(request, caller, resource_type, resource_id)
+            raise
+    decision = await authorize(request, caller, Action.read, resource_type, stored.body)
+    return stored, decision
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version}")
@@ -708,10 +829,17 @@ async def vread(
     if not version.isdigit() or len(version) > 9:
         raise FhirError(404, outcome.not_found())
     async with store_errors(request, principal):
-        stored = await request.app.state.services.store.vread(
-            resource_type, resource_id, int(version)
-        )
-    return fhir_response(stored.body, 200, _headers(stored))
+        try:
+            stored = await request.app.state.services.store.vread(
+                resource_type, resource_id, int(version)
+            )
+        except Gone:
+            await authorize_gone(request, principal, resource_type, resource_id)
+            raise
+    body = await visible_body(request, principal, stored)
+    if body is None:
+        raise not_visible(principal)
+    return fhir_response(body, 200, _headers(stored))
 
 
 def _if_match(request: Request) -> int | None:
@@ -742,10 +870,19 @@ async def update(
         raise _issue(400, "invalid", "The resource id must match the id in the URL.")
     # Update-as-create is off for ordinary callers: it would reveal which ids exist.
     allow_create = principal.user_id in request.app.state.services.settings.fhir_update_create_users
+    try:
+        current, _ = await _read_authorized(request, principal, resource_type, resource_id)
+    except FhirError as err:
+        if err.status != 404 or not allow_create:
+            raise
+        await authorize(request, principal, Action.create, resource_type, None, new=body)
+    else:
+        await authorize(request, principal, Action.update, resource_type, current.body, new=body)
     async with store_errors(request, principal):  # Gone: erased (crypto-shredded)
         stored, created = await request.app.state.services.store.update(
             resource_type, resource_id, body, if_match=if_match, allow_create=allow_create
         )
+    stored = await _shown(request, principal, stored)
     return fhir_response(stored.body, 201 if created else 200, _headers(stored, location=created))
 
 
@@ -762,7 +899,8 @@ async def delete_patient(
     if len(values) > 1 or (values and values[0] not in ("true", "false")):
         raise _issue(400, "invalid", "_erase must be true or false.")
     if not values or values[0] == "false":
-        return await delete("Patient", resource_id, request, await fhir_principal(principal))
+        caller = await fhir_principal(request, principal)
+        return await delete("Patient", resource_id, request, caller)
     if Role.admin not in principal.roles:
         raise _issue(403, "forbidden", "Only an administrator may erase a patient.")
     _check_id(resource_id)
@@ -798,6 +936,20 @@ async def delete(
     _check_id(resource_id)
     if_match = _if_match(request)
     store = request.app.state.services.store
+    try:
+        current, _ = await _read_authorized(request, principal, resource_type, resource_id)
+    except FhirError as err:
+        if err.status != 410:
+            raise
+        # deleting a deleted record changes nothing; it still takes the right to delete it
+        patients = await principal.access.facts.compartment_of(resource_type, resource_id)
+        decision = await principal.access.decide_for_patients(
+            principal.requester, Action.delete, resource_type, patients
+        )
+        if not decision.permit:
+            raise forbidden() from None
+    else:
+        await authorize(request, principal, Action.delete, resource_type, current.body)
     async with store_errors(request, principal):
         stored = await store.delete(resource_type, resource_id, if_match=if_match)
     return fhir_response(None, 204, {"ETag": stored.etag})

@@ -546,8 +546,13 @@ def _after(columns: list[tuple[str, Any, bool]], after: tuple[Any, ...]) -> Colu
     return or_(*clauses)
 
 
-async def execute(engine: AsyncEngine, search: Search) -> SearchResult:
-    where = _where(search)
+async def execute(
+    engine: AsyncEngine, search: Search, visible: ColumnElement[bool] | None = None
+) -> SearchResult:
+    """Run the search. `visible` (access/filters.py) limits it to the records the caller may
+    read, so that totals and pages count only those; None only for the server's own lookups
+    (import), never for a request."""
+    where = _where(search) if visible is None else and_(_where(search), visible)
     async with read_connection(engine) as conn:
         total = None
         if search.total != "none":
