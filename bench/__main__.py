@@ -780,7 +780,7 @@ def fhir_report(
     complete: bool,
     error: str | None,
 ) -> dict[str, Any]:
-    from bench.fhir import SCENARIOS
+    from bench.fhir import FHIR_ROLE, SCENARIOS
 
     return {
         "started_at": started.isoformat(),
@@ -800,6 +800,7 @@ def fhir_report(
             "read_path_repeat": args.repeat,
             "seed_workers": args.seed_workers,
             "seed_method": args.seed_method,
+            "user_role": FHIR_ROLE,
             "pinned": machine.get("pinned"),
             "server": {"factory": "bench.app:create_bench_app", "workers": 1},
         },

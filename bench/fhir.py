@@ -823,6 +823,11 @@ SCENARIOS = (
     "fhir-read-c1",
 )
 STORES = ("sqlite", "postgresql")
+# The benchmark user's role. Since FHIR sits behind the access decision point, a physician sees
+# only patients whose CareTeam lists them (a denied read answers 404); "service" (patients: any,
+# every resource class) reads every seeded patient while every request still goes through the
+# decision point.
+FHIR_ROLE = "service"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -899,7 +904,12 @@ def run_fhir_store(
     schema = database_url = None
     if pg_url:
         schema, database_url = create_pg_schema(pg_url)
-    server = BenchServer(cpu=0 if pin else None, keep=args.keep, database_url=database_url)
+    server = BenchServer(
+        cpu=0 if pin else None,
+        keep=args.keep,
+        database_url=database_url,
+        role=getattr(args, "fhir_role", FHIR_ROLE),
+    )
     runs: list[FhirRun] = []
     try:
         steps.begin(f"{store_name}: carevault init + user add", None)

@@ -112,6 +112,7 @@ class BenchServer:
     factory: str = DEFAULT_FACTORY
     extra_pythonpath: tuple[str, ...] = ()
     database_url: str | None = None  # PostgreSQL (sync URL); None = SQLite in the data dir
+    role: str = "physician"  # of the benchmark user (the fhir set needs every patient: service)
     data_dir: Path = field(init=False)
     port: int = field(init=False)
     token: str = field(init=False, default="")
@@ -188,7 +189,7 @@ class BenchServer:
             "add",
             BENCH_USER,
             "--role",
-            "physician",
+            self.role,
             "--password-stdin",
             stdin=(password + "\n").encode(),
         )
