@@ -141,7 +141,16 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s {base}/fhir/Patient/demo-patient-1 -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s "{base}/fhir/Observation?patient=demo-patient-1&code=http://loinc.org%7C8867-4"'
-        ' -H "Authorization: Bearer $TOKEN"\n',
+        ' -H "Authorization: Bearer $TOKEN"\n'
+        "\nAccess is denied unless the policy permits it (a record you may not see answers 404):"
+        "\n  demo-physician, demo-nurse: the patients whose active CareTeam lists their"
+        " practitioner (every demo patient's does)\n"
+        "  demo-patient: only their own records (demo-patient-1)\n"
+        "  demo-registrar: Patients and administrative resources; demo-admin: administrative"
+        " resources only\n"
+        "  demo-billing: Patients (identifiers only) and Encounters, with the header"
+        " X-Purpose-Of-Use: HPAYMT\n"
+        "  demo-service: everything its scopes allow\n",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -81,7 +81,7 @@ async def test_kek_rotation_rewraps_the_postgres_vault(vault_settings, instances
 async def test_http_erasure_with_a_postgres_vault(vault_settings, harness_factory) -> None:
     settings = vault_settings("one")
     h = await harness_factory(settings)
-    await h.add_user("dr.vault", Role.physician)
+    await h.add_user("dr.vault", Role.service)  # may create and read any patient's records
     await h.add_user("admin.vault", Role.admin)
     auth = {"Authorization": f"Bearer {(await h.login('dr.vault'))['access_token']}"}
     admin = {"Authorization": f"Bearer {(await h.login('admin.vault'))['access_token']}"}

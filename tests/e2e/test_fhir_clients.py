@@ -32,9 +32,11 @@ def _client(server: Server, token: str, **headers: str) -> AsyncFHIRClient:
 async def test_fhirpy_creates_reads_searches_and_updates(
     server_factory: Callable[..., Server],
 ) -> None:
-    server = server_factory(workers=1, users=(("dr.fhir", "physician"),))
+    # the client's requests, not who may make them: a service account may create Patients and
+    # read and search every patient's records
+    server = server_factory(workers=1, users=(("svc.fhir", "service"),))
     with server.client() as http:
-        token = login(http, "dr.fhir")["access_token"]
+        token = login(http, "svc.fhir")["access_token"]
     client = _client(server, token)
 
     patient = client.resource(

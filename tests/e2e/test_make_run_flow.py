@@ -78,6 +78,32 @@ def test_init_demo_then_serve_and_log_in(tmp_path, serve_factory):
     )
     assert wrong.status_code == 401
 
+    # the printed quick start: a FHIR read and a search as demo-physician (the demo patients'
+    # care teams list the physician's practitioner), against the running server
+    token = login.json()["access_token"]
+    read_path = re.search(r"curl -s http://[^/\s]+(/fhir/Patient/demo-patient-1) ", first.stdout)
+    search_path = re.search(r'curl -s "http://[^/\s]+(/fhir/Observation\?[^"\s]+)"', first.stdout)
+    assert read_path and search_path, first.stdout
+    read = client.get(read_path.group(1), headers=bearer(token))
+    assert read.status_code == 200, read.text
+    assert read.json()["id"] == "demo-patient-1"
+    found = client.get(search_path.group(1), headers=bearer(token))
+    assert found.status_code == 200, found.text
+    entries = found.json()["entry"]
+    assert entries and all(
+        e["resource"]["subject"]["reference"] == "Patient/demo-patient-1" for e in entries
+    )
+    # the demo patient reads their own record, and nobody else's
+    own = client.post(
+        "/auth/login",
+        json={"username": "demo-patient", "password": accounts["demo-patient"][1]},
+    )
+    assert own.status_code == 200, own.text
+    mine = client.get("/fhir/Patient/demo-patient-1", headers=bearer(own.json()["access_token"]))
+    assert mine.status_code == 200, mine.text
+    theirs = client.get("/fhir/Patient/demo-patient-2", headers=bearer(own.json()["access_token"]))
+    assert theirs.status_code == 404
+
 
 def test_production_mode_refuses_unsafe_start(tmp_path):
     env = clean_env()

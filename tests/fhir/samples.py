@@ -701,3 +701,14 @@ def sample(resource_type: str, **changes: Any) -> dict[str, Any]:
         else:
             body[key] = value
     return body
+
+
+def care_team(patient_id: str, *practitioner_ids: str, status: str = "active") -> dict[str, Any]:
+    """A CareTeam for `patient_id` listing these practitioners: what lets a physician or nurse
+    (a user linked to one of them) see the patient's records under the access policy."""
+    return {
+        "resourceType": "CareTeam",
+        "status": status,
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "participant": [{"member": {"reference": f"Practitioner/{p}"}} for p in practitioner_ids],
+    }

@@ -19,7 +19,7 @@ FAMILY = "Bundlewick"  # the family name in synthea_transaction()
 
 @pytest.fixture
 async def clinician(harness):
-    await harness.add_user("dr.idem", Role.physician, organization_id="org-1")
+    await harness.add_user("dr.idem", Role.service)  # may write every type, any patient
     token = (await harness.login("dr.idem"))["access_token"]
     harness.client.headers["Authorization"] = f"Bearer {token}"
     return harness

@@ -26,7 +26,8 @@ TABLES = (fhir_resources, fhir_versions, fhir_index_keys, fhir_index_dates, fhir
 
 @pytest.fixture
 async def clinician(harness):
-    await harness.add_user("dr.bundle", Role.physician, organization_id="org-1")
+    # bundle mechanics, not who may act: a service account may write every type, any patient
+    await harness.add_user("dr.bundle", Role.service)
     token = (await harness.login("dr.bundle"))["access_token"]
     harness.client.headers["Authorization"] = f"Bearer {token}"
     return harness
@@ -491,18 +492,28 @@ async def test_delete_entry_and_empty_bundles(clinician):
     assert (await h.client.get(f"/fhir/Patient/{patient['id']}")).status_code == 410
 
 
-async def test_only_clinical_staff(harness):
+async def test_only_roles_that_may_write_and_only_with_a_token(harness):
+    """A transaction is decided entry by entry as the interactions it stands for: without a
+    token 401; billing (which may create nothing, under any purpose of use) 403, nothing
+    stored."""
     bundle, _ = synthea_transaction()
+    before = await counts(harness)
     assert (await post_bundle(harness, bundle, status=401)).status_code == 401
     await harness.add_user("billing.bundle", Role.billing)
     token = (await harness.login("billing.bundle"))["access_token"]
-    response = await harness.client.post(
-        "/fhir",
-        content=orjson.dumps(bundle),
-        headers={"content-type": FHIR, "Authorization": f"Bearer {token}"},
-    )
-    assert response.status_code == 403
-    assert response.json()["resourceType"] == "OperationOutcome"
+    for purpose in ("TREAT", "HPAYMT"):
+        response = await harness.client.post(
+            "/fhir",
+            content=orjson.dumps(bundle),
+            headers={
+                "content-type": FHIR,
+                "Authorization": f"Bearer {token}",
+                "X-Purpose-Of-Use": purpose,
+            },
+        )
+        assert response.status_code == 403, (purpose, response.text)
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert await counts(harness) == before
 
 
 def test_rewrite_references_is_iterative_and_copies():

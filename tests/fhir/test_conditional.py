@@ -39,7 +39,9 @@ def condition_body(patient_id: str) -> dict:
     }
 
 
-async def _login(h, username: str, role: Role = Role.physician) -> dict[str, str]:
+async def _login(h, username: str, role: Role = Role.service) -> dict[str, str]:
+    """Headers of a signed-in user: a service account by default (these tests are about the
+    store's mechanics, not about who may act; a service account may act on any patient)."""
     await h.add_user(username, role, organization_id="org-1")
     token = (await h.login(username))["access_token"]
     return {"Authorization": f"Bearer {token}"}
@@ -253,7 +255,7 @@ async def test_if_match_is_optional_by_default_but_honoured_on_delete(clinician)
 
 
 async def test_update_as_create_only_for_granted_users(harness, harness_factory, settings):
-    importer = await harness.add_user("importer", Role.physician, organization_id="org-1")
+    importer = await harness.add_user("importer", Role.service, organization_id="org-1")
     granted = await harness_factory(
         settings.model_copy(update={"fhir_update_create_users": [importer.id]})
     )

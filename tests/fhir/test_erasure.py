@@ -27,6 +27,7 @@ from carevault.fhir.store import associated_data
 from carevault.identity.roles import Role
 from carevault.runtime import build_services
 from tests.conftest import make_settings
+from tests.fhir.samples import care_team
 
 FHIR = "application/fhir+json"
 
@@ -81,8 +82,7 @@ async def _cli(*args: str) -> Any:
     return await asyncio.to_thread(lambda: CliRunner().invoke(app, list(args)))
 
 
-async def _login(h: Any, username: str, role: Role) -> dict[str, str]:
-    links = {"organization_id": "org-1"} if role in (Role.physician, Role.nurse) else {}
+async def _login(h: Any, username: str, role: Role, **links: Any) -> dict[str, str]:
     await h.add_user(username, role, **links)
     token = (await h.login(username))["access_token"]
     return {"Authorization": f"Bearer {token}", "content-type": FHIR}
@@ -203,7 +203,7 @@ async def test_cli_erase_shreds_every_version_and_copies(
     harness, settings, monkeypatch, tmp_path, request
 ):
     h = harness
-    auth = await _login(h, "dr.erase", Role.physician)
+    auth = await _login(h, "dr.erase", Role.service)  # writes/reads every record
     seeded = await _seed(h, auth)
     a_id, a, b = seeded["A"][0][1], seeded["A"], seeded["B"]
     # "any copy of the database": a consistent copy of the data database, taken before the
@@ -314,7 +314,7 @@ async def test_pre_erasure_copy_of_key_vault_dies_with_kek_rotation(
     backup) still holds A's wrapped DEK, which the KEK of the time opens; `keys rotate-kek`
     (dropping the old KEK key) is what completes the shredding for such copies."""
     h = harness
-    auth = await _login(h, "dr.kek", Role.physician)
+    auth = await _login(h, "dr.kek", Role.service)  # writes/reads every record
     seeded = await _seed(h, auth)
     a_id, a = seeded["A"][0][1], seeded["A"]
     async with h.services.vault_engine.connect() as conn:
@@ -351,23 +351,31 @@ async def test_pre_erasure_copy_of_key_vault_dies_with_kek_rotation(
 
 async def test_http_erase_admin_only(harness):
     h = harness
-    auth = await _login(h, "dr.http", Role.physician)
+    auth = await _login(h, "svc.http", Role.service)  # writes/reads every record
     admin = await _login(h, "admin.http", Role.admin)
-    nurse = await _login(h, "nurse.http", Role.nurse)
     seeded = await _seed(h, auth)
     a_id, b_id = seeded["A"][0][1], seeded["B"][0][1]
+    # clinical staff caring for both patients: they may read the records, not erase them
+    physician = await _login(h, "dr.http", Role.physician, practitioner_id="prac-http-dr")
+    nurse = await _login(h, "nurse.http", Role.nurse, practitioner_id="prac-http-nurse")
+    for pid in (a_id, b_id):
+        await _create(h, auth, care_team(pid, "prac-http-dr", "prac-http-nurse"))
+    for headers in (physician, nurse):
+        assert (await h.client.get(f"/fhir/Patient/{a_id}", headers=headers)).status_code == 200
 
-    for headers in (auth, nurse):
+    for headers in (physician, nurse, auth):
         refused = await h.client.delete(f"/fhir/Patient/{a_id}?_erase=true", headers=headers)
         assert refused.status_code == 403, refused.text
         assert refused.json()["resourceType"] == "OperationOutcome"
     bad = await h.client.delete(f"/fhir/Patient/{a_id}?_erase=yes", headers=admin)
     assert bad.status_code == 400 and bad.json()["resourceType"] == "OperationOutcome"
-    # an admin is not clinical staff: an ordinary delete stays refused
-    assert (await h.client.delete(f"/fhir/Patient/{a_id}", headers=admin)).status_code == 403
-    assert (
-        await h.client.delete(f"/fhir/Patient/{a_id}?_erase=false", headers=admin)
-    ).status_code == 403
+    # an admin may not see patients' records: an ordinary delete answers as if missing
+    nobody = await h.client.delete("/fhir/Patient/nobody", headers=admin)
+    assert nobody.status_code == 404
+    for query in ("", "?_erase=false"):
+        refused = await h.client.delete(f"/fhir/Patient/{a_id}{query}", headers=admin)
+        assert refused.status_code == 404, refused.text
+        assert refused.json() == nobody.json()
     assert (await h.client.delete(f"/fhir/Patient/{a_id}?_erase=true")).status_code == 401
     await _assert_readable(h, auth, seeded["A"])
 
@@ -382,7 +390,10 @@ async def test_http_erase_admin_only(harness):
     missing = await h.client.delete("/fhir/Patient/nobody?_erase=true", headers=admin)
     assert missing.status_code == 404
 
-    # the ordinary logical delete by clinical staff is unchanged
+    # the ordinary logical delete is unchanged, for whoever may delete a Patient (a physician
+    # may delete clinical records only)
+    refused = await h.client.delete(f"/fhir/Patient/{b_id}?_erase=false", headers=physician)
+    assert refused.status_code == 403, refused.text
     assert (
         await h.client.delete(f"/fhir/Patient/{b_id}?_erase=false", headers=auth)
     ).status_code == 204
@@ -406,7 +417,7 @@ async def test_http_erase_admin_only(harness):
 
 async def test_shared_resource_under_other_patients_key_is_unlinked_and_reported(harness):
     h = harness
-    auth = await _login(h, "dr.shared", Role.physician)
+    auth = await _login(h, "dr.shared", Role.service)  # writes/reads every record
     p1 = (await _create(h, auth, _patient("SharedOne")))["id"]
     p2 = (await _create(h, auth, _patient("SharedTwo")))["id"]
     owner, other = sorted([p1, p2])  # encrypted under the first patient in sorted order

@@ -10,6 +10,7 @@ import pytest
 
 from carevault.fhir.routes import EVERYTHING_MAX_COUNT
 from carevault.identity.roles import Role
+from tests.fhir.samples import care_team
 from tests.fhir.test_conditional import _login, condition_body, patient, post
 from tests.fhir.test_rest import observation_body
 
@@ -128,7 +129,13 @@ async def test_cursor_is_bound_to_the_caller(clinician):
     alice, _, _ = await _seed(h)
     first = (await h.client.get(f"/fhir/Patient/{alice}/$everything?_count=2")).json()
     cursor = _cursor(next(link["url"] for link in first["link"] if link["relation"] == "next"))
-    other = await _login(h, "dr.other", Role.nurse)
+    # another caller who may read alice's records (a nurse on her care team) ...
+    await h.add_user("dr.other", Role.nurse, practitioner_id="prac-other")
+    assert (await post(h, care_team(alice, "prac-other"))).status_code == 201
+    other = {"Authorization": f"Bearer {(await h.login('dr.other'))['access_token']}"}
+    mine = await h.client.get(f"/fhir/Patient/{alice}/$everything", headers=other)
+    assert mine.status_code == 200, mine.text
+    # ... still may not use a cursor issued to someone else
     response = await h.client.get(
         f"/fhir/Patient/{alice}/$everything", params={"_cursor": cursor}, headers=other
     )

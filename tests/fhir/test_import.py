@@ -45,7 +45,7 @@ def cli(settings, monkeypatch):
 
 @pytest.fixture
 async def reader(harness):
-    await harness.add_user("dr.import", Role.physician, organization_id="org-1")
+    await harness.add_user("dr.import", Role.service)  # reads back every imported record
     token = (await harness.login("dr.import"))["access_token"]
     harness.client.headers["Authorization"] = f"Bearer {token}"
     return harness

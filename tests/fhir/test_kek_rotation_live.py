@@ -36,7 +36,7 @@ async def test_rotate_kek_with_requests_running(harness, settings, monkeypatch):
     from carevault.cli import app
 
     h = harness
-    await h.add_user("dr.rotate", Role.physician, organization_id="org-1")
+    await h.add_user("dr.rotate", Role.service)  # writes and reads every patient's records
     token = (await h.login("dr.rotate"))["access_token"]
     auth = {"Authorization": f"Bearer {token}", "content-type": FHIR}
 

@@ -54,8 +54,9 @@ def observation_body(patient_id: str) -> dict:
 
 @pytest.fixture
 async def clinician(harness):
-    await harness.add_user("dr.fhir", Role.physician, organization_id="org-1")
-    token = (await harness.login("dr.fhir"))["access_token"]
+    # the REST mechanics, not who may act: a service account may do all of it on any patient
+    await harness.add_user("svc.fhir", Role.service)
+    token = (await harness.login("svc.fhir"))["access_token"]
     harness.client.headers["Authorization"] = f"Bearer {token}"
     return harness
 
@@ -134,15 +135,47 @@ async def test_errors_are_operation_outcomes_and_change_nothing(clinician):
     assert (await h.client.get("/fhir/Patient/missing/_history/x")).status_code == 404
 
 
-async def test_only_clinical_staff_and_only_with_a_token(harness):
-    assert (await harness.client.get("/fhir/Patient/x")).status_code == 401
-    await harness.add_user("billing.fhir", Role.billing)
-    token = (await harness.login("billing.fhir"))["access_token"]
-    response = await harness.client.get(
-        "/fhir/Patient/x", headers={"Authorization": f"Bearer {token}"}
+async def test_only_permitted_roles_and_only_with_a_token(clinician):
+    """Default deny: no token is 401; a role reads only what the policy grants it, a denied
+    read of an existing record answers exactly like a missing one, and a type (or purpose of
+    use) the role may not search at all is 403."""
+    h = clinician
+    existing = (await _create(h, patient_body())).json()["id"]
+    obs = (await _create(h, observation_body(existing))).json()["id"]
+    anonymous = {"Authorization": ""}
+    assert (await h.client.get("/fhir/Patient/x", headers=anonymous)).status_code == 401
+    assert (await h.client.get("/fhir/Patient", headers=anonymous)).status_code == 401
+
+    await h.add_user("billing.fhir", Role.billing)
+    token = (await h.login("billing.fhir"))["access_token"]
+    billing = {"Authorization": f"Bearer {token}"}  # no X-Purpose-Of-Use: TREAT
+    missing = await h.client.get("/fhir/Patient/x", headers=billing)
+    assert missing.status_code == 404
+    assert missing.json()["resourceType"] == "OperationOutcome"
+    denied = await h.client.get(f"/fhir/Patient/{existing}", headers=billing)
+    assert denied.status_code == 404  # billing may not act for treatment: as if missing
+    assert denied.json() == missing.json()
+    assert DISTINCT["family"] not in denied.text
+    search = await h.client.get("/fhir/Patient", headers=billing)
+    assert search.status_code == 403
+    assert search.json()["resourceType"] == "OperationOutcome"
+
+    paying = {**billing, "X-Purpose-Of-Use": "HPAYMT"}
+    read = await h.client.get(f"/fhir/Patient/{existing}", headers=paying)
+    assert read.status_code == 200
+    assert read.json()["identifier"][0]["value"] == DISTINCT["mrn"]
+    assert "name" not in read.json() and "birthDate" not in read.json()  # redacted
+    assert (await h.client.get("/fhir/Patient/x", headers=paying)).status_code == 404
+    # clinical records are not billing's: as if missing, and their type not searchable at all
+    hidden = await h.client.get(f"/fhir/Observation/{obs}", headers=paying)
+    assert hidden.status_code == 404 and hidden.json() == missing.json()
+    assert (await h.client.get("/fhir/Observation", headers=paying)).status_code == 403
+    # nor may billing write: 403
+    created = await h.client.post(
+        "/fhir/Patient", json=patient_body(), headers={**paying, "content-type": FHIR}
     )
-    assert response.status_code == 403
-    assert response.json()["resourceType"] == "OperationOutcome"
+    assert created.status_code == 403
+    assert created.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_metadata_lists_types_and_smart_security(clinician):

@@ -1,10 +1,12 @@
 """A small synthetic demo data set for `carevault init --demo` (made up here, no real data).
 
 Deterministic (``random.Random(seed)``): one Organization ``demo-hospital``, Practitioners
-``demo-practitioner-1`` and ``-2`` (the demo staff accounts link to them) and `PATIENTS`
-patients - the first one is ``demo-patient-1``, the demo patient account's record - each with
-1-3 encounters, vital-sign Observations (LOINC) and Conditions (SNOMED CT). Names are
-obviously synthetic ("Demo" family names).
+``demo-practitioner-1`` and ``-2`` (the demo physician and nurse accounts link to them) and
+`PATIENTS` patients - the first one is ``demo-patient-1``, the demo patient account's record -
+each with an active CareTeam listing both practitioners (access control lets a physician or
+nurse see only the patients whose active CareTeam lists them), 1-3 encounters, vital-sign
+Observations (LOINC) and Conditions (SNOMED CT). Names are obviously synthetic ("Demo" family
+names).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ PATIENTS: Final = 20
 FIRST_PATIENT: Final = "demo-patient-1"
 ORGANIZATION: Final = "demo-hospital"
 PRACTITIONERS: Final = ("demo-practitioner-1", "demo-practitioner-2")
+# the CareTeam role of each practitioner (SNOMED CT): the physician, the nurse
+CARE_TEAM_ROLES: Final = (("309343006", "Physician"), ("106292003", "Professional nurse"))
 IDENTIFIER_SYSTEM: Final = "urn:carevault:demo"
 
 LOINC: Final = "http://loinc.org"
@@ -93,6 +97,7 @@ def generate(seed: int = 42, patients: int = PATIENTS) -> list[dict[str, Any]]:
                 ],
             }
         )
+        resources.append(care_team(patient_id))
         subject = {"reference": f"Patient/{patient_id}"}
         for e in range(1, rng.randint(1, 3) + 1):
             encounter_id = f"demo-encounter-{p}-{e}"
@@ -183,13 +188,39 @@ def generate(seed: int = 42, patients: int = PATIENTS) -> list[dict[str, Any]]:
     return resources
 
 
+def care_team(patient_id: str) -> dict[str, Any]:
+    """The patient's active CareTeam: both demo practitioners (no randomness, so that adding
+    it left the rest of the generated data as it was)."""
+    return {
+        "resourceType": "CareTeam",
+        "id": care_team_id(patient_id),
+        "status": "active",
+        "name": f"Care team of {patient_id}",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "participant": [
+            {
+                "role": [{"coding": [{"system": SNOMED, "code": code, "display": display}]}],
+                "member": {"reference": f"Practitioner/{practitioner}"},
+            }
+            for practitioner, (code, display) in zip(PRACTITIONERS, CARE_TEAM_ROLES, strict=True)
+        ],
+        "managingOrganization": [{"reference": f"Organization/{ORGANIZATION}"}],
+    }
+
+
+def care_team_id(patient_id: str) -> str:
+    return patient_id.replace("demo-patient-", "demo-careteam-", 1)
+
+
 def _instant(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def seed(store: ResourceStore, seed: int = 42) -> int | None:
-    """Store the demo data set in one transaction, unless ``demo-patient-1`` exists already
-    (then None); return the number of resources written."""
+    """Store the demo data set in one transaction, unless ``demo-patient-1`` exists already;
+    return the number of resources written. When it exists (a data set seeded by an earlier
+    version, before access control), only the CareTeams that were never written are added, so
+    that the demo staff still see their patients; None when there was nothing to add."""
     try:
         await store.read("Patient", FIRST_PATIENT)
     except NotFound:
@@ -197,7 +228,7 @@ async def seed(store: ResourceStore, seed: int = 42) -> int | None:
     except StoreError:  # deleted or erased: the demo data was there once; leave it alone
         return None
     else:
-        return None
+        return await _add_missing_care_teams(store, seed)
     operations = []
     for resource in generate(seed):
         body = validate_resource(resource, resource["resourceType"])
@@ -209,6 +240,34 @@ async def seed(store: ResourceStore, seed: int = 42) -> int | None:
         )
     await store.write_many(operations)
     return len(operations)
+
+
+async def _add_missing_care_teams(store: ResourceStore, seed: int) -> int | None:
+    """CareTeams of the demo patients that exist, where none was ever written (one deleted on
+    purpose stays deleted)."""
+    operations = []
+    for resource in generate(seed):
+        if resource["resourceType"] != "CareTeam":
+            continue
+        patient_id = resource["subject"]["reference"].removeprefix("Patient/")
+        if not await _present(store, "Patient", patient_id):
+            continue
+        if await _exists(store, "CareTeam", resource["id"]):
+            continue
+        body = validate_resource(resource, "CareTeam")
+        operations.append(WriteOperation("create", "CareTeam", body["id"], body))
+    if not operations:
+        return None
+    await store.write_many(operations)
+    return len(operations)
+
+
+async def _present(store: ResourceStore, resource_type: str, resource_id: str) -> bool:
+    try:
+        await store.read(resource_type, resource_id)
+    except StoreError:  # missing, deleted or erased
+        return False
+    return True
 
 
 async def _exists(store: ResourceStore, resource_type: str, resource_id: str) -> bool:
