@@ -44,6 +44,7 @@ SCENARIO_SETS = {
     "http": ("http",),
     "micro": ("micro",),
     "fhir": ("fhir",),
+    "access": ("access",),
 }
 FHIR_ENCRYPTION_SHARE_MAX = 0.15  # encryption < 15% of store.read() latency
 FHIR_READ_P99_MAX_MS = 10.0  # single-resource read p99 < 10 ms (target stated at 100k)
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         default="auth",
         choices=sorted(SCENARIO_SETS),
-        help="scenario set: auth = http + micro; fhir = FHIR REST on a seeded data set",
+        help="scenario set: auth = http + micro; fhir = FHIR REST on a seeded data set; "
+        "access = cost of the access decision point (physician vs service account)",
     )
     parser.add_argument(
         "--sizes",
@@ -89,6 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-sqlite",
         action="store_true",
         help="fhir: PostgreSQL only (same as --stores postgresql)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="access: data set size in resources (default 100000)",
+    )
+    parser.add_argument(
+        "--care-patients",
+        type=int,
+        default=50,
+        help="access: patients whose CareTeam lists the physician (default 50)",
     )
     parser.add_argument(
         "--seed-workers",
@@ -171,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directories")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
-    fhir = args.scenarios == "fhir"  # 4 store/size pairs x 7 scenarios: shorter by default
+    # fhir: 4 store/size pairs x 7 scenarios, access: 8 scenarios per store: shorter by default
+    fhir = args.scenarios in ("fhir", "access")
     args.duration = args.duration or (3.0 if args.quick else 8.0 if fhir else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.iterations = args.iterations or (500 if args.quick else 3000)
@@ -503,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     runner: Any = None
     if "fhir" in parts:
         return fhir_main(args, started, cpus, pin)
+    if "access" in parts:
+        from bench.access import access_main
+
+        return access_main(args, started, cpus, pin, console, machine_info, Steps)
     if "http" in parts:
         wrk = None
         if args.loadgen in ("auto", "wrk"):
