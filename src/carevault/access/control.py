@@ -39,6 +39,7 @@ class AccessControl:
     ) -> None:
         self.policy = policy
         self.facts = facts
+        facts.organizations_needed = policy.organization_boundary
         self._clock = clock
 
     @property
@@ -78,6 +79,13 @@ class AccessControl:
         return decide(
             self.policy, requester, action, Target(resource_type, patients), self._clock()
         )
+
+    async def prefetch(self, bodies: list[Mapping[str, Any]]) -> None:
+        """Load the patient facts of many records at once (a page of results), so that the
+        decisions on each of them that follow read only caches."""
+        patients = {p for body in bodies for p in self.facts.patients_of(body)}
+        if patients:
+            await self.facts.patient_facts(patients)
 
     async def search_condition(self, requester: Requester, resource_type: str) -> Any:
         """The SQL condition of what a search of `resource_type` may return."""

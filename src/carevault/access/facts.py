@@ -67,6 +67,7 @@ class AccessFacts:
         self._grants: dict[str, list[tuple[str, float]]] = {}
         self._all_consents: dict[str, tuple[DenyRule, ...]] | None = None
         self.grant_source: GrantSource | None = None  # set once break-glass is built
+        self.organizations_needed = True  # False when the policy has no organization boundary
 
     async def refresh(self) -> None:
         """Once per request, before any other call: forget everything if the facts moved."""
@@ -172,26 +173,39 @@ class AccessFacts:
         return self._store.patients_of(body)
 
     async def patient_facts(self, patient_ids: Iterable[str]) -> tuple[PatientFacts, ...]:
-        facts = []
-        for patient_id in sorted(set(patient_ids)):
-            cached = self._patients.get(patient_id)
-            if cached is None:
-                cached = await self._load_patient(patient_id)
-                _bounded(self._patients)[patient_id] = cached
-            facts.append(cached)
-        return tuple(facts)
+        """Facts of each patient, loaded in one go for those not cached: a page of search
+        results costs at most one query, not one per patient. Consent rules come from the
+        per-generation map of every active Consent (which searches load anyway); managing
+        organizations are read only when the policy's organization boundary needs them."""
+        wanted = sorted(set(patient_ids))
+        missing = [p for p in wanted if p not in self._patients]
+        if missing:
+            consents = await self.all_consent_rules()
+            organizations = await self._organizations(missing) if self.organizations_needed else {}
+            cache = _bounded(self._patients)
+            for patient_id in missing:
+                cache[patient_id] = PatientFacts(
+                    patient_id, organizations.get(patient_id), consents.get(patient_id, ())
+                )
+        return tuple(self._patients[p] for p in wanted)
 
-    async def _load_patient(self, patient_id: str) -> PatientFacts:
-        organization = None
-        keys = await self._keys_of("Patient", patient_id, "organization")
-        for key in keys:
-            if key.startswith("Organization/"):
-                organization = key.split("/", 1)[1]
-                break
-        consent_ids = await self._ids_with_key("Consent", "patient", f"Patient/{patient_id}")
-        consents = await self._store.read_many("Consent", consent_ids)
-        rules = tuple(rule for c in consents.values() if c.body for rule in deny_rules(c.body))
-        return PatientFacts(patient_id, organization, rules)
+    async def _organizations(self, patient_ids: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        async with read_connection(self._engine) as conn:
+            for start in range(0, len(patient_ids), 500):
+                rows = await conn.execute(
+                    select(fhir_index_keys.c.id, fhir_index_keys.c.key).where(
+                        and_(
+                            fhir_index_keys.c.resource_type == "Patient",
+                            fhir_index_keys.c.param == "organization",
+                            fhir_index_keys.c.id.in_(patient_ids[start : start + 500]),
+                        )
+                    )
+                )
+                for patient_id, key in rows:
+                    if key.startswith("Organization/"):
+                        found.setdefault(patient_id, key.split("/", 1)[1])
+        return found
 
     async def all_consent_rules(self) -> Mapping[str, tuple[DenyRule, ...]]:
         """Deny rules of every patient that has any: a search can reach any patient."""
@@ -245,19 +259,6 @@ class AccessFacts:
                 )
             )
             return sorted(set(rows.scalars()))
-
-    async def _keys_of(self, resource_type: str, resource_id: str, param: str) -> list[str]:
-        async with read_connection(self._engine) as conn:
-            rows = await conn.execute(
-                select(fhir_index_keys.c.key).where(
-                    and_(
-                        fhir_index_keys.c.resource_type == resource_type,
-                        fhir_index_keys.c.id == resource_id,
-                        fhir_index_keys.c.param == param,
-                    )
-                )
-            )
-            return sorted(rows.scalars())
 
 
 def labels_of(body: Mapping[str, Any] | None) -> frozenset[str]:

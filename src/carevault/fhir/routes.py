@@ -451,6 +451,9 @@ async def patient_everything(resource_id: str, request: Request, principal: Call
         for member_type, member_id in members:
             by_type.setdefault(member_type, []).append(member_id)
         found = {t: await store.read_many(t, ids) for t, ids in by_type.items()}
+    await principal.access.prefetch(
+        [r.body for rs in found.values() for r in rs.values() if r.body]
+    )
     resources = [patient] if first and page.count > 0 else []
     # a member deleted since the page was listed is left out (read_many skips it)
     for member_type, member_id in members:
@@ -508,6 +511,7 @@ async def _visible_versions(
     """The versions the caller may see, each judged on its own body (labels and patients can
     change between versions); a deletion on the record's compartment."""
     shown: list[StoredResource] = []
+    await caller.access.prefetch([e.body for e in entries if e.body])
     for entry in entries:
         if entry.body is None:
             try:
@@ -608,6 +612,7 @@ async def _search_bundle(
 ) -> dict[str, Any]:
     search = result.search
     found = await store.read_many(search.resource_type, result.ids)
+    await caller.access.prefetch([r.body for r in found.values() if r.body])
     entries = []
     for i in result.ids:
         if i not in found:
@@ -630,6 +635,7 @@ async def _search_bundle(
         if not is_supported_type(included_type):
             continue
         included = await store.read_many(included_type, ids)
+        await caller.access.prefetch([r.body for r in included.values() if r.body])
         for i in ids:
             body = await visible_body(request, caller, included[i]) if i in included else None
             if body is not None:  # an include the caller may not read is left out silently
