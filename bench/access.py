@@ -37,7 +37,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,7 +69,11 @@ PHYSICIAN_USER = "bench.physician"
 LOINC = "http://loinc.org"
 CODES = tuple(v[0] for v in VITALS)  # the broad search rotates over these
 BROAD_COUNT = 50
+# The broad search takes 0.1-0.3 s of server time each at 100k: with 32 connections every
+# request would wait behind 31 others, past wrk's 5 s timeout (no answer counted at all).
+BROAD_CONNECTIONS = 4
 PRINCIPALS = ("physician", "service")
+UNFILTERED = "unfiltered"  # in-process search only: no access condition at all
 # (scenario, principal, connections): each physician row's baseline is the service row
 SCENARIOS = (
     "read",
@@ -456,24 +460,42 @@ async def measure_search_in_process(
     """`search.execute` (the SQL of a search: the page of ids and the total) with each
     principal's access condition, ms per query (median over repeats of per-query medians):
     by patient (rotating over the care patients) and by code (rotating over the LOINC codes,
-    _count=50). Totals are recorded: the physician's must be the care subset's."""
+    _count=50). Totals are recorded: the physician's must be the care subset's.
+
+    "unfiltered" is the same SQL with no access condition at all (`execute(..., None)`, what
+    the server's own lookups run): no account has that, since even a role with patients "any"
+    is filtered by the sensitive labels it may not see (the service role sees none of them)."""
+    from carevault.access.decision import visibility
     from carevault.fhir.search import execute, parse_search
 
     access, blind, engine = services.access, services.blind_index, services.engine
-    conditions = {}
+    conditions: dict[str, Any] = {}
+    filters: dict[str, Any] = {}
+    consents = await access.facts.all_consent_rules()
     for name, principal in principals.items():
         requester = await access.requester(principal, None)
         conditions[name] = await access.search_condition(requester, "Observation")
+        seen = visibility(access.policy, requester, "Observation", consents, time.time())
+        filters[name] = {
+            "all_patients": seen.all_patients,
+            "patients": len(seen.patients),
+            "hidden_labels": len(seen.hidden_labels),
+            "consent_exclusions": len(seen.consent_exclusions),
+        }
+    conditions[UNFILTERED] = None
+    filters[UNFILTERED] = None
+    names = [*principals, UNFILTERED]
     queries: dict[str, list[list[tuple[str, str]]]] = {
         "search-patient": [[("patient", p)] for p in care.care_patients],
         "search-code": [[("code", f"{LOINC}|{c}"), ("_count", str(BROAD_COUNT))] for c in CODES],
     }
     out: dict[str, Any] = {}
     for query, pair_lists in queries.items():
-        per: dict[str, list[float]] = {n: [] for n in principals}
-        totals: dict[str, list[int]] = {n: [] for n in principals}
+        per: dict[str, list[float]] = {n: [] for n in names}
+        totals: dict[str, list[int]] = {n: [] for n in names}
         for round_no in range(repeat):
-            order = list(principals) if round_no % 2 == 0 else list(principals)[::-1]
+            shift = round_no % len(names)
+            order = names[shift:] + names[:shift]
             for name in order:
                 times = []
                 for pairs in pair_lists:
@@ -491,14 +513,17 @@ async def measure_search_in_process(
                 "median_ms": round(statistics.median(per[name]), 3),
                 "samples_ms": [round(x, 3) for x in per[name]],
                 "totals": totals[name],
+                "filter": filters[name],
             }
-            for name in principals
+            for name in names
         }
         if "physician" in entry and "service" in entry:
             svc = entry["service"]["median_ms"]
             entry["ratio_physician_to_service"] = (
                 round(entry["physician"]["median_ms"] / svc, 3) if svc else None
             )
+            bare = entry[UNFILTERED]["median_ms"]
+            entry["ratio_service_to_unfiltered"] = round(svc / bare, 3) if bare else None
         out[query] = entry
     phys = out["search-code"].get("physician", {}).get("totals")
     if phys is not None and phys != [care.expected_code_totals[c] for c in CODES]:
@@ -551,10 +576,37 @@ async def in_process(
 
 
 def in_process_steps(repeat: int) -> int:
-    return repeat * (2 + 7 * len(PRINCIPALS)) + 2 * repeat * len(PRINCIPALS)
+    return repeat * (2 + 7 * len(PRINCIPALS)) + 2 * repeat * (len(PRINCIPALS) + 1)
 
 
 # ---------------------------------------------------------------------------------- HTTP
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(server: Any, window: float = 0.3, limit: float = 60.0) -> float:
+    """Wait until the server process has used under 10% of a CPU for two windows in a row
+    (the requests a finished wrk left behind are answered); returns the seconds waited."""
+    process = getattr(server, "_process", None)
+    if process is None or _cpu_seconds(process.pid) is None:
+        return 0.0
+    started = time.monotonic()
+    quiet = 0
+    last = _cpu_seconds(process.pid) or 0.0
+    while quiet < 2 and time.monotonic() - started < limit:
+        time.sleep(window)
+        now = _cpu_seconds(process.pid)
+        if now is None:
+            break
+        quiet = quiet + 1 if now - last < 0.1 * window else 0
+        last = now
+    return time.monotonic() - started
 
 
 def _login(server: Any, username: str, password: str) -> str:
@@ -577,8 +629,8 @@ def code_path(code: str) -> str:
     return f"/fhir/Observation?code={LOINC}%7C{code}&_count={BROAD_COUNT}"
 
 
-def verify_http(
-    get: Callable[[str, str], tuple[int, bytes]],
+async def verify_http(
+    get: Callable[[str, str], Awaitable[tuple[int, bytes]]],
     auth: dict[str, str],
     care: CareSet,
     service_code_totals: list[int] | None = None,
@@ -592,11 +644,11 @@ def verify_http(
     care_refs = {f"Patient/{p}" for p in care.care_patients}
     seen: dict[str, Any] = {"code_totals": {}, "code_entries": {}}
     for name, header in auth.items():
-        status, body = get(f"/fhir/Observation/{care.observations[0]}", header)
+        status, body = await get(f"/fhir/Observation/{care.observations[0]}", header)
         if status != 200 or orjson.loads(body)["id"] != care.observations[0]:
             raise ServerError(f"{name}: read of a care patient's Observation: HTTP {status}")
         seen.setdefault("read_body_bytes", {})[name] = len(body)
-        status, body = get(f"/fhir/Observation?patient={care.care_patients[0]}", header)
+        status, body = await get(f"/fhir/Observation?patient={care.care_patients[0]}", header)
         bundle = orjson.loads(body) if status == 200 else {}
         per_patient = RESOURCES_PER_PATIENT - 1 - 2 * 2  # 10 Observations per patient
         if status != 200 or bundle.get("total") != per_patient:
@@ -605,7 +657,7 @@ def verify_http(
             )
         totals, entries = [], []
         for code in CODES:
-            status, body = get(code_path(code), header)
+            status, body = await get(code_path(code), header)
             if status != 200:
                 raise ServerError(f"{name}: search by code {code} answered HTTP {status}")
             bundle = orjson.loads(body)
@@ -627,7 +679,7 @@ def verify_http(
                 f"physician's totals {seen['code_totals']['physician']} != care subset {expected}"
             )
         if care.denied_observation:
-            status, _ = get(f"/fhir/Observation/{care.denied_observation}", auth["physician"])
+            status, _ = await get(f"/fhir/Observation/{care.denied_observation}", auth["physician"])
             if status != 404:
                 raise ServerError(f"physician read outside the care set answered HTTP {status}")
             seen["physician_outside_care_set_status"] = status
@@ -795,13 +847,13 @@ def _measure_http(
             "service": server.auth_header,
         }
 
-        def get(path: str, header: str) -> tuple[int, bytes]:
+        async def get(path: str, header: str) -> tuple[int, bytes]:
             status, _, body = _http(
                 "GET", server.base_url + path, headers={"Authorization": header}
             )
             return status, body
 
-        checks = verify_http(get, auth, care, service_totals)
+        checks = asyncio.run(verify_http(get, auth, care, service_totals))
         steps.done()
         root = server.static_body_file.parent
         files = {
@@ -818,6 +870,10 @@ def _measure_http(
         }
         files["read-c1"] = files["read"]
         single = type(runner)(runner.binary, 1, 1, runner.cpu)
+        broad = type(runner)(
+            runner.binary, 1, min(runner.connections, BROAD_CONNECTIONS), runner.cpu
+        )
+        drained: list[float] = []
         names = scenario_names()
         rounds: list[dict[str, Any]] = []
         for round_no in range(args.rounds):
@@ -830,11 +886,12 @@ def _measure_http(
             for name in order:
                 scenario, principal = name.split(":")
                 steps.begin(f"{label}: {name} (round {round_no + 1})", args.warmup + args.duration)
-                load = single if scenario.endswith("-c1") else runner
+                load = {"read-c1": single, "search-code": broad}.get(scenario, runner)
                 env = {"BENCH_PATHS_FILE": str(files[scenario])}
                 url = server.base_url + "/"
                 if args.warmup > 0:
                     load.run(url, args.warmup, auth[principal], steps.tick_to, ROTATE_SCRIPT, env)
+                    drained.append(wait_idle(server))
                 measured[name] = load.run(
                     url,
                     args.duration,
@@ -843,12 +900,23 @@ def _measure_http(
                     ROTATE_SCRIPT,
                     env,
                 )
+                # requests wrk abandoned are still being answered: none may spill into the
+                # next measurement
+                drained.append(wait_idle(server))
                 steps.done()
             rounds.append(measured)
         info = {
             "port": server.port,
             "read_ids": len(care.observations),
             "checks": checks,
+            "connections": {
+                "read": runner.connections,
+                "search-patient": runner.connections,
+                "search-code": broad.connections,
+                "read-c1": 1,
+            },
+            "drain_seconds_max": round(max(drained, default=0.0), 2),
+            "drain_seconds_total": round(sum(drained), 2),
             "log_tail": server.log_tail(1000),
         }
         assert len(names) == len(rounds[0])
@@ -886,7 +954,7 @@ def _measure_http(
 
 def run_passed(run: AccessRun) -> bool:
     share = run.decision["overhead_share_of_read"].get("physician")
-    errors = any(r.error_count for r in run.chosen.values())
+    errors = any(r.error_count or not r.requests for r in run.chosen.values())
     return share is not None and share < DECISION_SHARE_MAX and not errors
 
 
@@ -944,13 +1012,18 @@ def tables(runs: list[AccessRun]) -> list[Any]:
         micro.add_section()
 
     search = Table(
-        title="Search SQL in-process (search.execute: page of ids + total), ms per query (median)"
+        title="Search SQL in-process (search.execute: page of ids + total), ms per query (median)",
+        caption="no condition = execute(search, None), which no account gets; service = the "
+        "hidden-labels filter only (patients any); physician = labels + care-set compartment "
+        "filter",
     )
     for col in (
         "store / N",
         "query",
+        "no condition ms",
         "service ms",
         "physician ms",
+        "ratio service/none",
         "ratio phys/service",
         "service totals",
         "physician totals",
@@ -961,14 +1034,17 @@ def tables(runs: list[AccessRun]) -> list[Any]:
             search.add_row(
                 f"{run.store} {run.size:,}",
                 query,
+                f"{entry[UNFILTERED]['median_ms']:.2f}",
                 f"{entry['service']['median_ms']:.2f}",
                 f"{entry['physician']['median_ms']:.2f}",
+                f"{entry['ratio_service_to_unfiltered']:.2f}",
                 f"{entry['ratio_physician_to_service']:.2f}",
                 _totals(entry["service"]["totals"]),
                 _totals(entry["physician"]["totals"]),
             )
     http = Table(
-        title="HTTP (wrk): physician (care filter) vs service account (no filter), same round"
+        title="HTTP (wrk): physician (care-set filter) vs service account (patients any), "
+        "same round"
     )
     for col, justify in (
         ("store / N", "left"),

@@ -312,3 +312,103 @@ def _patient_ids(n: int) -> list[str]:
     from bench.fhir import make_group
 
     return [make_group(i).patient_id for i in range(n)]
+
+
+# --- the "access" set: care relationship, decision cost, filtered searches ------------------
+
+
+def test_access_care_set_is_deterministic_disjoint_and_spread() -> None:
+    from bench.access import CODES, care_indices, care_set
+
+    mine, others = care_indices(6666, 50)
+    assert len(mine) == len(others) == 50
+    assert not set(mine) & set(others)
+    assert min(mine) == 0 and max(mine) > 6000  # spread over the whole data set
+    assert care_indices(6666, 50) == (mine, others)
+    small = care_set(8, 2)
+    assert len(small.care_patients) == 2 and len(small.observations) == 20
+    assert sum(small.expected_code_totals.values()) == 20
+    assert set(small.expected_code_totals) == set(CODES)
+    assert small.denied_observation and small.denied_observation not in small.observations
+
+
+def test_access_scenario_set_is_registered() -> None:
+    from bench.__main__ import SCENARIO_SETS, parse_args
+
+    assert SCENARIO_SETS["access"] == ("access",)
+    args = parse_args(["access", "--size", "150", "--care-patients", "3"])
+    assert (args.size, args.care_patients, args.duration, args.rounds) == (150, 3, 8.0, 2)
+
+
+async def test_access_set_measures_permitted_reads_and_filtered_searches(harness: Any) -> None:
+    """At a tiny size, on both stores: the care facts give the physician exactly the care
+    patients, every timed decision is a permit, the in-process searches count the care subset
+    (physician) and everything (service), and the HTTP checks that run before wrk pass against
+    the real app (a read outside the care set answers 404)."""
+    from bench.access import (
+        CODES,
+        PHYSICIAN_USER,
+        PRACTITIONER_ID,
+        care_set,
+        measure_decision_cost,
+        measure_search_in_process,
+        principal_of,
+        seed_care,
+        verify_http,
+    )
+    from bench.fhir import RESOURCES_PER_PATIENT, seed
+    from carevault.identity.roles import Role
+
+    services = harness.services
+    await seed(services, 8 * RESOURCES_PER_PATIENT, batch_groups=4)
+    care = await seed_care(services, care_set(8, 2))
+    assert care.written == 2 + 2 + 2  # 2 Practitioners, 2 physician + 2 colleague-only teams
+    users = {
+        "physician": await harness.add_user(
+            PHYSICIAN_USER, Role.physician, practitioner_id=PRACTITIONER_ID
+        ),
+        "service": await harness.add_user("bench.user", Role.service),
+    }
+    principals = {name: principal_of(user) for name, user in users.items()}
+
+    cost = await measure_decision_cost(
+        services, principals, care.observations, samples=6, cold_samples=2, repeat=1
+    )
+    per_principal = {
+        "overhead",
+        "requester",
+        "decision",
+        "target",
+        "decide",
+        "search-condition",
+        "overhead-cold",
+    }
+    assert set(cost["variants"]) == {"read", "timer"} | {
+        f"{p}:{v}" for p in principals for v in per_principal
+    }
+    assert all(v["median_us"] > 0 for v in cost["variants"].values())
+    assert set(cost["overhead_share_of_read"]) == {"physician", "service"}
+    assert cost["care_patients"] == {"physician": 2, "service": 0}
+
+    search = await measure_search_in_process(services, principals, care, repeat=1)
+    expected = [care.expected_code_totals[c] for c in CODES]
+    assert search["search-code"]["physician"]["totals"] == expected
+    service_totals = search["search-code"]["service"]["totals"]
+    assert sum(service_totals) == 8 * 10 > sum(expected)  # 10 Observations per patient
+    assert search["search-patient"]["physician"]["totals"] == [10, 10]
+    assert search["search-code"]["unfiltered"]["totals"] == service_totals  # nothing labelled
+    assert search["search-code"]["service"]["filter"]["all_patients"] is True
+    assert search["search-code"]["physician"]["filter"]["patients"] == 2
+
+    auth = {}
+    for name, user in users.items():
+        token = (await harness.login(user.username))["access_token"]
+        auth[name] = f"Bearer {token}"
+
+    async def get(path: str, header: str) -> tuple[int, bytes]:
+        response = await harness.client.get(path, headers={"Authorization": header})
+        return response.status_code, response.content
+
+    checks = await verify_http(get, auth, care, service_totals)
+    assert checks["code_totals"]["physician"] == expected
+    assert checks["physician_outside_care_set_status"] == 404
