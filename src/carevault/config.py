@@ -115,6 +115,10 @@ class Settings(BaseSettings):
 
     # Access control (access/). The policy file replaces access/default_policy.toml.
     access_policy_file: Path | None = None
+    # PostgreSQL: how often a process re-reads the shared access generation, i.e. how long a
+    # care-team, consent or grant change made on ANOTHER host may take to reach this one
+    # (changes on this host reach every worker at once). 0: on every request (~1 ms each).
+    access_generation_poll_seconds: float = Field(1.0, ge=0, le=30)
     break_glass_default_minutes: int = Field(60, ge=1, le=240)
     break_glass_max_minutes: int = Field(240, ge=1, le=240)
     break_glass_max_auth_age_seconds: int = Field(300, ge=30, le=3600)  # fresh login required

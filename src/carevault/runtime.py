@@ -122,7 +122,11 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         clock=clock,
     )
     blind_index = BlindIndex(custody.index_prf())
-    access_generation = AccessGeneration(engine, ChangeSignal(settings.data_dir / "access.signal"))
+    access_generation = AccessGeneration(
+        engine,
+        ChangeSignal(settings.data_dir / "access.signal"),
+        settings.access_generation_poll_seconds,
+    )
     store = ResourceStore(
         engine, envelope, blind_index, shared_compartment(), clock, access_generation
     )

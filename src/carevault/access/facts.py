@@ -59,7 +59,7 @@ class AccessFacts:
         self._users = users
         self._generation = generation
         self._clock = clock
-        self._seen: int | None = None
+        self._seen: tuple[int, int] | None = None
         self._profiles: dict[
             str, tuple[User | None, frozenset[str], frozenset[str], str | None]
         ] = {}

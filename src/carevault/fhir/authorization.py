@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 
 from carevault.access.control import AccessControl, InvalidPurpose, redact
 from carevault.access.decision import Action, Decision, Requester
@@ -58,6 +59,21 @@ async def fhir_caller(request: Request, principal: Principal) -> FhirCaller:
     access: AccessControl = request.app.state.services.access
     try:
         requester = await access.requester(principal, request.headers.get("x-purpose-of-use"))
+    except (RuntimeError, SQLAlchemyError, OSError):
+        # The access facts cannot be checked: deny, as the revocation check does (503).
+        log.error("access_facts_unavailable")
+        raise AccessDenied(
+            503,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "transient",
+                        "diagnostics": "Access cannot be checked right now; try again.",
+                    }
+                ]
+            ),
+        ) from None
     except InvalidPurpose:
         raise AccessDenied(
             400,
