@@ -60,9 +60,7 @@ class AccessFacts:
         self._generation = generation
         self._clock = clock
         self._seen: tuple[int, int] | None = None
-        self._profiles: dict[
-            str, tuple[User | None, frozenset[str], frozenset[str], str | None]
-        ] = {}
+        self._profiles: dict[str, tuple[float, Profile]] = {}  # (valid until, profile)
         self._patients: dict[str, PatientFacts] = {}
         self._grants: dict[str, list[tuple[str, float]]] = {}
         self._all_consents: dict[str, tuple[DenyRule, ...]] | None = None
@@ -99,9 +97,12 @@ class AccessFacts:
         )
 
     async def _profile(self, user_id: str) -> Profile:
+        """Cached until the access generation moves or the next start or end of a period
+        (CareTeam, participant, PractitionerRole) that it was derived from, whichever first."""
         cached = self._profiles.get(user_id)
-        if cached is not None:
-            return cached
+        if cached is not None and self._clock() < cached[0]:
+            return cached[1]
+        boundaries: list[float] = []
         user = await self._users.by_id(user_id)
         labels: frozenset[str] = frozenset()
         care: frozenset[str] = frozenset()
@@ -109,22 +110,28 @@ class AccessFacts:
         if user is not None:
             labels = frozenset(await labels_of_user(self._engine, user_id))
             if user.practitioner_id:
-                roles = await self._practitioner_roles(user.practitioner_id)
-                care = await self._care_patients(user.practitioner_id, roles)
+                roles = await self._practitioner_roles(user.practitioner_id, boundaries)
+                care = await self._care_patients(user.practitioner_id, roles, boundaries)
                 if organization is None:
                     organization = next(
                         (org for org in (_organization_of_role(r) for r in roles) if org), None
                     )
         profile = (user, labels, care, organization)
-        _bounded(self._profiles)[user_id] = profile
+        now = self._clock()
+        valid_until = min((b for b in boundaries if b > now), default=float("inf"))
+        _bounded(self._profiles)[user_id] = (valid_until, profile)
         return profile
 
-    async def _practitioner_roles(self, practitioner_id: str) -> list[dict[str, Any]]:
+    async def _practitioner_roles(
+        self, practitioner_id: str, boundaries: list[float]
+    ) -> list[dict[str, Any]]:
         ids = await self._ids_with_key(
             "PractitionerRole", "practitioner", f"Practitioner/{practitioner_id}"
         )
         found = await self._store.read_many("PractitionerRole", ids)
         now = self._clock()
+        for role in found.values():
+            boundaries.extend(_period_bounds(role.body or {}))
         return [
             r.body
             for r in found.values()
@@ -132,7 +139,7 @@ class AccessFacts:
         ]
 
     async def _care_patients(
-        self, practitioner_id: str, roles: list[dict[str, Any]]
+        self, practitioner_id: str, roles: list[dict[str, Any]], boundaries: list[float]
     ) -> frozenset[str]:
         """Patients of every active CareTeam that lists the practitioner (or one of their
         active PractitionerRoles) as a participant whose period covers now."""
@@ -146,6 +153,10 @@ class AccessFacts:
         patients: set[str] = set()
         for team in teams.values():
             body = team.body or {}
+            boundaries.extend(_period_bounds(body))
+            for participant in body.get("participant") or []:
+                if isinstance(participant, Mapping):
+                    boundaries.extend(_period_bounds(participant))
             if body.get("status", "active") != "active" or not _in_period(body, now):
                 continue
             listed = any(
@@ -294,6 +305,23 @@ def _in_period(element: Mapping[str, Any], now: float) -> bool:
         if (low and now < lo) or (not low and now >= hi):
             return False
     return True
+
+
+def _period_bounds(element: Mapping[str, Any]) -> list[float]:
+    """The instants at which `element.period` starts and stops covering now."""
+    period = element.get("period")
+    if not isinstance(period, Mapping):
+        return []
+    bounds = []
+    for bound, low in (("start", True), ("end", False)):
+        value = period.get(bound)
+        if isinstance(value, str):
+            try:
+                _prefix, lo, hi = parse_date_search(value)
+            except ValueError:
+                continue
+            bounds.append(lo if low else hi)
+    return bounds
 
 
 def _bounded(cache: dict[str, Any]) -> dict[str, Any]:
