@@ -17,7 +17,7 @@ import structlog
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
 
-from carevault.access.control import AccessControl, InvalidPurpose, redact
+from carevault.access.control import PURPOSE_HEADER, AccessControl, InvalidPurpose, redact
 from carevault.access.decision import Action, Decision, Requester
 from carevault.fhir import outcome
 from carevault.fhir.bundles import EntryFailure
@@ -58,7 +58,7 @@ class FhirCaller:
 async def fhir_caller(request: Request, principal: Principal) -> FhirCaller:
     access: AccessControl = request.app.state.services.access
     try:
-        requester = await access.requester(principal, request.headers.get("x-purpose-of-use"))
+        requester = await access.requester(principal, request.headers.get(PURPOSE_HEADER))
     except (RuntimeError, SQLAlchemyError, OSError):
         # The access facts cannot be checked: deny, as the revocation check does (503).
         log.error("access_facts_unavailable")
