@@ -864,27 +864,12 @@ def fhir_report(
 
 
 def fhir_main(args: argparse.Namespace, started: dt.datetime, cpus: int, pin: bool) -> int:
-    from bench.fhir import pg_unavailable, run_fhir_store, steps_per_store
+    from bench.fhir import run_fhir_store, steps_per_store, wrk_and_stores
 
-    wrk = None
-    if args.loadgen in ("auto", "wrk"):
-        wrk = ensure_wrk(not args.no_install, lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    if wrk is None:
-        console.print("[red]the fhir set needs wrk (Lua scripts rotate ids and POST bodies)[/red]")
+    prepared = wrk_and_stores(args, pin, "fhir", console.print)
+    if prepared is None:
         return 2
-    runner = WrkRunner(wrk, args.threads, args.connections, 1 if pin else None)
-    skipped: dict[str, str] = {}
-    stores: list[tuple[str, str | None]] = []
-    for store in args.stores:
-        if store == "postgresql":
-            reason = pg_unavailable(args.pg)
-            if reason:
-                skipped[store] = reason
-                console.print(f"[yellow]SKIPPED postgresql: {reason}[/yellow]")
-                continue
-            stores.append((store, args.pg))
-        else:
-            stores.append((store, None))
+    runner, stores, skipped = prepared
     machine = machine_info(runner.name)
     machine["pinned"] = pin
     console.print(

@@ -55,9 +55,9 @@ from bench.fhir import (
     drop_pg_schema,
     group_count,
     make_group,
-    pg_unavailable,
     seed_processes,
     write_paths,
+    wrk_and_stores,
 )
 
 DEFAULT_SIZE = 100_000
@@ -1185,28 +1185,11 @@ def access_main(
         TimeRemainingColumn,
     )
 
-    from bench.load import WrkRunner, ensure_wrk
-
     args.size = args.size or DEFAULT_SIZE
-    wrk = None
-    if args.loadgen in ("auto", "wrk"):
-        wrk = ensure_wrk(not args.no_install, lambda m: console.print(f"[yellow]{m}[/yellow]"))
-    if wrk is None:
-        console.print("[red]the access set needs wrk (Lua scripts rotate ids)[/red]")
+    prepared = wrk_and_stores(args, pin, "access", console.print)
+    if prepared is None:
         return 2
-    runner = WrkRunner(wrk, args.threads, args.connections, 1 if pin else None)
-    skipped: dict[str, str] = {}
-    stores: list[tuple[str, str | None]] = []
-    for store in args.stores:
-        if store == "postgresql":
-            reason = pg_unavailable(args.pg)
-            if reason:
-                skipped[store] = reason
-                console.print(f"[yellow]SKIPPED postgresql: {reason}[/yellow]")
-                continue
-            stores.append((store, args.pg))
-        else:
-            stores.append((store, None))
+    runner, stores, skipped = prepared
     machine = machine_info(runner.name)
     machine["pinned"] = pin
     console.print(

@@ -849,6 +849,35 @@ def pg_unavailable(pg_url: str) -> str | None:
     return None
 
 
+def wrk_and_stores(
+    args: Any, pin: bool, what: str, say: Callable[[str], None]
+) -> tuple[Any, list[tuple[str, str | None]], dict[str, str]] | None:
+    """The wrk runner and the stores to measure (PostgreSQL skipped, with its reason, when it
+    does not answer) of a scenario set that needs wrk; None (after saying why) without wrk."""
+    from bench.load import WrkRunner, ensure_wrk
+
+    wrk = None
+    if args.loadgen in ("auto", "wrk"):
+        wrk = ensure_wrk(not args.no_install, lambda m: say(f"[yellow]{m}[/yellow]"))
+    if wrk is None:
+        say(f"[red]the {what} set needs wrk (Lua scripts rotate ids and POST bodies)[/red]")
+        return None
+    runner = WrkRunner(wrk, args.threads, args.connections, 1 if pin else None)
+    skipped: dict[str, str] = {}
+    stores: list[tuple[str, str | None]] = []
+    for store in args.stores:
+        if store == "postgresql":
+            reason = pg_unavailable(args.pg)
+            if reason:
+                skipped[store] = reason
+                say(f"[yellow]SKIPPED postgresql: {reason}[/yellow]")
+                continue
+            stores.append((store, args.pg))
+        else:
+            stores.append((store, None))
+    return runner, stores, skipped
+
+
 def create_pg_schema(pg_url: str) -> tuple[str, str]:
     """A fresh schema for one run: (schema name, database URL that uses it)."""
     import psycopg
