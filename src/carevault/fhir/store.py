@@ -507,41 +507,6 @@ class ResourceStore:
                 found[row.id] = await self._materialise(row)
         return found
 
-    async def compartment_resources(self, patient_id: str) -> list[StoredResource]:
-        """Current, not deleted (nor erased) versions of every resource in the Patient
-        compartment of `patient_id` (the Patient itself included), ordered by type and id
-        (read-only; used by Patient/$everything)."""
-        async with read_connection(self._engine) as conn:
-            rows = (
-                await conn.execute(
-                    select(fhir_versions)
-                    .join(
-                        fhir_resources,
-                        and_(
-                            fhir_resources.c.resource_type == fhir_versions.c.resource_type,
-                            fhir_resources.c.id == fhir_versions.c.id,
-                            fhir_resources.c.version == fhir_versions.c.version,
-                        ),
-                    )
-                    .join(
-                        fhir_compartments,
-                        and_(
-                            fhir_compartments.c.resource_type == fhir_resources.c.resource_type,
-                            fhir_compartments.c.id == fhir_resources.c.id,
-                        ),
-                    )
-                    .where(
-                        and_(
-                            fhir_compartments.c.patient_id == patient_id,
-                            fhir_resources.c.deleted.is_(False),
-                            fhir_resources.c.erased_at.is_(None),
-                        )
-                    )
-                    .order_by(fhir_versions.c.resource_type, fhir_versions.c.id)
-                )
-            ).all()
-        return [await self._materialise(row) for row in rows if not row.deleted]
-
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
         async with read_connection(self._engine) as conn:
             row = (
