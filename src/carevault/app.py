@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from carevault import __version__
 from carevault.access.routes import router as access_router
+from carevault.audit.middleware import AuditTrail
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
@@ -54,5 +55,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
     app.add_exception_handler(AccessDenied, access_denied_response)  # type: ignore[arg-type]
+    app.add_middleware(
+        AuditTrail,
+        writer=services.audit_writer,
+        secret=services.secrets.subject_hash,
+        trusted_proxies=settings.trusted_proxies,
+    )
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
     return app

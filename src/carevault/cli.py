@@ -14,11 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from carevault.audit.events import SecurityEvent
 from carevault.config import Settings, UnsafeSettingsError, check_production
 from carevault.db import migrate
 from carevault.identity.accounts import AccountError
 from carevault.identity.admin import generate_password
-from carevault.identity.events import SecurityEvent
 from carevault.identity.password_policy import PasswordPolicyError
 from carevault.identity.roles import Role
 from carevault.runtime import Services, build_services, ensure_key_material

@@ -124,6 +124,15 @@ class Settings(BaseSettings):
     break_glass_max_auth_age_seconds: int = Field(300, ge=30, le=3600)  # fresh login required
     # Break-glass alerts always go to the log; also POSTed here when set (retried).
     alert_webhook_url: str | None = None
+    # Audit checkpoints (signed tree heads): after this many new entries, and at least this
+    # often while entries arrive.
+    audit_checkpoint_entries: int = Field(1000, ge=1, le=1000)
+    audit_checkpoint_seconds: float = Field(60.0, gt=0, le=60)
+    # Alert when one actor is refused this many times within the window (0: never).
+    audit_denial_burst: int = Field(20, ge=0)
+    audit_denial_window_seconds: float = Field(60.0, gt=0)
+    # The patient access report names the people who looked (else: role and organization).
+    access_report_names: bool = False
 
     @field_validator("trusted_proxies", "fhir_update_create_users", mode="before")
     @classmethod

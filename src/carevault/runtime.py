@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,6 +17,9 @@ from carevault.access.control import AccessControl
 from carevault.access.facts import AccessFacts
 from carevault.access.generation import AccessGeneration
 from carevault.access.policy import Policy, load_policy
+from carevault.audit.events import SecurityEventLog
+from carevault.audit.log import AuditLog
+from carevault.audit.writer import AuditWriter
 from carevault.config import Settings
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
@@ -27,7 +32,6 @@ from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import UserStore
 from carevault.identity.admin import AccountAdmin
 from carevault.identity.authentication import Authenticator
-from carevault.identity.events import SecurityEventLog
 from carevault.identity.throttle import LoginThrottle
 from carevault.tokens.access import AccessTokenIssuer, AccessTokenVerifier
 from carevault.tokens.keys import KeyRing, create_keyset
@@ -55,6 +59,8 @@ class Services:
     sessions: SessionRevoker
     hasher: PasswordHasher
     users: UserStore
+    audit: AuditLog
+    audit_writer: AuditWriter
     events: SecurityEventLog
     throttle: LoginThrottle
     authenticator: Authenticator
@@ -69,11 +75,20 @@ class Services:
     alerts: AlertSinks
     break_glass: BreakGlass
     access: AccessControl  # the FHIR routes' one door to the decision point
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.revocations.start()
+        self._tasks.append(asyncio.create_task(self.audit_writer.run_checkpoints()))
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.audit_writer.drain()
+        with contextlib.suppress(Exception):
+            await self.audit.checkpoint()  # the entries of this run end under a signed head
         await self.alerts.close()
         await self.revocations.close()
         await self.engine.dispose()
@@ -108,9 +123,15 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     sessions = SessionRevoker(settings, refresh, revocations, clock)
     hasher = PasswordHasher(settings)
     users = UserStore(engine)
-    events = SecurityEventLog(engine)
-    throttle = LoginThrottle(settings, engine, clock)
     custody = KeyCustody.from_settings(settings)
+    audit = AuditLog(engine, custody.audit_keys)
+    audit_writer = AuditWriter(
+        audit,
+        checkpoint_every=settings.audit_checkpoint_entries,
+        checkpoint_seconds=settings.audit_checkpoint_seconds,
+    )
+    events = SecurityEventLog(audit_writer)
+    throttle = LoginThrottle(settings, engine, clock)
     vault_engine = create_vault_engine(settings)
     envelope = EnvelopeCipher(
         vault_engine,
@@ -162,6 +183,8 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         sessions=sessions,
         hasher=hasher,
         users=users,
+        audit=audit,
+        audit_writer=audit_writer,
         events=events,
         throttle=throttle,
         authenticator=authenticator,

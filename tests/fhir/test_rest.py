@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, text, update
 
-from carevault.db.tables import fhir_versions, security_events
+from carevault.db.tables import fhir_versions
+from tests.audit.trail import audit_documents
 from carevault.fhir.validation import validate_resource
 from carevault.identity.roles import Role
 
@@ -206,14 +207,7 @@ async def test_ciphertext_swapped_between_rows_fails_closed(clinician):
     assert response.json()["resourceType"] == "OperationOutcome"
     assert DISTINCT["family"] not in response.text
     assert (await h.client.get(f"/fhir/Patient/{b['id']}")).status_code == 200
-    async with store.connect() as conn:
-        alerts = (
-            await conn.execute(
-                select(security_events.c.event).where(
-                    security_events.c.event == "record_integrity_failure"
-                )
-            )
-        ).all()
+    alerts = await audit_documents(h.services.engine, "security.record_integrity_failure")
     assert len(alerts) == 1
 
 

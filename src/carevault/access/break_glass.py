@@ -28,11 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.access.generation import AccessGeneration, bump_in
 from carevault.access.policy import NEVER_BREAK_GLASS, PURPOSES, Policy
+from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.config import Settings
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import break_glass_grants, fhir_resources
-from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.principal import Principal
 
 PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -236,6 +236,7 @@ class BreakGlass:
                 source_address=source_address,
                 request_id=request_id,
                 details={"grant_id": grant.id, "minutes": minutes, "purpose": purpose},
+                patient_id=grant.patient_id,
             )
         )
         await self._alerts.emit(

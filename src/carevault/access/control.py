@@ -68,8 +68,19 @@ class AccessControl:
     ) -> Decision:
         """The decision on one record (`body` as stored, or as about to be written); without a
         body, on the type alone (may this requester search it, create such records at all)."""
+        return (await self.decide_on(requester, action, resource_type, body))[0]
+
+    async def decide_on(
+        self,
+        requester: Requester,
+        action: Action,
+        resource_type: str,
+        body: Mapping[str, Any] | None = None,
+    ) -> tuple[Decision, tuple[str, ...]]:
+        """`decide`, and the ids of the patients the record belongs to (for the audit trail)."""
         target = await self.target(resource_type, body)
-        return decide(self.policy, requester, action, target, self._clock())
+        decision = decide(self.policy, requester, action, target, self._clock())
+        return decision, tuple(p.id for p in target.patients)
 
     async def decide_for_patients(
         self, requester: Requester, action: Action, resource_type: str, patient_ids: list[str]

@@ -30,9 +30,10 @@ from carevault.access.break_glass import (
     PatientNotFound,
     StaleAuthentication,
 )
+from carevault.audit.events import SecurityEvent
+from carevault.audit.request import request_id
 from carevault.edge.client_address import client_address
 from carevault.edge.problems import ProblemError
-from carevault.identity.events import SecurityEvent
 from carevault.identity.principal import Principal
 from carevault.identity.roles import Role
 from carevault.tokens.bearer import REALM, authenticate
@@ -117,7 +118,7 @@ async def break_glass_principal(
             principal,
             type(err).__name__,
             client_address(request, request.app.state.services.settings.trusted_proxies),
-            request.headers.get("x-request-id"),
+            request_id(request),
         )
         if isinstance(err, StaleAuthentication):
             raise _reauthenticate(err) from None
@@ -146,7 +147,7 @@ async def open_break_glass(
             body.reason,
             body.minutes,
             source_address=client_address(request, services.settings.trusted_proxies),
-            request_id=request.headers.get("x-request-id"),
+            request_id=request_id(request),
         )
     except NotEligible:
         raise _forbidden() from None
@@ -181,7 +182,7 @@ async def list_break_glass(
             user_id=principal.user_id,
             client_id=principal.client_id,
             source_address=client_address(request, services.settings.trusted_proxies),
-            request_id=request.headers.get("x-request-id"),
+            request_id=request_id(request),
             details={"count": len(grants), "active_only": active},
         )
     )
@@ -207,7 +208,7 @@ async def revoke_break_glass(
             only_own=not privileged,
             client_id=principal.client_id,
             source_address=client_address(request, services.settings.trusted_proxies),
-            request_id=request.headers.get("x-request-id"),
+            request_id=request_id(request),
         )
     except GrantNotFound:
         raise ProblemError(404) from None

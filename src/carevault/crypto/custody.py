@@ -11,6 +11,9 @@ blind-index key, all Google Tink keysets kept in the data directory's `keys/`.
   for unwrapping; keys are dropped only once no data key is wrapped under them.
 - `index.json`: an HMAC-SHA256 PRF keyset for blind indexes (see `blind_index.py`), encrypted
   under the master key, separate from the KEK so that neither key serves two purposes.
+- `audit-mac.json` (HMAC-SHA256 PRF: the audit hash chain's key) and `audit-signing.json`
+  (Ed25519 with raw signatures: signs audit checkpoints), both encrypted under the master key
+  and used for nothing else. Auditors verify checkpoints with the signing key's public half.
 
 Each encrypted keyset file is bound to its role by tink's associated data, so `kek.json` and
 `index.json` cannot be swapped for one another. All writes are atomic 0600 replacements done
@@ -37,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tink
-from tink import aead, prf, secret_key_access
-from tink.proto import tink_pb2
+from tink import aead, prf, proto_keyset_format, secret_key_access, signature
+from tink.proto import ed25519_pb2, tink_pb2
 
 from carevault.config import Settings
 from carevault.crypto.files import write_secret_json
@@ -46,18 +49,30 @@ from carevault.crypto.files import write_secret_json
 MASTER_FILE = "master.key"
 KEK_FILE = "kek.json"
 INDEX_FILE = "index.json"
+AUDIT_MAC_FILE = "audit-mac.json"
+AUDIT_SIGNING_FILE = "audit-signing.json"
 LOCK_FILE = ".custody.lock"
 MASTER_ENV = "CAREVAULT_MASTER_KEY"
 
 # Associated data for each encrypted keyset file: binds the ciphertext to its role.
 KEK_FILE_AD = b"carevault-kek-keyset"
 INDEX_FILE_AD = b"carevault-index-keyset"
+AUDIT_MAC_FILE_AD = b"carevault-audit-mac-keyset"
+AUDIT_SIGNING_FILE_AD = b"carevault-audit-signing-keyset"
 
 AEAD_TEMPLATE = aead.aead_key_templates.AES256_GCM
 PRF_TEMPLATE = prf.prf_key_templates.HMAC_SHA256
+# Raw output: a checkpoint signature is a plain 64-byte Ed25519 signature that any Ed25519
+# implementation verifies with the published public key, without tink's key-id prefix.
+SIGNING_TEMPLATE = tink_pb2.KeyTemplate(
+    type_url=signature.signature_key_templates.ED25519.type_url,
+    value=signature.signature_key_templates.ED25519.value,
+    output_prefix_type=tink_pb2.RAW,
+)
 
 aead.register()
 prf.register()
+signature.register()
 
 
 class KeyCustodyError(Exception):
@@ -101,7 +116,8 @@ def encode_master_key_env(keyset_json: str) -> str:
 
 
 def ensure_keys(keys_dir: Path, master_key: str | None = None) -> None:
-    """Create whatever of master.key, kek.json and index.json is missing (idempotent).
+    """Create whatever of master.key, kek.json, index.json and the audit keys is missing
+    (idempotent).
 
     `master_key` is the base64 value of CAREVAULT_MASTER_KEY, if set; then no master.key file
     is created. Existing files are only read, which also checks that they open.
@@ -112,6 +128,8 @@ def ensure_keys(keys_dir: Path, master_key: str | None = None) -> None:
         for name, template, ad in (
             (KEK_FILE, AEAD_TEMPLATE, KEK_FILE_AD),
             (INDEX_FILE, PRF_TEMPLATE, INDEX_FILE_AD),
+            (AUDIT_MAC_FILE, PRF_TEMPLATE, AUDIT_MAC_FILE_AD),
+            (AUDIT_SIGNING_FILE, SIGNING_TEMPLATE, AUDIT_SIGNING_FILE_AD),
         ):
             path = keys_dir / name
             if path.exists():
@@ -133,6 +151,7 @@ class KeyCustody:
             self._index_prf = index_handle.primitive(prf.PrfSet).primary()
         except tink.TinkError:
             raise KeyCustodyError(f"{keys_dir / INDEX_FILE} is not a tink PRF keyset") from None
+        self._audit_keys: AuditKeys | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyCustody:
@@ -165,6 +184,14 @@ class KeyCustody:
     def index_prf(self) -> prf.Prf:
         """The blind-index PRF (the primary of `index.json`)."""
         return self._index_prf
+
+    def audit_keys(self) -> AuditKeys:
+        """The audit chain's MAC key and checkpoint signing key (loaded on first use)."""
+        if self._audit_keys is None:
+            with self._lock:
+                if self._audit_keys is None:
+                    self._audit_keys = _load_audit_keys(self._dir, self._master)
+        return self._audit_keys
 
     def rotate_kek(self) -> int:
         """Add a fresh AES256_GCM key to the KEK and make it primary; return its key id.
@@ -215,6 +242,30 @@ class KeyCustody:
         _write_encrypted(self._dir / KEK_FILE, handle, self._master, KEK_FILE_AD)
         with self._lock:
             self._kek = self._read_kek()
+
+
+@dataclass(frozen=True)
+class AuditKeys:
+    mac: prf.Prf  # HMAC-SHA256
+    signer: signature.PublicKeySign  # Ed25519, raw 64-byte signatures
+    key_id: str  # names the signing key in checkpoints and the published key set
+    public_key: bytes  # raw 32-byte Ed25519 public key
+
+
+def _load_audit_keys(keys_dir: Path, master: aead.Aead) -> AuditKeys:
+    mac_handle = _read_encrypted(keys_dir / AUDIT_MAC_FILE, master, AUDIT_MAC_FILE_AD)
+    signing = _read_encrypted(keys_dir / AUDIT_SIGNING_FILE, master, AUDIT_SIGNING_FILE_AD)
+    try:
+        mac = mac_handle.primitive(prf.PrfSet).primary()
+        signer = signing.primitive(signature.PublicKeySign)
+        public = tink_pb2.Keyset.FromString(
+            proto_keyset_format.serialize_without_secret(signing.public_keyset_handle())
+        )
+    except tink.TinkError:
+        raise KeyCustodyError(f"the audit keysets in {keys_dir} are not usable") from None
+    primary = next(k for k in public.key if k.key_id == public.primary_key_id)
+    raw = ed25519_pb2.Ed25519PublicKey.FromString(primary.key_data.value).key_value
+    return AuditKeys(mac, signer, f"audit-{primary.key_id:08x}", raw)
 
 
 def _keyset_proto(handle: tink.KeysetHandle) -> tink_pb2.Keyset:

@@ -99,23 +99,6 @@ login_throttle = Table(
     Column("in_flight_at", Float),
 )
 
-# Interim store of security events; the audit trail takes these over.
-security_events = Table(
-    "security_events",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("occurred_at", DateTime(timezone=True), nullable=False),
-    Column("event", String(40), nullable=False),
-    Column("outcome", String(16), nullable=False),
-    Column("user_id", String(36)),
-    Column("client_id", String(128)),
-    Column("subject_hash", String(64)),  # keyed hash of an attempted username, never the name
-    Column("source_address", String(64)),
-    Column("request_id", String(64)),
-    Column("details", JSON),
-    Index("ix_security_events_occurred_at", "occurred_at"),
-)
-
 # --- FHIR record store --------------------------------------------------------------------
 # Bodies exist only as AEAD ciphertext (crypto/envelope.py); these tables hold nothing a raw
 # dump could read as PHI. Search values are plain only where fhir/search_params.SENSITIVITY
@@ -268,3 +251,59 @@ access_generation = Table(
     Column("id", Integer, primary_key=True),  # always 1
     Column("generation", BigInteger, nullable=False),
 )
+
+
+# --- Audit trail (audit/) -----------------------------------------------------------------
+# Append-only: triggers (db/append_only.py) refuse UPDATE and DELETE; only retention, through
+# one audited command, removes whole checkpointed ranges. `entry` is the canonical JSON the
+# chain MAC covers; the other columns repeat some of its fields for filtering, and
+# `carevault audit verify` checks that they match it.
+
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("at", String(27), nullable=False),  # UTC, fixed-width ISO 8601: sorts as text
+    Column("action", String(48), nullable=False),
+    Column("outcome", String(8), nullable=False),
+    Column("user_id", String(64)),
+    Column("patient_id", String(64)),
+    Column("break_glass", Boolean, nullable=False),
+    Column("entry", Text, nullable=False),
+    Column("mac", LargeBinary, nullable=False),
+    Index("ix_audit_entries_patient_id", "patient_id", "seq"),
+    Index("ix_audit_entries_user_id", "user_id", "seq"),
+    Index("ix_audit_entries_at", "at"),
+)
+
+# Signed tree heads: RFC 9162 root over entries 1..size, signed with the audit signing key.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("size", BigInteger, primary_key=True, autoincrement=False),
+    Column("root", LargeBinary, nullable=False),
+    Column("at", String(27), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+)
+
+# The subtree hash of each complete, aligned block of merkle.BLOCK entries.
+audit_blocks = Table(
+    "audit_blocks",
+    metadata,
+    Column("block", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", LargeBinary, nullable=False),
+)
+
+# Retention: entries 1..up_to were exported (file digest kept) and removed; the chain goes on
+# from `last_mac`.
+audit_retention = Table(
+    "audit_retention",
+    metadata,
+    Column("up_to", BigInteger, primary_key=True, autoincrement=False),
+    Column("last_mac", LargeBinary, nullable=False),
+    Column("at", String(27), nullable=False),
+    Column("export_sha256", String(64), nullable=False),
+)
+
+AUDIT_TABLES = ("audit_entries", "audit_checkpoints", "audit_blocks", "audit_retention")

@@ -19,10 +19,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from carevault.access.control import PURPOSE_HEADER, AccessControl, InvalidPurpose, redact
 from carevault.access.decision import Action, Decision, Requester
+from carevault.audit.entry import Outcome
+from carevault.audit.events import SecurityEvent
+from carevault.audit.request import request_audit, request_id
 from carevault.fhir import outcome
 from carevault.fhir.bundles import EntryFailure
 from carevault.fhir.store import Gone, NotFound, StoredResource
-from carevault.identity.events import SecurityEvent
 from carevault.identity.principal import Principal
 
 log = structlog.get_logger("carevault.access")
@@ -57,6 +59,9 @@ class FhirCaller:
 
 async def fhir_caller(request: Request, principal: Principal) -> FhirCaller:
     access: AccessControl = request.app.state.services.access
+    audit = request_audit(request)
+    if audit is not None:
+        audit.identify(principal.user_id, principal.client_id, principal.roles)
     try:
         requester = await access.requester(principal, request.headers.get(PURPOSE_HEADER))
     except (RuntimeError, SQLAlchemyError, OSError):
@@ -88,6 +93,8 @@ async def fhir_caller(request: Request, principal: Principal) -> FhirCaller:
                 ]
             ),
         ) from None
+    if audit is not None:
+        audit.purpose = requester.purpose
     return FhirCaller(principal, requester, access)
 
 
@@ -113,10 +120,14 @@ def _forbidden() -> dict[str, Any]:
     )
 
 
-async def authorize_type(caller: FhirCaller, action: Action, resource_type: str) -> Decision:
+async def authorize_type(
+    caller: FhirCaller, action: Action, resource_type: str, request: Request | None = None
+) -> Decision:
     """May the caller search (or create, history) this type at all? 403 if not."""
     decision = await caller.access.decide(caller.requester, action, resource_type)
     if not decision.permit:
+        if request is not None:
+            _record(request, action, Outcome.deny, resource_type)
         raise forbidden()
     return decision
 
@@ -131,40 +142,99 @@ async def authorize(
 ) -> Decision:
     """The decision for `action` on a record: `current` as stored (None for a create), `new`
     as it would be written (create, update). Raises `AccessDenied`: as if missing when the
-    caller may not read `current`; 403 when they may read it but not do this."""
+    caller may not read `current`; 403 when they may read it but not do this. Either way the
+    request's audit entries get one for this record."""
     access = caller.access
     decision: Decision | None = None
+    record = current if current is not None else new
+    patients: tuple[str, ...] = ()
     if current is not None:
-        decision = await access.decide(caller.requester, Action.read, resource_type, current)
+        decision, patients = await access.decide_on(
+            caller.requester, Action.read, resource_type, current
+        )
         if not decision.permit:
+            _record(request, action, Outcome.deny, resource_type, record, patients)
             raise not_visible(caller)
         if action is not Action.read:
             decision = await access.decide(caller.requester, action, resource_type, current)
             if not decision.permit:
+                _record(request, action, Outcome.deny, resource_type, record, patients)
                 raise forbidden()
     if new is not None:
-        decision = await access.decide(caller.requester, action, resource_type, new)
+        decision, new_patients = await access.decide_on(
+            caller.requester, action, resource_type, new
+        )
+        patients = tuple(dict.fromkeys(patients + new_patients))
         if not decision.permit:
+            _record(request, action, Outcome.deny, resource_type, record, patients)
             raise forbidden()
     if decision is None:  # neither a record nor a body: the type alone
-        decision = await authorize_type(caller, action, resource_type)
+        decision = await authorize_type(caller, action, resource_type, request)
+        return decision
     await note_break_glass(request, caller, decision)
+    _record(
+        request,
+        action,
+        Outcome.permit,
+        resource_type,
+        record,
+        patients,
+        break_glass=decision.break_glass,
+    )
     return decision
 
 
 async def visible_body(
     request: Request, caller: FhirCaller, stored: StoredResource
 ) -> dict[str, Any] | None:
-    """The body of a stored record as the caller may see it, or None if they may not."""
+    """The body of a stored record as the caller may see it, or None if they may not. A body
+    returned is recorded in the request's audit entries (a record withheld is not shown, so
+    the request's own entry covers it)."""
     if stored.body is None:
         return None
-    decision = await caller.access.decide(
+    decision, patients = await caller.access.decide_on(
         caller.requester, Action.read, stored.resource_type, stored.body
     )
     if not decision.permit:
         return None
     await note_break_glass(request, caller, decision)
+    audit = request_audit(request)
+    if audit is not None:
+        audit.record(
+            audit.interaction,
+            Outcome.permit,
+            stored.resource_type,
+            stored.id,
+            str(stored.version),
+            patients,
+            break_glass=decision.break_glass,
+        )
     return redact(stored.body, decision)
+
+
+def _record(
+    request: Request,
+    action: Action,
+    outcome: Outcome,
+    resource_type: str,
+    record: Mapping[str, Any] | None = None,
+    patients: tuple[str, ...] = (),
+    *,
+    break_glass: bool = False,
+) -> None:
+    audit = request_audit(request)
+    if audit is None:
+        return
+    meta = (record or {}).get("meta") or {}
+    audit.record(
+        action.value,
+        outcome,
+        resource_type,
+        (record or {}).get("id"),
+        meta.get("versionId"),
+        patients,
+        break_glass=break_glass,
+    )
 
 
 async def authorize_gone(
@@ -192,7 +262,7 @@ async def note_break_glass(request: Request, caller: FhirCaller, decision: Decis
             "success",
             user_id=caller.user_id,
             client_id=caller.client_id,
-            request_id=request.headers.get("x-request-id"),
+            request_id=request_id(request),
             details={"purpose": caller.requester.purpose},
         )
     )

@@ -51,6 +51,7 @@ from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from carevault.access.generation import bump_in
+from carevault.audit.events import SecurityEvent
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
@@ -59,7 +60,6 @@ from carevault.db.tables import (
     fhir_resources,
     fhir_versions,
 )
-from carevault.identity.events import SecurityEvent
 
 PATIENT_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 ATTEMPTS = 5

@@ -28,6 +28,8 @@ from sqlalchemy import and_, false, func, not_, or_, select
 from carevault import __version__
 from carevault.access.control import redact
 from carevault.access.decision import Action, Decision
+from carevault.audit.events import SecurityEvent
+from carevault.audit.request import request_id
 from carevault.db.engine import read_connection
 from carevault.db.tables import fhir_compartments, fhir_resources
 from carevault.fhir import idempotency, outcome
@@ -69,7 +71,6 @@ from carevault.fhir.store import (
     instant,
 )
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
-from carevault.identity.events import SecurityEvent
 from carevault.identity.principal import Principal
 from carevault.tokens.bearer import authenticate
 
@@ -170,7 +171,7 @@ async def _integrity_failure(request: Request, principal: FhirCaller) -> FhirErr
             "alert",
             user_id=principal.user_id,
             client_id=principal.client_id,
-            request_id=request.headers.get("x-request-id"),
+            request_id=request_id(request),
         )
     )
     log.error("record_integrity_failure")
@@ -529,7 +530,7 @@ async def _visible_versions(
 @router.get("/{resource_type}/_history")
 async def type_history(resource_type: str, request: Request, principal: Caller) -> Response:
     _check_type(resource_type)
-    await authorize_type(principal, Action.search, resource_type)
+    await authorize_type(principal, Action.search, resource_type, request)
     async with store_errors(request, principal):
         entries = await request.app.state.services.store.history(resource_type)
     return fhir_response(_history_bundle(await _visible_versions(request, principal, entries)))
@@ -561,7 +562,7 @@ async def _search(
 ) -> Response:
     _check_type(resource_type)
     services = request.app.state.services
-    decision = await authorize_type(principal, Action.search, resource_type)
+    decision = await authorize_type(principal, Action.search, resource_type, request)
     visible = await principal.access.search_condition(principal.requester, resource_type)
     codec = _cursor_codec(request)
     try:

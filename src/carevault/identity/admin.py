@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import secrets
 
+from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.crypto.passwords import PasswordHasher
 from carevault.identity.accounts import AccountError, User, UserStore, validate_links
-from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.password_policy import check_password
 from carevault.identity.roles import Role
 from carevault.tokens.sessions import SessionRevoker

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.crypto.instance_secrets import InstanceSecrets
 from carevault.crypto.passwords import PasswordHasher
 from carevault.identity.accounts import USERNAME_PATTERN, User, UserStore, normalize_username
-from carevault.identity.events import SecurityEvent, SecurityEventLog
 from carevault.identity.roles import Role
 from carevault.identity.throttle import LoginThrottle
 from carevault.tokens.access import AccessTokenIssuer

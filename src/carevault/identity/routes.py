@@ -8,10 +8,11 @@ from fastapi import APIRouter, Cookie, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from carevault.audit.events import SecurityEvent
+from carevault.audit.request import request_id
 from carevault.edge.client_address import client_address
 from carevault.edge.problems import ProblemError, problem_response
 from carevault.identity.authentication import LoginFailed, RequestContext, TokenGrant
-from carevault.identity.events import SecurityEvent
 from carevault.identity.principal import Principal
 from carevault.identity.throttle import AddressThrottled
 from carevault.tokens.bearer import authenticate
@@ -55,7 +56,7 @@ def _context(request: Request) -> RequestContext:
     settings = request.app.state.services.settings
     return RequestContext(
         address=client_address(request, settings.trusted_proxies),
-        request_id=request.headers.get("x-request-id"),
+        request_id=request_id(request),
     )
 
 

@@ -1,0 +1,328 @@
+"""The audit trail in the database: appending chained entries, signing checkpoints, serving
+Merkle proofs. The only code that writes audit rows.
+
+Sequence numbers come from the database, not from a process: an append takes the trail's
+write lock (PostgreSQL: a transaction-scoped advisory lock; SQLite: `BEGIN IMMEDIATE`), reads
+the last entry's number and MAC, and inserts the batch after it, so any number of workers and
+instances produce one gap-free chain. A batch is one transaction: the group commit of
+`writer.py` makes that one commit for all the requests waiting on it.
+
+The leaf of entry `seq` (leaf index seq - 1) is `merkle.leaf_hash(entry || mac)`: the canonical
+entry bytes followed by its 32-byte chain MAC, so a signed root covers the chain as well.
+Checkpoints need no lock: entries never change once committed, so the root over the first n is
+the same whoever computes it; two instances signing the same size collide on the primary key
+and one insert is simply dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from carevault.audit import merkle
+from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac, format_time
+from carevault.crypto.custody import AuditKeys
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
+
+# Any constant works; it names the trail's lock among PostgreSQL advisory locks.
+_PG_LOCK_ID = 0x43564155  # "CVAU"
+ORIGIN = "carevault audit trail"
+
+
+class ProofUnavailable(Exception):
+    """The sizes asked for are not checkpoints, or the entries were removed by retention."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    size: int
+    root: bytes
+    at: str
+    key_id: str
+    signature: bytes
+
+    def note(self) -> bytes:
+        return checkpoint_note(self.size, self.root, self.at)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "root": base64.b64encode(self.root).decode(),
+            "timestamp": self.at,
+            "key_id": self.key_id,
+            "signature": base64.b64encode(self.signature).decode(),
+        }
+
+
+def checkpoint_note(size: int, root: bytes, at: str) -> bytes:
+    """The signed bytes of a checkpoint, in the shape of a transparency-log checkpoint:
+    origin, tree size, base64 root hash, timestamp, one per line."""
+    return f"{ORIGIN}\n{size}\n{base64.b64encode(root).decode()}\n{at}\n".encode()
+
+
+def leaf_of(entry: bytes, mac: bytes) -> bytes:
+    return merkle.leaf_hash(entry + mac)
+
+
+class AuditLog:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keys: Callable[[], AuditKeys],
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._keys = keys  # loaded on first use: the CLI's commands that never audit skip it
+        self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self._blocks: dict[int, bytes] = {}  # append-only, so safe to keep
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def keys(self) -> AuditKeys:
+        return self._keys()
+
+    # -- appending ----------------------------------------------------------------------------
+
+    async def append(self, entries: list[AuditEntry]) -> int:
+        """Chain and commit `entries` in one transaction; the trail's size afterwards."""
+        mac_key = self.keys.mac
+        async with write_transaction(self._engine) as conn:
+            await self._lock(conn)
+            seq, previous = await _tip(conn)
+            at = self._clock()
+            stamp = format_time(at)
+            rows = []
+            for entry in entries:
+                seq += 1
+                body = canonical(entry.document(seq, at))
+                previous = chain_mac(mac_key, previous, body)
+                rows.append(
+                    {
+                        "seq": seq,
+                        "at": stamp,
+                        "action": entry.action,
+                        "outcome": str(entry.outcome),
+                        "user_id": entry.user,
+                        "patient_id": entry.patient,
+                        "break_glass": entry.break_glass,
+                        "entry": body.decode(),
+                        "mac": previous,
+                    }
+                )
+            await conn.execute(insert(audit_entries), rows)
+        return seq
+
+    async def _lock(self, conn: AsyncConnection) -> None:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        # SQLite: write_transaction began with BEGIN IMMEDIATE, the database's one write lock.
+
+    async def size(self) -> int:
+        async with read_connection(self._engine) as conn:
+            return (await _tip(conn))[0]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        async with read_connection(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(audit_checkpoints).order_by(audit_checkpoints.c.size.desc()).limit(1)
+                )
+            ).first()
+        return _checkpoint(row) if row else None
+
+    async def checkpoint_at(self, size: int) -> Checkpoint | None:
+        async with read_connection(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(audit_checkpoints).where(audit_checkpoints.c.size == size)
+                )
+            ).first()
+        return _checkpoint(row) if row else None
+
+    async def checkpoints(self, first: int = 0, last: int | None = None) -> list[Checkpoint]:
+        query = select(audit_checkpoints).where(audit_checkpoints.c.size >= first)
+        if last is not None:
+            query = query.where(audit_checkpoints.c.size <= last)
+        async with read_connection(self._engine) as conn:
+            rows = (await conn.execute(query.order_by(audit_checkpoints.c.size))).all()
+        return [_checkpoint(row) for row in rows]
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign a tree head over every entry committed so far, unless the latest checkpoint
+        already covers them all. Also stores the block hashes completed since."""
+        size = await self.size()
+        latest = await self.latest_checkpoint()
+        if size == 0 or (latest is not None and latest.size >= size):
+            return latest
+        root = await self.root(size)
+        at = format_time(self._clock())
+        keys = self.keys
+        signed = Checkpoint(
+            size, root, at, keys.key_id, keys.signer.sign(checkpoint_note(size, root, at))
+        )
+        try:
+            async with write_transaction(self._engine) as conn:
+                await conn.execute(
+                    insert(audit_checkpoints).values(
+                        size=signed.size,
+                        root=signed.root,
+                        at=signed.at,
+                        key_id=signed.key_id,
+                        signature=signed.signature,
+                    )
+                )
+        except IntegrityError:  # another instance signed this size first
+            return await self.checkpoint_at(size)
+        return signed
+
+    # -- Merkle -------------------------------------------------------------------------------
+
+    async def root(self, size: int) -> bytes:
+        source = await self._subtrees([(0, size)], size)
+        return merkle.range_hash(0, size, source.leaf, source.block)
+
+    async def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
+        if not 1 <= seq <= size:
+            raise ProofUnavailable("seq must be within the tree")
+        ranges = merkle.inclusion_ranges(seq - 1, size)
+        source = await self._subtrees(ranges, size)
+        return [merkle.range_hash(lo, hi, source.leaf, source.block) for lo, hi in ranges]
+
+    async def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        if not 0 < first <= second:
+            raise ProofUnavailable("sizes must satisfy 0 < from <= to")
+        ranges = merkle.consistency_ranges(first, second)
+        source = await self._subtrees(ranges, second)
+        return [merkle.range_hash(lo, hi, source.leaf, source.block) for lo, hi in ranges]
+
+    async def leaf_hash(self, seq: int) -> bytes:
+        async with read_connection(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(audit_entries.c.entry, audit_entries.c.mac).where(
+                        audit_entries.c.seq == seq
+                    )
+                )
+            ).first()
+        if row is None:
+            raise ProofUnavailable("no such entry")
+        return leaf_of(row.entry.encode(), row.mac)
+
+    async def _subtrees(self, ranges: Iterable[tuple[int, int]], size: int) -> _Subtrees:
+        """Block hashes for every complete block below `size` (computing and storing any not
+        stored yet), and the leaves of the partial blocks the ranges touch."""
+        complete = size // merkle.BLOCK
+        await self._load_blocks(complete)
+        missing = [b for b in range(complete) if b not in self._blocks]
+        # The recursion of RFC 9162 only ever asks for a range shorter than a block inside one
+        # block, and a longer one starting on a block boundary: leaves are needed for the first
+        # kind and for the block a range ends inside of.
+        partial: set[int] = set()
+        for lo, hi in ranges:
+            if hi - lo < merkle.BLOCK:
+                partial.add(lo // merkle.BLOCK)
+            if hi % merkle.BLOCK:
+                partial.add((hi - 1) // merkle.BLOCK)
+        leaves: dict[int, bytes] = {}
+        for block in sorted(set(missing) | partial):
+            lo = block * merkle.BLOCK
+            hi = min(lo + merkle.BLOCK, size)
+            leaves.update(await self._leaves(lo, hi))
+        if missing:
+            computed = {}
+            for block in missing:
+                lo = block * merkle.BLOCK
+                computed[block] = merkle.root_of([leaves[i] for i in range(lo, lo + merkle.BLOCK)])
+            await self._store_blocks(computed)
+        return _Subtrees(leaves, self._blocks)
+
+    async def _load_blocks(self, complete: int) -> None:
+        if all(b in self._blocks for b in range(complete)):
+            return
+        async with read_connection(self._engine) as conn:
+            rows = (
+                await conn.execute(
+                    select(audit_blocks.c.block, audit_blocks.c.hash).where(
+                        audit_blocks.c.block < complete
+                    )
+                )
+            ).all()
+        self._blocks.update({row.block: row.hash for row in rows})
+
+    async def _store_blocks(self, computed: dict[int, bytes]) -> None:
+        for block, digest in computed.items():
+            try:
+                async with write_transaction(self._engine) as conn:
+                    await conn.execute(insert(audit_blocks).values(block=block, hash=digest))
+            except IntegrityError:
+                pass  # stored meanwhile by another instance: the same hash
+            self._blocks[block] = digest
+
+    async def _leaves(self, lo: int, hi: int) -> dict[int, bytes]:
+        """Leaf hashes of leaf indices [lo, hi) (entries lo+1 .. hi)."""
+        async with read_connection(self._engine) as conn:
+            rows = (
+                await conn.execute(
+                    select(audit_entries.c.seq, audit_entries.c.entry, audit_entries.c.mac)
+                    .where(audit_entries.c.seq > lo, audit_entries.c.seq <= hi)
+                    .order_by(audit_entries.c.seq)
+                )
+            ).all()
+        if len(rows) != hi - lo:
+            raise ProofUnavailable("entries of this range were removed by retention")
+        return {row.seq - 1: leaf_of(row.entry.encode(), row.mac) for row in rows}
+
+
+@dataclass
+class _Subtrees:
+    leaves: dict[int, bytes]
+    blocks: dict[int, bytes]
+
+    def leaf(self, index: int) -> bytes:
+        return self.leaves[index]
+
+    def block(self, index: int) -> bytes | None:
+        return self.blocks.get(index)
+
+
+async def _tip(conn: AsyncConnection) -> tuple[int, bytes]:
+    row = (
+        await conn.execute(
+            select(audit_entries.c.seq, audit_entries.c.mac)
+            .order_by(audit_entries.c.seq.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is not None:
+        return row.seq, row.mac
+    # Empty: a new trail, or one whose every entry retention removed.
+    mark = (
+        await conn.execute(
+            select(audit_retention.c.up_to, audit_retention.c.last_mac)
+            .order_by(audit_retention.c.up_to.desc())
+            .limit(1)
+        )
+    ).first()
+    return (mark.up_to, mark.last_mac) if mark else (0, GENESIS_MAC)
+
+
+def _checkpoint(row: Any) -> Checkpoint:
+    return Checkpoint(row.size, row.root, row.at, row.key_id, row.signature)
+
+
+async def count_entries(engine: AsyncEngine) -> int:
+    async with read_connection(engine) as conn:
+        return (await conn.execute(select(func.count()).select_from(audit_entries))).scalar_one()

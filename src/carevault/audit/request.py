@@ -1,0 +1,151 @@
+"""What one request did to records, collected while it runs and committed before it answers.
+
+The middleware (`audit/middleware.py`) gives every request an id and, on the record server's
+paths, a `RequestAudit`. The authorization door (`fhir/authorization.py`) adds an entry for
+each record it lets the caller act on and for each refusal; when the response is about to
+leave, the middleware stamps every entry with the final status and adds one entry for the
+request itself where the interaction touched no single record (a search, a history, a bundle,
+a request refused before any record was looked at), so no request is ever left out.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.requests import Request
+
+from carevault.audit.entry import AuditEntry, Outcome, keyed_hash
+
+STATE_KEY = "audit"
+REQUEST_ID_KEY = "request_id"
+# A client's request id is kept only when it is a UUID: anything freer could carry a name
+# into the audit trail and the logs.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# Interactions whose one entry is the record they touched; others always get a request entry.
+_SINGLE_RECORD = frozenset({"read", "vread", "create", "update", "delete"})
+
+
+def accept_request_id(header: str | None) -> str:
+    if header and _UUID.fullmatch(header):
+        return header.lower()
+    return str(uuid.uuid4())
+
+
+def request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get(REQUEST_ID_KEY)
+
+
+def request_audit(request: Request) -> RequestAudit | None:
+    return request.scope.get("state", {}).get(STATE_KEY)
+
+
+@dataclass
+class RequestAudit:
+    interaction: str  # fhir.read, fhir.search, audit.query, ...
+    request_id: str
+    source: str | None
+    user_agent: str | None  # keyed hash
+    resource_type: str | None = None
+    resource_id: str | None = None
+    query: str | None = None  # keyed hash of the normalised query string
+    user: str | None = None
+    client: str | None = None
+    roles: tuple[str, ...] = ()
+    purpose: str | None = None
+    entries: list[AuditEntry] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def identify(
+        self, user: str, client: str, roles: tuple[str, ...], purpose: str | None = None
+    ) -> None:
+        self.user, self.client, self.roles = user, client, roles
+        if purpose is not None:
+            self.purpose = purpose
+
+    def record(
+        self,
+        action: str,
+        outcome: Outcome,
+        resource_type: str | None,
+        resource_id: str | None = None,
+        version: str | None = None,
+        patients: tuple[str, ...] | list[str] = (),
+        *,
+        break_glass: bool = False,
+    ) -> None:
+        """One entry per patient the record belongs to (none for a record of no patient), so
+        that a patient's report finds every record of theirs."""
+        for patient in patients or (None,):
+            self.entries.append(
+                AuditEntry(
+                    action=f"fhir.{action}" if "." not in action else action,
+                    outcome=outcome,
+                    patient=patient,
+                    resource_type=resource_type,
+                    resource_id=resource_id,
+                    version=version,
+                    break_glass=break_glass,
+                )
+            )
+
+    def finish(self, status: int, headers: dict[str, str]) -> list[AuditEntry]:
+        """Every entry of the request, stamped with who, why, where and how it ended."""
+        single = self.interaction.removeprefix("fhir.") in _SINGLE_RECORD
+        if not self.entries or not single:
+            self.entries.insert(
+                0,
+                AuditEntry(
+                    action=self.interaction,
+                    outcome=_request_outcome(status),
+                    resource_type=self.resource_type,
+                    resource_id=self.resource_id,
+                    query=self.query,
+                    detail=self.detail,
+                ),
+            )
+        elif status < 400:
+            _fill_written_version(self.entries, headers)
+        for entry in self.entries:
+            entry.status = status
+            entry.user, entry.client, entry.roles = self.user, self.client, self.roles
+            entry.purpose = self.purpose
+            entry.request_id = self.request_id
+            entry.source = self.source
+            entry.user_agent = self.user_agent
+            if entry.outcome is Outcome.permit and status >= 400:
+                entry.outcome = Outcome.error
+        return self.entries
+
+
+def _request_outcome(status: int) -> Outcome:
+    if status in (401, 403):
+        return Outcome.deny
+    return Outcome.permit if status < 400 else Outcome.error
+
+
+def _fill_written_version(entries: list[AuditEntry], headers: dict[str, str]) -> None:
+    """A create learns its id, and a write its new version, only once stored: from the
+    Location and ETag of the response."""
+    location = headers.get("location", "")
+    etag = headers.get("etag", "")
+    parts = location.split("/")
+    version = etag.removeprefix('W/"').removesuffix('"') if etag.startswith('W/"') else None
+    for entry in entries:
+        if entry.action in ("fhir.create", "fhir.update"):
+            if entry.resource_id is None and "_history" in parts:
+                entry.resource_id = parts[parts.index("_history") - 1]
+            if version:
+                entry.version = version
+
+
+def query_hash(key: bytes, query_string: str) -> str | None:
+    """A keyed hash of the query's parameters in a canonical order: equal searches compare
+    equal in the trail, and the values themselves are never stored."""
+    if not query_string:
+        return None
+    pairs = sorted(parse_qsl(query_string, keep_blank_values=True))
+    return keyed_hash(key, urlencode(pairs))
