@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from carevault.audit.commands import audit_app
 from carevault.audit.events import SecurityEvent
 from carevault.config import Settings, UnsafeSettingsError, check_production
 from carevault.db import migrate
@@ -31,6 +32,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
 patient_app = typer.Typer(no_args_is_help=True, help="Patient records (erasure).")
 app.add_typer(patient_app, name="patient")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -497,6 +499,18 @@ def import_bundles(
 
             report = await import_paths(services, files, Shown())
             bar.update(file_task, completed=len(files))
+        await services.events.record(
+            SecurityEvent(
+                "import",
+                "failure" if report.errors else "success",
+                details={
+                    "files": len(report.files),
+                    "created": report.total("created"),
+                    "updated": report.total("updated"),
+                    "errors": len(report.errors),
+                },
+            )
+        )
         return report
 
     report = _run(settings, work)
