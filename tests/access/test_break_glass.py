@@ -23,10 +23,11 @@ from carevault.access.break_glass import (
 )
 from carevault.access.policy import DEFAULT_POLICY
 from carevault.db.engine import read_connection, write_transaction
-from carevault.db.tables import break_glass_grants, security_events
+from carevault.db.tables import audit_entries, break_glass_grants
 from carevault.fhir.erasure import erase_patient
 from carevault.identity.principal import Principal
 from carevault.identity.roles import Role
+from tests.audit.trail import audit_documents
 
 REASON = "Unconscious in ED, no relatives reachable, allergy history needed now"
 URL = "/access/break-glass"
@@ -213,12 +214,10 @@ async def test_forbidden_roles_get_403_whatever_the_body(harness, role: Role) ->
     assert await h.services.break_glass.active_patients(user_id) == frozenset()
     async with read_connection(h.services.engine) as conn:
         assert (await conn.execute(select(break_glass_grants))).first() is None
-        events = (
-            await conn.execute(
-                select(security_events.c.event).where(security_events.c.user_id == user_id)
-            )
-        ).scalars()
-        assert "break_glass_denied" in list(events)
+    actions = [
+        d["action"] for d in await audit_documents(h.services.engine) if d.get("user") == user_id
+    ]
+    assert "security.break_glass_denied" in actions
 
 
 async def test_stale_authentication_is_401_asking_for_a_new_login(clocked, clock) -> None:
@@ -426,8 +425,8 @@ async def test_reason_is_never_in_logs_events_or_database_plaintext(harness) -> 
         row = (await conn.execute(select(break_glass_grants))).one()
         assert marker.encode() not in bytes(row.reason)
         assert all(marker not in str(value) for value in row)
-        for event in (await conn.execute(select(security_events))).all():
-            assert marker not in repr(tuple(event))
+        for entry in (await conn.execute(select(audit_entries))).all():
+            assert marker not in repr(tuple(entry))
     if h.services.engine.dialect.name == "sqlite":
         assert files_holding(Path(h.services.settings.data_dir), marker.encode()) == []
 

@@ -8,12 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from carevault.access.label_grants import grant_label
 from carevault.access.policy import DEFAULT_POLICY
-from carevault.db.engine import read_connection
-from carevault.db.tables import security_events
 from tests.access.fhir_world import (
     A_FAMILY,
     B_FAMILY,
@@ -27,6 +24,7 @@ from tests.access.fhir_world import (
     entry_ids,
     observation_body,
 )
+from tests.audit.trail import audit_documents
 
 REASON = "Unconscious in ED, no relatives reachable, allergy history needed now"
 
@@ -321,12 +319,9 @@ async def test_care_team_change_takes_effect_next_request(world: World) -> None:
 # --- break-glass ------------------------------------------------------------------------------
 
 
-async def _events(w: World, user_id: str) -> list[Any]:
-    async with read_connection(w.h.services.engine) as conn:
-        rows = await conn.execute(
-            select(security_events).where(security_events.c.event == "break_glass_access")
-        )
-        return [r for r in rows.all() if r.user_id == user_id]
+async def _events(w: World, user_id: str) -> list[dict[str, Any]]:
+    documents = await audit_documents(w.h.services.engine, "security.break_glass_access")
+    return [d for d in documents if d.get("user") == user_id]
 
 
 @pytest.mark.parametrize("who", ["drOther", "drC"])  # no relationship; denied by consent

@@ -468,7 +468,7 @@ async def test_cli_rotate_kek(
     from typer.testing import CliRunner
 
     from carevault.cli import app
-    from carevault.db.tables import security_events
+    from tests.audit.trail import audit_documents
 
     monkeypatch.setenv("CAREVAULT_DATA_DIR", str(settings.data_dir))
     if settings.database_url:
@@ -497,12 +497,7 @@ async def test_cli_rotate_kek(
     assert "resumed" in result.output
     assert services.custody.current_kek().key_ids == {resumed_primary}
 
-    async with read_connection(services.engine) as conn:
-        events = (
-            await conn.execute(
-                select(security_events.c.event, security_events.c.outcome).where(
-                    security_events.c.event == "kek_rotation"
-                )
-            )
-        ).all()
-    assert [tuple(e) for e in events] == [("kek_rotation", "success")] * 2
+    events = await audit_documents(services.engine, "security.kek_rotation")
+    assert [(e["action"], e["outcome"]) for e in events] == [
+        ("security.kek_rotation", "permit")
+    ] * 2

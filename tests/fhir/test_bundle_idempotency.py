@@ -10,8 +10,9 @@ import orjson
 import pytest
 from sqlalchemy import select, update
 
-from carevault.db.tables import fhir_idempotency, fhir_idempotency_responses, security_events
+from carevault.db.tables import fhir_idempotency, fhir_idempotency_responses
 from carevault.identity.roles import Role
+from tests.audit.trail import audit_documents
 from tests.fhir.test_bundles import FHIR, counts, synthea_transaction
 
 FAMILY = "Bundlewick"  # the family name in synthea_transaction()
@@ -161,14 +162,7 @@ async def test_recorded_response_holds_no_phi_and_fails_closed_when_altered(clin
     assert replay.status_code == 500
     assert replay.json()["resourceType"] == "OperationOutcome"
     assert FAMILY not in replay.text
-    async with h.services.engine.connect() as conn:
-        events = (
-            await conn.execute(
-                select(security_events.c.event).where(
-                    security_events.c.event == "record_integrity_failure"
-                )
-            )
-        ).all()
+    events = await audit_documents(h.services.engine, "security.record_integrity_failure")
     assert len(events) == 1
 
 

@@ -20,12 +20,12 @@ from carevault.db.tables import (
     fhir_index_keys,
     fhir_resources,
     fhir_versions,
-    security_events,
 )
 from carevault.fhir.erasure import PatientNotFound, erase_patient
 from carevault.fhir.store import associated_data
 from carevault.identity.roles import Role
 from carevault.runtime import build_services
+from tests.audit.trail import audit_documents
 from tests.conftest import make_settings
 from tests.fhir.samples import care_team
 
@@ -239,16 +239,11 @@ async def test_cli_erase_shreds_every_version_and_copies(
     assert [tuple(v) for v in await _versions(h.services, a)] == before
     await _assert_erased(h, auth, a)
 
-    async with h.services.engine.connect() as conn:
-        events = (
-            await conn.execute(
-                select(security_events.c.outcome, security_events.c.details).where(
-                    security_events.c.event == "patient_erased"
-                )
-            )
-        ).all()
-    assert [e.outcome for e in events] == ["success", "success"]
-    assert events[0].details["resources"] == 4 and a_id not in str(events[0].details)
+    events = await audit_documents(h.services.engine, "security.patient_erased")
+    assert [e["outcome"] for e in events] == ["permit", "permit"]
+    # the event counts what went, and names no one erased (not even by id)
+    assert events[0]["detail"]["resources"] == 4
+    assert a_id not in str(events[0]) and a_id not in str(events[1])
 
     unknown = await _cli("patient", "erase", "no-such-patient", "--yes")
     assert unknown.exit_code == 1
@@ -399,18 +394,9 @@ async def test_http_erase_admin_only(harness):
     ).status_code == 204
     assert (await h.client.get(f"/fhir/Patient/{b_id}", headers=auth)).status_code == 410
     assert (await h.client.get(f"/fhir/Patient/{b_id}/_history/1", headers=auth)).status_code == 200
-    async with h.services.engine.connect() as conn:
-        actors = (
-            (
-                await conn.execute(
-                    select(security_events.c.user_id).where(
-                        security_events.c.event == "patient_erased"
-                    )
-                )
-            )
-            .scalars()
-            .all()
-        )
+    actors = [
+        e.get("user") for e in await audit_documents(h.services.engine, "security.patient_erased")
+    ]
     admin_user = await h.services.users.by_username("admin.http")
     assert actors == [admin_user.id, admin_user.id]
 

@@ -6,9 +6,10 @@ import asyncio
 
 from sqlalchemy import func, select
 
-from carevault.db.tables import refresh_tokens, security_events
+from carevault.db.tables import refresh_tokens
 from carevault.identity.roles import Role
 from carevault.tokens.refresh import hash_token
+from tests.audit.trail import audit_documents
 
 
 async def _family_rows(services, refresh_token) -> int:
@@ -24,14 +25,7 @@ async def _family_rows(services, refresh_token) -> int:
 
 
 async def _event_count(services, name) -> int:
-    async with services.engine.connect() as conn:
-        return (
-            await conn.execute(
-                select(func.count())
-                .select_from(security_events)
-                .where(security_events.c.event == name)
-            )
-        ).scalar_one()
+    return len(await audit_documents(services.engine, f"security.{name}"))
 
 
 async def test_rotation_issues_new_pair_and_old_token_is_single_use(clocked, clock):
