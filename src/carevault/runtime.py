@@ -17,6 +17,7 @@ from carevault.access.control import AccessControl
 from carevault.access.facts import AccessFacts
 from carevault.access.generation import AccessGeneration
 from carevault.access.policy import Policy, load_policy
+from carevault.audit.alerts import AlertRules
 from carevault.audit.events import SecurityEventLog
 from carevault.audit.log import AuditLog
 from carevault.audit.writer import AuditWriter
@@ -125,10 +126,13 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     users = UserStore(engine)
     custody = KeyCustody.from_settings(settings)
     audit = AuditLog(engine, custody.audit_keys)
+    alerts = AlertSinks(settings)
     audit_writer = AuditWriter(
         audit,
         checkpoint_every=settings.audit_checkpoint_entries,
         checkpoint_seconds=settings.audit_checkpoint_seconds,
+        rules=AlertRules(settings),
+        sinks=alerts,
     )
     events = SecurityEventLog(audit_writer)
     throttle = LoginThrottle(settings, engine, clock)
@@ -164,7 +168,6 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         clock=clock,
     )
     policy = load_policy(settings.access_policy_file)
-    alerts = AlertSinks(settings)
     facts = AccessFacts(engine, store, users, access_generation, clock)
     break_glass = BreakGlass(
         engine, envelope, events, policy, settings, access_generation, alerts, clock

@@ -17,6 +17,8 @@ import contextlib
 
 import structlog
 
+from carevault.access.alerts import AlertSinks
+from carevault.audit.alerts import AlertRules, alert_entry
 from carevault.audit.entry import AuditEntry
 from carevault.audit.log import AuditLog
 
@@ -35,8 +37,12 @@ class AuditWriter:
         max_batch: int = 5000,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
+        rules: AlertRules | None = None,
+        sinks: AlertSinks | None = None,
     ) -> None:
         self.trail = trail
+        self._rules = rules
+        self._sinks = sinks
         self._max_batch = max_batch
         self._checkpoint_every = checkpoint_every
         self._checkpoint_seconds = checkpoint_seconds
@@ -76,7 +82,22 @@ class AuditWriter:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
+            await self._alert([e for entries, _ in batch for e in entries])
             self._maybe_checkpoint()
+
+    async def _alert(self, committed: list[AuditEntry]) -> None:
+        if self._rules is None:
+            return
+        alerts = self._rules.observe(committed)
+        if not alerts:
+            return
+        # Queued, not awaited: the next round of this loop commits them with the next batch.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
+        self._pending.append(([alert_entry(a) for a in alerts], done))
+        if self._sinks is not None:
+            for alert in alerts:
+                await self._sinks.emit(alert)
 
     def _maybe_checkpoint(self) -> None:
         if self._checkpointer is not None and not self._checkpointer.done():
