@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from carevault import __version__
 from carevault.access.routes import router as access_router
 from carevault.audit.middleware import AuditTrail
+from carevault.audit.report import router as access_report_router
+from carevault.audit.routes import router as audit_router
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
@@ -51,6 +53,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(jwks_router)
     app.include_router(auth_router)
     app.include_router(access_router)
+    app.include_router(audit_router)
+    app.include_router(access_report_router)  # before the /fhir/{type}/... routes
     app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
