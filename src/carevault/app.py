@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
 from carevault import __version__
 from carevault.access.routes import router as access_router
+from carevault.audit.events import SecurityEvent
 from carevault.audit.middleware import AuditTrail
 from carevault.audit.report import router as access_report_router
 from carevault.audit.routes import router as audit_router
@@ -26,6 +28,20 @@ from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
 
 
+def configuration_event(settings: Settings, services: Services) -> SecurityEvent:
+    """The configuration a server starts with, as digests (an auditor compares them across
+    starts to see when settings or the access policy changed; secrets are masked first)."""
+    return SecurityEvent(
+        "server_started",
+        "success",
+        details={
+            "version": __version__,
+            "settings_sha256": hashlib.sha256(settings.model_dump_json().encode()).hexdigest(),
+            "policy_sha256": hashlib.sha256(services.policy.model_dump_json().encode()).hexdigest(),
+        },
+    )
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or build_services(settings)
@@ -33,6 +49,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
+        await services.events.record(configuration_event(settings, services))
         try:
             yield
         finally:

@@ -172,6 +172,17 @@ class Authenticator:
                         details={"family": err.family_id},
                     )
                 )
+            else:
+                await self._events.record(
+                    SecurityEvent(
+                        event="token_refresh",
+                        outcome="failure",
+                        user_id=err.user_id,
+                        client_id=client_id,
+                        source_address=ctx.address,
+                        request_id=ctx.request_id,
+                    )
+                )
             raise
         family = rotation.family
         user = await self._users.by_id(family.user_id)
@@ -186,5 +197,16 @@ class Authenticator:
             roles=list(user.roles),
             amr=family.amr,
             auth_time=family.auth_time,
+        )
+        await self._events.record(
+            SecurityEvent(
+                event="token_refresh",
+                outcome="success",
+                user_id=user.id,
+                client_id=family.client_id,
+                source_address=ctx.address,
+                request_id=ctx.request_id,
+                details={"family": family.id},
+            )
         )
         return TokenGrant(token, self._issuer.ttl, rotation.refresh_token)
