@@ -152,7 +152,11 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         " resources only\n"
         "  demo-billing: Patients (identifiers only) and Encounters, with the header"
         " X-Purpose-Of-Use: HPAYMT\n"
-        "  demo-service: everything its scopes allow\n",
+        "  demo-service: everything its scopes allow\n"
+        "\nEvery one of those requests is in the audit trail. demo-auditor reads it at"
+        f" {base}/audit and {base}/audit/AuditEvent; the demo patient's own access report is"
+        f" {base}/fhir/Patient/demo-patient-1/$access-report. Check the trail's integrity"
+        " with: .venv/bin/carevault audit verify\n",
         markup=False,
         highlight=False,
         soft_wrap=True,
