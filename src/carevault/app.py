@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from carevault import __version__
 from carevault.access.routes import router as access_router
 from carevault.audit.events import SecurityEvent
-from carevault.audit.middleware import AuditTrail
+from carevault.audit.middleware import AuditTrail, unavailable_response
 from carevault.audit.report import router as access_report_router
 from carevault.audit.routes import router as audit_router
+from carevault.audit.writer import AuditUnavailable
 from carevault.config import Settings
 from carevault.edge import problems
 from carevault.edge.limits import RequestLimits
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
     app.add_exception_handler(AccessDenied, access_denied_response)  # type: ignore[arg-type]
+    app.add_exception_handler(AuditUnavailable, unavailable_response)
     app.add_middleware(
         AuditTrail,
         writer=services.audit_writer,

@@ -14,6 +14,7 @@ import orjson
 import structlog
 from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from carevault.audit.entry import keyed_hash
@@ -166,14 +167,21 @@ def _with_request_id(send: Send, rid: str) -> Send:
     return sender
 
 
-async def _send_unavailable(send: Send, rid: str, fhir: bool) -> None:
+async def unavailable_response(request: Request, _err: Exception) -> Response:
+    """For `AuditUnavailable` raised inside a handler (a security event that could not be
+    recorded): the request fails, 503, whatever path it was on."""
+    path = request.url.path
+    return _unavailable(path == "/fhir" or path.startswith("/fhir/"))
+
+
+def _unavailable(fhir: bool) -> Response:
     if fhir:
         body = orjson.dumps(
             operation_outcome(
                 [{"severity": "error", "code": "transient", "diagnostics": _UNAVAILABLE_TEXT}]
             )
         )
-        media_type = b"application/fhir+json"
+        media_type = "application/fhir+json"
     else:
         body = orjson.dumps(
             {
@@ -183,18 +191,23 @@ async def _send_unavailable(send: Send, rid: str, fhir: bool) -> None:
                 "detail": _UNAVAILABLE_TEXT,
             }
         )
-        media_type = b"application/problem+json"
+        media_type = "application/problem+json"
+    return Response(
+        body,
+        status_code=503,
+        media_type=media_type,
+        headers={"Cache-Control": "no-store", "Retry-After": "5"},
+    )
+
+
+async def _send_unavailable(send: Send, rid: str, fhir: bool) -> None:
+    response = _unavailable(fhir)
+    response.headers["x-request-id"] = rid
     await send(
         {
             "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", media_type),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"retry-after", b"5"),
-                (b"x-request-id", rid.encode()),
-            ],
+            "status": response.status_code,
+            "headers": response.raw_headers,
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": response.body})

@@ -82,7 +82,10 @@ class AuditWriter:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
-            await self._alert([e for entries, _ in batch for e in entries])
+            try:
+                await self._alert([e for entries, _ in batch for e in entries])
+            except Exception as err:  # noqa: BLE001 - alerts must never stall the writer
+                log.error("audit_alert_failed", error=type(err).__name__)
             self._maybe_checkpoint()
 
     async def _alert(self, committed: list[AuditEntry]) -> None:

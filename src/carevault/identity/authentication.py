@@ -126,11 +126,11 @@ class Authenticator:
         await self._throttle.succeeded(subject_hash)
         if needs_rehash:
             await self._users.set_password_hash(user.id, await self._hasher.hash(password))
-        grant = await self._start_session(user)
         event.outcome = "success"
         event.details = {"rehashed": True} if needs_rehash else {}
+        # Recorded before any token exists: no session starts that the trail does not show.
         await self._events.record(event)
-        return grant
+        return await self._start_session(user)
 
     async def _start_session(self, user: User) -> TokenGrant:
         auth_time = int(self._clock())
