@@ -240,6 +240,7 @@ class Actor:
     organization_id: str | None
     practitioner_id: str | None
     patient_id: str | None
+    roles: tuple[str, ...] = ()  # the account's roles now (an entry keeps those it had)
 
 
 async def actors(engine: AsyncEngine, user_ids: Iterable[str]) -> dict[str, Actor]:
@@ -254,13 +255,23 @@ async def actors(engine: AsyncEngine, user_ids: Iterable[str]) -> dict[str, Acto
             rows = (
                 await conn.execute(
                     select(
-                        c.id, c.username, c.organization_id, c.practitioner_id, c.patient_id
+                        c.id,
+                        c.username,
+                        c.organization_id,
+                        c.practitioner_id,
+                        c.patient_id,
+                        c.roles,
                     ).where(c.id.in_(wanted[start : start + 500]))
                 )
             ).all()
             for row in rows:
                 found[row.id] = Actor(
-                    row.id, row.username, row.organization_id, row.practitioner_id, row.patient_id
+                    row.id,
+                    row.username,
+                    row.organization_id,
+                    row.practitioner_id,
+                    row.patient_id,
+                    tuple(row.roles or ()),
                 )
     return found
 

@@ -180,6 +180,8 @@ class _Names:
         roles = tuple(doc.get("roles") or ())
         if actor is None:
             return ReportAgent(roles)
+        # An entry without roles (some security events keep none): the account's roles now.
+        roles = roles or actor.roles
         organization = actor.organization_id
         org_name = await self._name("Organization", organization) if organization else None
         name = None
