@@ -46,6 +46,7 @@ from carevault.audit.queries import (
 )
 from carevault.audit.request import request_audit
 from carevault.fhir import outcome
+from carevault.fhir.authorization import FhirCaller
 from carevault.fhir.routes import ID_PATTERN, Caller, FhirError, fhir_response
 from carevault.fhir.store import NotFound, ResourceStore, StoreError
 from carevault.identity.roles import Role
@@ -61,7 +62,7 @@ def _not_found() -> FhirError:
     return FhirError(404, outcome.not_found())
 
 
-def _allowed(caller: Any, patient_id: str) -> bool:
+def _allowed(caller: FhirCaller, patient_id: str) -> bool:
     scopes = caller.requester.scopes
     if not scopes.granting_contexts("read", "AuditEvent"):
         return False

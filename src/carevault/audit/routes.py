@@ -108,10 +108,14 @@ async def _page(request: Request) -> Page:
 
 
 @router.get("")
-async def list_audit_entries(request: Request, _: Auditor) -> JSONResponse:
+async def list_audit_entries(request: Request, _: Auditor) -> Response:
     page = await _page(request)
     entries = [{**e.document, "mac": e.mac.hex()} for e in page.entries]
-    return JSONResponse({"entries": entries, "next": page.next}, headers=NO_STORE)
+    return Response(
+        orjson.dumps({"entries": entries, "next": page.next}),
+        media_type="application/json",
+        headers=NO_STORE,
+    )
 
 
 @router.get("/AuditEvent")
