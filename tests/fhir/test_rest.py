@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import select, text, update
 
 from carevault.db.tables import fhir_versions
-from tests.audit.trail import audit_documents
 from carevault.fhir.validation import validate_resource
 from carevault.identity.roles import Role
+from tests.audit.trail import audit_documents
 
 FHIR = "application/fhir+json"
 DISTINCT = {

@@ -171,7 +171,7 @@ async def authorize(
     if decision is None:  # neither a record nor a body: the type alone
         decision = await authorize_type(caller, action, resource_type, request)
         return decision
-    await note_break_glass(request, caller, decision)
+    await note_break_glass(request, caller, decision, patients)
     _record(
         request,
         action,
@@ -197,7 +197,7 @@ async def visible_body(
     )
     if not decision.permit:
         return None
-    await note_break_glass(request, caller, decision)
+    await note_break_glass(request, caller, decision, patients)
     audit = request_audit(request)
     if audit is not None:
         audit.record(
@@ -250,9 +250,11 @@ async def authorize_gone(
         raise not_visible(caller)
 
 
-async def note_break_glass(request: Request, caller: FhirCaller, decision: Decision) -> None:
-    """Once per request: an access under a break-glass grant is a security event (the audit
-    trail takes these over)."""
+async def note_break_glass(
+    request: Request, caller: FhirCaller, decision: Decision, patients: tuple[str, ...] = ()
+) -> None:
+    """Once per request: an access under a break-glass grant is a security event of its own
+    (besides the flagged entry of each record), so that alert rules and auditors see it."""
     if not decision.break_glass or caller.break_glass_used:
         return
     caller.break_glass_used = True
@@ -262,6 +264,8 @@ async def note_break_glass(request: Request, caller: FhirCaller, decision: Decis
             "success",
             user_id=caller.user_id,
             client_id=caller.client_id,
+            roles=caller.roles,
+            patient_id=patients[0] if patients else None,
             request_id=request_id(request),
             details={"purpose": caller.requester.purpose},
         )

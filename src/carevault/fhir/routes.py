@@ -277,7 +277,17 @@ def _operations(resource_type: str) -> dict[str, list[dict[str, str]]]:
                     "opaque next links. Other parameters (start, end, _since, _type) are "
                     "not supported."
                 ),
-            }
+            },
+            {
+                "name": "access-report",
+                "definition": "urn:carevault:OperationDefinition:Patient-access-report",
+                "documentation": (
+                    "GET only, for the patient themself and auditors: a Bundle of AuditEvents, "
+                    "one per access to this patient's records by someone else (when, what kind "
+                    "of record, action, purpose of use, role and organization; break-glass "
+                    "accesses flagged), paged by _count and _cursor."
+                ),
+            },
         ]
     }
 
