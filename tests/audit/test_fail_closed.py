@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 
 from carevault.config import Settings
 from tests.audit.conftest import (
@@ -192,13 +191,6 @@ async def _observations_of(c: Clinic, patient: str) -> dict[str, Any]:
     return {e["resource"]["id"]: e["resource"] for e in bundle.get("entry", [])}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: audit/middleware.py AuditTrail holds the response at http.response.start, "
-    "after the handler committed the write: a create/update during an audit outage answers "
-    "503 ('nothing was disclosed. Try again.') but the record is stored (and changed) with no "
-    "audit entry; a retry creates a duplicate",
-)
 async def test_writes_refused_for_lack_of_audit_leave_no_unaudited_change(
     clinic: Clinic, settings: Settings
 ) -> None:

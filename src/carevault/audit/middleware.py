@@ -21,6 +21,7 @@ from carevault.audit.entry import keyed_hash
 from carevault.audit.request import (
     REQUEST_ID_KEY,
     STATE_KEY,
+    WRITES,
     RequestAudit,
     accept_request_id,
     query_hash,
@@ -61,6 +62,12 @@ class AuditTrail:
         audit = self._request_audit(scope, headers, rid, interaction, path)
         state[STATE_KEY] = audit
         fhir = path == "/fhir" or path.startswith("/fhir/")
+        if interaction in WRITES:
+            try:
+                await self.writer.write([audit.started()])
+            except AuditUnavailable:
+                await _send_unavailable(send, rid, fhir)
+                return
         failed = False
         started = False
 

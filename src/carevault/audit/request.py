@@ -26,7 +26,10 @@ REQUEST_ID_KEY = "request_id"
 # into the audit trail and the logs.
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Interactions whose one entry is the record they touched; others always get a request entry.
+# Of these, the writes are also recorded as started (`<action>.start`) before they run: a
+# write that cannot be recorded is refused before it changes anything.
 _SINGLE_RECORD = frozenset({"read", "vread", "create", "update", "delete"})
+WRITES = frozenset({"fhir.create", "fhir.update", "fhir.delete", "fhir.bundle"})
 
 
 def accept_request_id(header: str | None) -> str:
@@ -92,6 +95,18 @@ class RequestAudit:
                 )
             )
 
+    def started(self) -> AuditEntry:
+        """The entry committed before a write runs."""
+        return AuditEntry(
+            action=f"{self.interaction}.start",
+            outcome=Outcome.permit,
+            resource_type=self.resource_type,
+            resource_id=self.resource_id,
+            request_id=self.request_id,
+            source=self.source,
+            user_agent=self.user_agent,
+        )
+
     def finish(self, status: int, headers: dict[str, str]) -> list[AuditEntry]:
         """Every entry of the request, stamped with who, why, where and how it ended."""
         single = self.interaction.removeprefix("fhir.") in _SINGLE_RECORD
@@ -107,8 +122,10 @@ class RequestAudit:
                     detail=self.detail,
                 ),
             )
-        elif status < 400:
-            _fill_written_version(self.entries, headers)
+        else:
+            self.entries = _one_per_patient(self.interaction, self.entries)
+            if status < 400:
+                _fill_written_version(self.entries, headers)
         for entry in self.entries:
             entry.status = status
             entry.user, entry.client, entry.roles = self.user, self.client, self.roles
@@ -119,6 +136,18 @@ class RequestAudit:
             if entry.outcome is Outcome.permit and status >= 400:
                 entry.outcome = Outcome.error
         return self.entries
+
+
+def _one_per_patient(interaction: str, entries: list[AuditEntry]) -> list[AuditEntry]:
+    """A single-record interaction is one entry per patient of that record: the checks it
+    made on the way (may the caller read the current version, then update it; the body shown
+    back) are steps of the one interaction, and the last of them is its outcome."""
+    last: dict[str | None, AuditEntry] = {}
+    for entry in entries:
+        entry.action = interaction
+        last.pop(entry.patient, None)
+        last[entry.patient] = entry
+    return list(last.values())
 
 
 def _request_outcome(status: int) -> Outcome:
