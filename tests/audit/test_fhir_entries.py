@@ -239,6 +239,7 @@ async def test_break_glass_access_is_flagged(clinic: Clinic) -> None:
     assert reads[0]["outcome"] == "permit" and reads[0]["user"] == c.users["drOther"].id
     access = [e for e in entries if e["action"] == "security.break_glass_access"]
     assert len(access) == 1 and access[0]["break_glass"] is True
+    assert access[0]["patient"] == p and access[0]["user"] == c.users["drOther"].id
 
     search = await c.get("drOther", f"/fhir/Observation?patient=Patient/{p}")
     records = [e for e in await entries_of(c, search) if e.get("id")]
