@@ -33,7 +33,7 @@ from carevault.audit.log import AuditLog, ProofUnavailable
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
 from carevault.db.engine import create_engine
-from carevault.db.tables import AUDIT_TABLES, audit_entries, audit_retention
+from carevault.db.tables import AUDIT_TABLES, audit_blocks, audit_entries, audit_retention
 from tests.audit import rfc9162
 from tests.audit.conftest import cli_env, owner, run_cli, sql, verify_db
 
@@ -295,6 +295,57 @@ def test_removing_entries_by_hand_with_a_forged_retention_mark_is_caught(trail: 
     ), report.problem
     result = run_cli(cli_env(settings), "audit", "verify")
     assert result.exit_code == 1 and "FAILED at seq 1: missing" in result.output, result.output
+
+
+def test_a_changed_block_hash_is_caught(trail: Settings) -> None:
+    """The stored hash of entries 1..1024 stands in for them in proofs: a forged one is
+    caught against the entries while they are held."""
+    settings = trail
+    with owner(settings) as conn:
+        conn.execute(update(audit_blocks).where(audit_blocks.c.block == 0).values(hash=bytes(32)))
+    report = verify_db(settings)
+    assert report.problem is not None, "a forged block hash went unnoticed"
+    assert (report.problem.kind, report.problem.seq) == ("modified", 1), report.problem
+
+
+@pytest.mark.parametrize("attack", ["block-hash", "retention-mac", "first-kept-entry"])
+def test_tampering_after_retention_is_caught(
+    trail: Settings, tmp_path: Path, request: pytest.FixtureRequest, attack: str
+) -> None:
+    """Once entries 1..2048 are gone, what stands in for them (the stored block hashes, the
+    retention mark's last MAC) is still bound by the signed checkpoints and the chain."""
+    settings = trail
+    _xfail_on_postgresql(request, settings)
+    with archive.connect(settings.sqlalchemy_url) as conn:
+        archive.retain(conn, _keys(settings), UP_TO, tmp_path / "r.jsonl", _record(settings))
+    assert verify_db(settings).ok
+    with owner(settings) as conn:
+        if attack == "block-hash":
+            conn.execute(
+                update(audit_blocks).where(audit_blocks.c.block == 1).values(hash=bytes(32))
+            )
+        elif attack == "retention-mac":
+            conn.execute(update(audit_retention).values(last_mac=bytes(32)))
+        else:
+            first = conn.execute(
+                select(audit_entries.c.entry).where(audit_entries.c.seq == UP_TO + 1)
+            ).scalar_one()
+            changed = first.replace('"user-', '"user-x')
+            assert changed != first
+            conn.execute(
+                update(audit_entries).where(audit_entries.c.seq == UP_TO + 1).values(entry=changed)
+            )
+    report = verify_db(settings)
+    assert report.problem is not None, attack
+    expected = {
+        # the tree before 2049 (from the stored block hashes) no longer gives checkpoint 2048
+        "block-hash": ("modified", UP_TO),
+        "retention-mac": ("modified", UP_TO + 1),  # 2049 no longer chains
+        "first-kept-entry": ("modified", UP_TO + 1),
+    }[attack]
+    assert (report.problem.kind, report.problem.seq) == expected, report.problem
+    result = run_cli(cli_env(settings), "audit", "verify")
+    assert result.exit_code == 1, result.output
 
 
 def test_cli_retain_then_verify(

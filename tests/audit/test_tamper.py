@@ -226,6 +226,16 @@ def modify_break_glass_column_only(conn: Connection) -> None:
     conn.execute(update(audit_entries).where(audit_entries.c.seq == 150).values(break_glass=False))
 
 
+def _column_only(column: str, value: Any) -> Callable[[Connection], None]:
+    def attack(conn: Connection) -> None:
+        assert getattr(_row(conn, 150), column) != value
+        conn.execute(
+            update(audit_entries).where(audit_entries.c.seq == 150).values(**{column: value})
+        )
+
+    return attack
+
+
 def modify_mac_only(conn: Connection) -> None:
     mac = _row(conn, 150).mac
     conn.execute(
@@ -313,6 +323,14 @@ ATTACKS: dict[str, tuple[Callable[[Connection], None], tuple[str, ...], int]] = 
     "modify-outcome": (modify_outcome, ("modified",), 143),
     "modify-patient-column-only": (modify_patient_column_only, ("modified",), 150),
     "modify-break-glass-column-only": (modify_break_glass_column_only, ("modified",), 150),
+    "modify-user-column-only": (_column_only("user_id", "user-1"), ("modified",), 150),
+    "modify-action-column-only": (_column_only("action", "fhir.search"), ("modified",), 150),
+    "modify-outcome-column-only": (_column_only("outcome", "error"), ("modified",), 150),
+    "modify-at-column-only": (
+        _column_only("at", "2001-01-01T00:00:00.000000Z"),
+        ("modified",),
+        150,
+    ),
     "modify-mac-only": (modify_mac_only, ("modified",), 150),
     "delete-one": (delete_one, ("missing",), 150),
     "delete-first": (delete_first, ("missing",), 1),
