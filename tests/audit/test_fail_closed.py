@@ -14,6 +14,7 @@ import httpx
 import orjson
 
 from carevault.config import Settings
+from carevault.identity.roles import Role
 from tests.audit.conftest import (
     P_BIRTH,
     P_FAMILY,
@@ -67,6 +68,9 @@ def _requests(c: Clinic) -> list[tuple[str, str]]:
         ("drA", f"/fhir/Patient/{q}"),  # denied: its deny entry cannot be written either
         ("svc", "/fhir/Patient"),  # a search returning both patients
         ("svc", f"/fhir/Patient/{q}"),
+        ("auditor", f"/fhir/Patient/{p}/$access-report"),
+        ("auditor", f"/audit?patient={p}"),
+        ("auditor", f"/audit/AuditEvent?patient={p}"),
     ]
 
 
@@ -77,10 +81,14 @@ def _secrets(c: Clinic) -> list[str]:
 
 def assert_unavailable(c: Clinic, response: httpx.Response, url: str) -> None:
     assert response.status_code == 503, (url, response.status_code, response.text[:300])
-    assert response.headers["content-type"].startswith("application/fhir+json"), url
     body = response.json()
-    assert body["resourceType"] == "OperationOutcome", url
-    assert [i["code"] for i in body["issue"]] == ["transient"], url
+    if url.startswith("/fhir"):
+        assert response.headers["content-type"].startswith("application/fhir+json"), url
+        assert body["resourceType"] == "OperationOutcome", url
+        assert [i["code"] for i in body["issue"]] == ["transient"], url
+    else:
+        assert response.headers["content-type"].startswith("application/problem+json"), url
+        assert body["status"] == 503 and set(body) == {"type", "title", "status", "detail"}
     for header in ("etag", "last-modified", "location", "content-location", "set-cookie"):
         assert header not in response.headers, (url, header)
     assert response.headers["cache-control"] == "no-store"
@@ -94,6 +102,7 @@ async def test_reads_and_searches_fail_closed_then_recover(
     clinic: Clinic, settings: Settings
 ) -> None:
     c = clinic
+    await c.user("auditor", Role.auditor)
     # each request works (and shows the data) while the trail can be written
     for who, url in _requests(c):
         response = await c.get(who, url)
@@ -110,7 +119,7 @@ async def test_reads_and_searches_fail_closed_then_recover(
         refused.append(response.headers["x-request-id"])
     # a caller without a token is not told "401" either: its deny entry cannot be written
     anonymous = await c.client.get(f"/fhir/Patient/{c.ids['P']}")
-    assert_unavailable(c, anonymous, "anonymous")
+    assert_unavailable(c, anonymous, f"/fhir/Patient/{c.ids['P']} (anonymous)")
     refused.append(anonymous.headers["x-request-id"])
     # nothing was written meanwhile
     assert await audit_documents(c.h.services.engine) == before
@@ -147,7 +156,7 @@ async def test_search_bundle_never_leaves_when_its_entries_cannot_be_written(
     block_audit(settings)
     try:
         response = await c.get("svc", "/fhir/Observation?_count=50")
-        assert_unavailable(c, response, "search")
+        assert_unavailable(c, response, "/fhir/Observation?_count=50")
         assert "Bundle" not in response.text and "searchset" not in response.text
     finally:
         unblock_audit(settings)
