@@ -575,3 +575,44 @@ def test_export_resigned_by_someone_else_is_not_trusted(trail: Settings, tmp_pat
     # and the file's own keys are never trusted on their own
     with pytest.raises(archive.ArchiveError):
         archive.verify_file(forged, None, {})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: audit/log.py AuditLog.checkpoint() signs the root over whatever rows are "
+    "stored without checking their chain MACs since the previous checkpoint: an entry changed "
+    "by the database owner before the next automatic checkpoint ends up under a valid "
+    "signature, and an export verified with the public key alone accepts it (only the "
+    "key-holding verify still sees the bad MAC)",
+)
+async def test_a_change_in_the_unsigned_tail_is_not_signed_over(
+    trail: Settings, tmp_path: Path
+) -> None:
+    """Entries 301..320 are not under a checkpoint yet. If the owner changes one there, the
+    next checkpoint (signed automatically every 1000 entries or 60 s) must not bless it: an
+    auditor holding only the public key would otherwise accept the changed entry."""
+    with owner(trail) as conn:
+        document = _document(conn, 310)
+        document["user"] = "user-mallory"
+        _set_document(conn, 310, document, user_id="user-mallory")
+    engine = create_engine(trail)
+    try:
+        log = AuditLog(engine, KeyCustody.from_settings(trail).audit_keys)
+        try:
+            await log.checkpoint()
+        except Exception:  # noqa: BLE001, S110 - refusing to sign is one right answer
+            pass
+    finally:
+        await engine.dispose()
+    problem = verify_db(trail).problem  # with the audit key: the MAC gives it away
+    assert problem is not None and (problem.kind, problem.seq) == ("modified", 310)
+    signed = [r[0] for r in sql(trail, "SELECT size FROM audit_checkpoints ORDER BY size")]
+    if max(signed) < 310:
+        return  # nothing signed over the change: fine
+    out = tmp_path / "export.jsonl"
+    with archive.connect(trail.sqlalchemy_url) as conn:
+        keys = KeyCustody.from_settings(trail).audit_keys()
+        archive.export(conn, keys, out)
+        public = archive.keys_of_jwks(archive.public_jwks(keys))
+    report = archive.verify_file(out, None, public)
+    assert not report.ok, "a changed entry is now under a valid signature: the auditor accepts it"
