@@ -128,25 +128,10 @@ def _signed_root(settings: Settings, size: int) -> bytes:
     return root
 
 
-RETAIN_PG_BUG = (
-    "BUG: audit/archive.py rows() calls conn.execution_options(stream_results=True, "
-    "yield_per=...), which in SQLAlchemy 2 changes the Connection itself; retain() later runs "
-    "append_only.drop on that connection and PostgreSQL gets 'DECLARE ... CURSOR FOR DROP "
-    "TRIGGER' (syntax error): `carevault audit retain` always fails on PostgreSQL, after it "
-    "wrote the export and chained its security.audit_retention entry"
-)
-
-
-def _xfail_on_postgresql(request: pytest.FixtureRequest, settings: Settings) -> None:
-    if settings.database_url:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=RETAIN_PG_BUG))
-
-
 def test_retain_exports_removes_and_proofs_still_work(
     trail: Settings, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     settings = trail
-    _xfail_on_postgresql(request, settings)
     rows = sql(settings, "SELECT seq, entry, mac FROM audit_entries ORDER BY seq")
     leaves = [_leaf(r.entry, r.mac) for r in rows]
     assert [r.seq for r in rows] == list(range(1, SIZE + 1))
@@ -315,7 +300,6 @@ def test_tampering_after_retention_is_caught(
     """Once entries 1..2048 are gone, what stands in for them (the stored block hashes, the
     retention mark's last MAC) is still bound by the signed checkpoints and the chain."""
     settings = trail
-    _xfail_on_postgresql(request, settings)
     with archive.connect(settings.sqlalchemy_url) as conn:
         archive.retain(conn, _keys(settings), UP_TO, tmp_path / "r.jsonl", _record(settings))
     assert verify_db(settings).ok
@@ -352,7 +336,6 @@ def test_cli_retain_then_verify(
     trail: Settings, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     settings = trail
-    _xfail_on_postgresql(request, settings)
     out = tmp_path / "cli.jsonl"
     env = cli_env(settings)
     result = run_cli(env, "audit", "retain", "--up-to", str(UP_TO), "--out", str(out))

@@ -111,7 +111,8 @@ def rows(conn: Connection, first: int, last: int | None) -> Iterator[Row]:
     query = select(audit_entries).where(audit_entries.c.seq >= first).order_by(audit_entries.c.seq)
     if last is not None:
         query = query.where(audit_entries.c.seq <= last)
-    result = conn.execution_options(stream_results=True, yield_per=_FETCH).execute(query)
+    # Per statement: Connection.execution_options would set them for every later statement.
+    result = conn.execute(query, execution_options={"stream_results": True, "yield_per": _FETCH})
     for r in result:
         yield Row(
             r.seq,
