@@ -577,14 +577,6 @@ def test_export_resigned_by_someone_else_is_not_trusted(trail: Settings, tmp_pat
         archive.verify_file(forged, None, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: audit/log.py AuditLog.checkpoint() signs the root over whatever rows are "
-    "stored without checking their chain MACs since the previous checkpoint: an entry changed "
-    "by the database owner before the next automatic checkpoint ends up under a valid "
-    "signature, and an export verified with the public key alone accepts it (only the "
-    "key-holding verify still sees the bad MAC)",
-)
 async def test_a_change_in_the_unsigned_tail_is_not_signed_over(
     trail: Settings, tmp_path: Path
 ) -> None:

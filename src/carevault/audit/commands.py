@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from carevault.audit import archive
 from carevault.audit.events import SecurityEvent
+from carevault.audit.log import ChainBroken
 from carevault.audit.verify import Report
 from carevault.config import Settings
 from carevault.crypto.custody import AuditKeys, KeyCustody
@@ -46,7 +48,8 @@ def _record(settings: Settings, event: SecurityEvent, alert: dict[str, Any] | No
             await services.events.record(event)
             if alert is not None:
                 await services.alerts.emit(alert)
-            await services.audit.checkpoint()
+            with contextlib.suppress(ChainBroken):  # never sign over a broken chain
+                await services.audit.checkpoint()
         finally:
             await services.close()
 
@@ -190,7 +193,14 @@ def checkpoint() -> None:
         finally:
             await services.close()
 
-    document = asyncio.run(work())
+    try:
+        document = asyncio.run(work())
+    except ChainBroken as err:
+        _fail(
+            f"entry {err.seq} does not match its chain MAC: nothing signed; "
+            "run `carevault audit verify`"
+        )
+        raise typer.Exit(1) from None
     if document is None:
         raise _fail("the trail is empty: nothing to sign")
     console.print_json(data=document)

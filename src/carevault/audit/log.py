@@ -37,6 +37,15 @@ _PG_LOCK_ID = 0x43564155  # "CVAU"
 ORIGIN = "carevault audit trail"
 
 
+class ChainBroken(Exception):
+    """An entry since the last checkpoint does not match its chain MAC: it was changed in the
+    database. Nothing is signed over it; `audit verify` names it."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        super().__init__(f"entry {seq} does not match its chain MAC")
+
+
 class ProofUnavailable(Exception):
     """The sizes asked for are not checkpoints, or the entries were removed by retention."""
 
@@ -125,7 +134,11 @@ class AuditLog:
 
     async def _lock(self, conn: AsyncConnection) -> None:
         if conn.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+            # Keyed by schema too: deployments sharing a database must not wait for each other.
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:id, hashtext(current_schema()))"),
+                {"id": _PG_LOCK_ID},
+            )
         # SQLite: write_transaction began with BEGIN IMMEDIATE, the database's one write lock.
 
     async def size(self) -> int:
@@ -167,6 +180,7 @@ class AuditLog:
         latest = await self.latest_checkpoint()
         if size == 0 or (latest is not None and latest.size >= size):
             return latest
+        await self._check_chain(latest.size if latest else 0, size)
         root = await self.root(size)
         at = format_time(self._clock())
         keys = self.keys
@@ -187,6 +201,44 @@ class AuditLog:
         except IntegrityError:  # another instance signed this size first
             return await self.checkpoint_at(size)
         return signed
+
+    async def _check_chain(self, signed: int, size: int) -> None:
+        """A checkpoint vouches for its entries to auditors holding only the public key: the
+        ones it adds must chain, or a change made in the database before it would be signed."""
+        mac_key = self.keys.mac
+        async with read_connection(self._engine) as conn:
+            previous = GENESIS_MAC
+            if signed:
+                previous = (
+                    await conn.execute(
+                        select(audit_entries.c.mac).where(audit_entries.c.seq == signed)
+                    )
+                ).scalar()
+                if previous is None:  # removed by retention: its mark keeps the MAC
+                    previous = (
+                        await conn.execute(
+                            select(audit_retention.c.last_mac).where(
+                                audit_retention.c.up_to == signed
+                            )
+                        )
+                    ).scalar()
+                if previous is None:
+                    raise ChainBroken(signed)
+            rows = (
+                await conn.execute(
+                    select(audit_entries.c.seq, audit_entries.c.entry, audit_entries.c.mac)
+                    .where(audit_entries.c.seq > signed, audit_entries.c.seq <= size)
+                    .order_by(audit_entries.c.seq)
+                )
+            ).all()
+        expected = signed + 1
+        for row in rows:
+            if row.seq != expected or chain_mac(mac_key, previous, row.entry.encode()) != row.mac:
+                raise ChainBroken(expected)
+            previous = row.mac
+            expected += 1
+        if expected != size + 1:
+            raise ChainBroken(expected)
 
     # -- Merkle -------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from joserfc.jwk import OKPKey
 from starlette.datastructures import URL
 
 from carevault.audit.audit_event import auditor_view
-from carevault.audit.log import AuditLog, Checkpoint, ProofUnavailable
+from carevault.audit.log import AuditLog, ChainBroken, Checkpoint, ProofUnavailable
 from carevault.audit.queries import (
     FILTER_PARAMS,
     MAX_SEQ,
@@ -150,7 +150,10 @@ def _relative(url: URL) -> str:
 async def latest_checkpoint(request: Request, _: Auditor) -> JSONResponse:
     _values(request, frozenset())
     trail = _log(request)
-    checkpoint = await trail.latest_checkpoint() or await trail.checkpoint()
+    try:
+        checkpoint = await trail.latest_checkpoint() or await trail.checkpoint()
+    except ChainBroken:  # nothing is signed over a changed entry; `audit verify` names it
+        raise ProblemError(503, "The audit trail cannot be signed right now.") from None
     if checkpoint is None:
         raise ProblemError(404, "The audit trail has no entries yet.")
     return JSONResponse(checkpoint.document(), headers=NO_STORE)

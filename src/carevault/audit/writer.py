@@ -20,7 +20,7 @@ import structlog
 from carevault.access.alerts import AlertSinks
 from carevault.audit.alerts import AlertRules, alert_entry
 from carevault.audit.entry import AuditEntry
-from carevault.audit.log import AuditLog
+from carevault.audit.log import AuditLog, ChainBroken
 
 log = structlog.get_logger("carevault.audit")
 
@@ -117,8 +117,15 @@ class AuditWriter:
                 signed = await self.trail.checkpoint()
                 known = signed.size if signed else known
             self._checkpointed = known
+        except ChainBroken as err:
+            await self._chain_broken(err)
         except Exception as err:  # noqa: BLE001 - retried at the next batch or tick
             log.error("audit_checkpoint_failed", error=type(err).__name__)
+
+    async def _chain_broken(self, err: ChainBroken) -> None:
+        log.error("audit_chain_broken", seq=err.seq)
+        if self._sinks is not None:
+            await self._sinks.emit({"alert": "audit_chain_broken", "seq": err.seq})
 
     async def run_checkpoints(self) -> None:
         """Sign a checkpoint every `checkpoint_seconds` when entries arrived since the last."""
@@ -126,6 +133,8 @@ class AuditWriter:
             await asyncio.sleep(self._checkpoint_seconds)
             try:
                 await self.trail.checkpoint()
+            except ChainBroken as err:
+                await self._chain_broken(err)
             except Exception as err:  # noqa: BLE001 - the next tick tries again
                 log.error("audit_checkpoint_failed", error=type(err).__name__)
 
