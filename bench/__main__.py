@@ -45,6 +45,7 @@ SCENARIO_SETS = {
     "micro": ("micro",),
     "fhir": ("fhir",),
     "access": ("access",),
+    "audit": ("audit",),
 }
 FHIR_ENCRYPTION_SHARE_MAX = 0.15  # encryption < 15% of store.read() latency
 FHIR_READ_P99_MAX_MS = 10.0  # single-resource read p99 < 10 ms (target stated at 100k)
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auth",
         choices=sorted(SCENARIO_SETS),
         help="scenario set: auth = http + micro; fhir = FHIR REST on a seeded data set; "
-        "access = cost of the access decision point (physician vs service account)",
+        "access = cost of the access decision point (physician vs service account); "
+        "audit = audit cost per read (vs a no-op writer), append throughput, verify speed",
     )
     parser.add_argument(
         "--sizes",
@@ -96,13 +98,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--size",
         type=int,
         default=None,
-        help="access: data set size in resources (default 100000)",
+        help="access, audit: data set size in resources (default access 100000, audit 10000)",
     )
     parser.add_argument(
         "--care-patients",
         type=int,
         default=50,
         help="access: patients whose CareTeam lists the physician (default 50)",
+    )
+    parser.add_argument(
+        "--verify-entries",
+        type=int,
+        default=1_000_000,
+        help="audit: entries of the bulk-seeded trail that `audit verify` is timed on "
+        "(default 1000000)",
+    )
+    parser.add_argument(
+        "--append-concurrency",
+        default="1,8,64",
+        help="audit: comma-separated numbers of concurrent appending tasks (default 1,8,64)",
+    )
+    parser.add_argument(
+        "--append-seconds",
+        type=float,
+        default=None,
+        help="audit: seconds of appending per writer and concurrency (default 5, quick 1)",
+    )
+    parser.add_argument(
+        "--audit-parts",
+        default="http,append,verify",
+        help="audit: which parts to run, comma-separated (default http,append,verify)",
     )
     parser.add_argument(
         "--seed-workers",
@@ -186,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     # fhir: 4 store/size pairs x 7 scenarios, access: 8 scenarios per store: shorter by default
-    fhir = args.scenarios in ("fhir", "access")
+    fhir = args.scenarios in ("fhir", "access", "audit")
     args.duration = args.duration or (3.0 if args.quick else 8.0 if fhir else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.iterations = args.iterations or (500 if args.quick else 3000)
@@ -211,6 +236,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown store {store}; choose from sqlite, postgresql")
     args.stores = list(dict.fromkeys(args.stores))
     args.pg = args.pg or env_pg or "postgresql://postgres@127.0.0.1:5432/test"
+    args.append_seconds = args.append_seconds or (1.0 if args.quick else 5.0)
+    try:
+        args.append_concurrency = [int(x) for x in args.append_concurrency.split(",") if x]
+    except ValueError:
+        parser.error("--append-concurrency takes comma-separated integers, e.g. 1,8,64")
+    args.audit_parts = [x.strip() for x in args.audit_parts.split(",") if x.strip()]
+    if not set(args.audit_parts) <= {"http", "append", "verify"} or not args.audit_parts:
+        parser.error("--audit-parts takes http, append and/or verify")
+    if args.verify_entries < 1 or not args.append_concurrency or min(args.append_concurrency) < 1:
+        parser.error("--verify-entries and --append-concurrency must be at least 1")
     if args.seed_workers < 1:
         parser.error("--seed-workers must be at least 1")
     for alg in args.algorithms:
@@ -522,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.access import access_main
 
         return access_main(args, started, cpus, pin, console, machine_info, Steps)
+    if "audit" in parts:
+        from bench.audit import audit_main
+
+        return audit_main(args, started, cpus, pin, console, machine_info, Steps)
     if "http" in parts:
         wrk = None
         if args.loadgen in ("auto", "wrk"):

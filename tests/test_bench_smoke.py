@@ -412,3 +412,133 @@ async def test_access_set_measures_permitted_reads_and_filtered_searches(harness
     checks = await verify_http(get, auth, care, service_totals)
     assert checks["code_totals"]["physician"] == expected
     assert checks["physician_outside_care_set_status"] == 404
+
+
+# --- the "audit" set: no-op writer server, append throughput, seeded trail that verifies ----
+
+
+def test_audit_scenario_set_is_registered() -> None:
+    from bench.__main__ import SCENARIO_SETS, parse_args
+
+    assert SCENARIO_SETS["audit"] == ("audit",)
+    args = parse_args(["audit", "--quick", "--verify-entries", "50", "--append-concurrency", "1,4"])
+    assert (args.verify_entries, args.append_concurrency, args.append_seconds) == (50, [1, 4], 1.0)
+    assert args.audit_parts == ["http", "append", "verify"]
+    assert parse_args(["audit"]).verify_entries == 1_000_000
+
+
+async def _audit_app_client(stack: Any, settings: Any, *, noop: bool) -> tuple[Any, Any]:
+    import httpx
+
+    from bench.audit import bench_app
+
+    app = bench_app(settings, noop=noop)
+    await stack.enter_async_context(app.router.lifespan_context(app))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    await stack.enter_async_context(client)
+    return app, client
+
+
+async def test_audit_noop_factory_replaces_only_the_writer(settings: Any) -> None:
+    """The two servers of the audit-cost measurement, in-process on one database: the audited
+    one commits an entry per read through `AuditWriter`; the other answers the same bytes
+    through `NoopAuditWriter` and adds nothing to the trail."""
+    import contextlib
+
+    from bench.audit import NoopAuditWriter, observation_ids
+    from bench.fhir import RESOURCES_PER_PATIENT, seed
+    from carevault.audit.writer import AuditWriter
+    from carevault.identity.roles import Role
+    from tests.conftest import STRONG_PASSWORD
+
+    async with contextlib.AsyncExitStack() as stack:
+        audited, client = await _audit_app_client(stack, settings, noop=False)
+        services = audited.state.services
+        assert type(services.audit_writer) is AuditWriter
+        await seed(services, 2 * RESOURCES_PER_PATIENT)
+        await services.accounts.add_user("bench.user", STRONG_PASSWORD, Role.service)
+        noop_app, noop_client = await _audit_app_client(stack, settings, noop=True)
+        assert isinstance(noop_app.state.services.audit_writer, NoopAuditWriter)
+
+        rid = observation_ids(2 * RESOURCES_PER_PATIENT, limit=3)[0]
+        bodies, stats = {}, {}
+        for name, c in (("audited", client), ("noop", noop_client)):
+            login = await c.post(
+                "/auth/login", json={"username": "bench.user", "password": STRONG_PASSWORD}
+            )
+            header = {"Authorization": f"Bearer {login.json()['access_token']}"}
+            before = (await c.get("/bench/audit-stats")).json()
+            response = await c.get(f"/fhir/Observation/{rid}", headers=header)
+            assert response.status_code == 200
+            bodies[name] = response.content
+            stats[name] = (before, (await c.get("/bench/audit-stats")).json())
+        assert bodies["audited"] == bodies["noop"]
+        before, after = stats["audited"]
+        assert after["writer"] == "AuditWriter"
+        assert (after["size"] - before["size"], after["batches"] - before["batches"]) == (1, 1)
+        before, after = stats["noop"]
+        assert after["writer"] == "NoopAuditWriter"
+        assert after["size"] == before["size"]
+        assert after["writes"] - before["writes"] == 1
+
+
+def test_audit_append_measurement_keeps_a_valid_trail(settings: Any) -> None:
+    import asyncio
+
+    from bench.audit import _audit_keys, append_part, time_verify
+
+    result = asyncio.run(append_part(settings, [1, 4], 0.2))
+    runs = {(r["writer"], r["concurrency"]): r for r in result["runs"]}
+    assert set(runs) == {("group", 1), ("per-entry", 1), ("group", 4), ("per-entry", 4)}
+    for run in runs.values():
+        assert run["entries"] > 0 and run["errors"] == 0
+        assert run["entries_in_trail"] == run["entries"]
+    assert runs[("per-entry", 4)]["commits"] == runs[("per-entry", 4)]["entries"]
+    assert set(result["group_to_per_entry_ratio"]) == {"1", "4"}
+    report = time_verify(settings.sqlalchemy_url, _audit_keys(settings))
+    assert report["ok"], report["problem"]
+    assert report["entries"] == sum(r["entries"] for r in runs.values())
+    assert report["checkpoints"] >= 1
+
+
+async def test_audit_seeded_trail_is_the_products_and_verifies(
+    settings: Any, tmp_path: Any
+) -> None:
+    """The bulk-seeded trail verifies (MACs, blocks, checkpoint roots and signatures), its
+    checkpoint roots are the ones `AuditLog` computes, `AuditLog.append` chains on after it, and
+    the same trail fails under another audit key (the verify measured is not vacuous)."""
+    from bench.audit import _audit_keys, cli_verify, seed_trail, time_verify
+    from carevault.audit.entry import AuditEntry, Outcome
+    from carevault.audit.merkle import BLOCK
+    from carevault.config import Settings
+    from carevault.runtime import build_services, ensure_key_material
+
+    n = 2 * BLOCK + 52  # two stored blocks, checkpoints at 1000, 2000 and n
+    keys = _audit_keys(settings)
+    ticks: list[int] = []
+    seeded = seed_trail(settings.sqlalchemy_url, keys, n, batch=700, advance=ticks.append)
+    assert (seeded["entries"], seeded["checkpoints"], seeded["blocks"]) == (n, 3, 2)
+    assert sum(ticks) == n
+    report = time_verify(settings.sqlalchemy_url, keys)
+    assert report["ok"], report["problem"]
+    assert (report["entries"], report["checkpoints"], report["macs_checked"]) == (n, 3, True)
+
+    services = build_services(settings)
+    try:
+        for size in (1000, 2000, n):
+            assert (await services.audit.checkpoint_at(size)).root == await services.audit.root(
+                size
+            )
+        assert await services.audit.append([AuditEntry("fhir.read", Outcome.permit)]) == n + 1
+    finally:
+        await services.close()
+    assert time_verify(settings.sqlalchemy_url, keys)["ok"]
+
+    other = Settings(data_dir=tmp_path / "other-keys")
+    ensure_key_material(other)
+    wrong = time_verify(settings.sqlalchemy_url, _audit_keys(other))
+    assert not wrong["ok"] and wrong["problem"]["seq"] == 1
+
+    cli = cli_verify({"data_dir": settings.data_dir, "database_url": settings.database_url})
+    assert cli["ok"], cli["stdout_tail"] + cli["stderr_tail"]
+    assert cli["reported_entries_per_second"]
