@@ -139,8 +139,16 @@ class AuditWriter:
                 log.error("audit_checkpoint_failed", error=type(err).__name__)
 
     async def drain(self) -> None:
-        """Wait for queued entries and a running checkpoint (shutdown, tests)."""
-        for task in (self._flusher, self._checkpointer):
-            if task is not None:
+        """Wait for queued entries and checkpoints (shutdown, tests). A flush may start a
+        checkpoint as it ends, so wait until neither is running."""
+        while True:
+            running = [
+                task
+                for task in (self._flusher, self._checkpointer)
+                if task is not None and not task.done()
+            ]
+            if not running:
+                return
+            for task in running:
                 with contextlib.suppress(Exception):
                     await task
