@@ -234,7 +234,7 @@ def _request_stub(services: Any) -> Any:
     """What `fhir_caller` and `authorize` read of a request: app.state.services and headers
     (no X-Purpose-Of-Use: the default purpose)."""
     return SimpleNamespace(
-        app=SimpleNamespace(state=SimpleNamespace(services=services)), headers={}
+        app=SimpleNamespace(state=SimpleNamespace(services=services)), headers={}, scope={}
     )
 
 

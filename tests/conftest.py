@@ -73,12 +73,21 @@ def pg_schema() -> Iterator[Any]:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'CREATE SCHEMA "{name}"')  # name is ours, not input
         created.append(name)
-        return f"{PG_URL}?options=-csearch_path%3D{name}"
+        # The application name marks this test's connections for the teardown below.
+        return f"{PG_URL}?options=-csearch_path%3D{name}&application_name={name}"
 
     yield make
     if created:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             for name in created:
+                # A test's app may still hold a connection mid-transaction (a background
+                # checkpoint caught by the end of the test, its event loop no longer running):
+                # end those, or the DROP waits for them forever.
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
                 conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 

@@ -108,25 +108,20 @@ def blocks(conn: Connection) -> dict[int, bytes]:
 
 
 def rows(conn: Connection, first: int, last: int | None) -> Iterator[Row]:
-    query = select(audit_entries).where(audit_entries.c.seq >= first).order_by(audit_entries.c.seq)
+    c = audit_entries.c
+    query = (
+        select(
+            c.seq, c.entry, c.mac, c.at, c.action, c.outcome, c.user_id, c.patient_id, c.break_glass
+        )
+        .where(c.seq >= first)
+        .order_by(c.seq)
+    )
     if last is not None:
-        query = query.where(audit_entries.c.seq <= last)
+        query = query.where(c.seq <= last)
     # Per statement: Connection.execution_options would set them for every later statement.
     result = conn.execute(query, execution_options={"stream_results": True, "yield_per": _FETCH})
-    for r in result:
-        yield Row(
-            r.seq,
-            r.entry,
-            r.mac,
-            {
-                "at": r.at,
-                "action": r.action,
-                "outcome": r.outcome,
-                "user_id": r.user_id,
-                "patient_id": r.patient_id,
-                "break_glass": r.break_glass,
-            },
-        )
+    for seq, entry, mac, *columns in result.tuples():
+        yield seq, entry, bytes(mac), tuple(columns)
 
 
 def start_at(conn: Connection, first: int, block_hashes: dict[int, bytes]) -> Start:
@@ -266,8 +261,8 @@ def export(
             }
         )
         count = 0
-        for row in rows(conn, first, last):
-            line({"seq": row.seq, "entry": orjson.loads(row.entry), "mac": row.mac.hex()})
+        for seq, entry, mac, _ in rows(conn, first, last):
+            line({"seq": seq, "entry": orjson.loads(entry), "mac": mac.hex()})
             count += 1
             if progress is not None and count % 1000 == 0:
                 progress(1000)
@@ -372,7 +367,7 @@ def _file_rows(path: Path) -> Iterator[Row]:
             obj = orjson.loads(raw)
             if "seq" not in obj:
                 return
-            yield Row(int(obj["seq"]), canonical(obj["entry"]).decode(), bytes.fromhex(obj["mac"]))
+            yield int(obj["seq"]), canonical(obj["entry"]).decode(), bytes.fromhex(obj["mac"]), None
 
 
 def verify_file(

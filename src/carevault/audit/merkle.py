@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 
 BLOCK = 1024  # leaves per stored block hash (a power of two)
+BLOCK_HEIGHT = BLOCK.bit_length() - 1
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 Range = tuple[int, int]  # [lo, hi) leaf indices
@@ -159,14 +160,20 @@ class CompactRange:
     def __init__(self) -> None:
         self.size = 0
         self._peaks: list[bytes] = []  # largest subtree first
+        self.last_block: bytes | None = None  # the hash of the newest complete block
 
     def append(self, leaf: bytes) -> None:
-        self._peaks.append(leaf)
+        peaks = self._peaks
+        peaks.append(leaf)
         size = self.size
+        height = 0
         while size & 1:
-            right = self._peaks.pop()
-            self._peaks[-1] = node_hash(self._peaks[-1], right)
+            right = peaks.pop()
+            peaks[-1] = node_hash(peaks[-1], right)
             size >>= 1
+            height += 1
+            if height == BLOCK_HEIGHT:
+                self.last_block = peaks[-1]
         self.size += 1
 
     def extend(self, leaves: Iterable[bytes]) -> None:

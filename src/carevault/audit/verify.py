@@ -40,15 +40,10 @@ class Problem:
     message: str
 
 
-@dataclass(frozen=True)
-class Row:
-    """An entry as stored: the canonical entry text, its MAC, and the columns that repeat it
-    (None when verifying an export, which carries no columns)."""
-
-    seq: int
-    entry: str
-    mac: bytes
-    columns: dict[str, Any] | None = None
+# An entry as stored: (seq, canonical entry text, MAC, columns) where columns repeat fields of
+# the entry for filtering (at, action, outcome, user_id, patient_id, break_glass), or None
+# when verifying an export, which carries none. Plain tuples: verification reads a million.
+Row = tuple[int, str, bytes, tuple[Any, ...] | None]
 
 
 @dataclass
@@ -97,9 +92,9 @@ class Verifier:
         self._previous = start.previous_mac
         self._tree = merkle.CompactRange.from_peaks(start.seq - 1, list(start.peaks))
         self._blocks = blocks or {}
-        self._block_leaves: list[bytes] = []
-        self._pending: Row | None = None  # a row that failed its MAC, pending the next one
+        self._pending: int | None = None  # seq of a row that failed its MAC, until the next
         self.report = Report(first=start.seq, macs_checked=mac_key is not None)
+        self._next_size: int | None = None
         self._check_checkpoints_up_to(start.seq - 1)
 
     def feed(self, rows: Iterable[Row]) -> Iterator[int]:
@@ -108,14 +103,14 @@ class Verifier:
         for row in rows:
             if self.report.problem is not None:
                 return
-            self._row(row)
-            yield row.seq
+            self._row(*row)
+            yield row[0]
 
     def finish(self, *, whole: bool = True) -> Report:
         """After the last row. `whole`: the rows were the trail's tail, so a checkpoint larger
         than what was read means truncation."""
         if self.report.problem is None and self._pending is not None:
-            self._fail(self._pending.seq, "modified", "the entry does not match its chain MAC")
+            self._fail(self._pending, "modified", "the entry does not match its chain MAC")
         if self.report.problem is None and whole:
             remaining = self._checkpoints[self._next_checkpoint :]
             if remaining:
@@ -130,69 +125,65 @@ class Verifier:
 
     # -- one row ----------------------------------------------------------------------------
 
-    def _row(self, row: Row) -> None:
+    def _row(self, seq: int, entry: str, mac: bytes, columns: tuple[Any, ...] | None) -> None:
         pending = self._pending
         if pending is not None:
             self._pending = None
-            if self._chains(row, self._previous) and _seq_of(row) == pending.seq:
-                self._fail(pending.seq, "inserted", "an entry that does not chain was inserted")
+            if self._chains(entry, mac, self._previous) and _seq_of(entry) == pending:
+                self._fail(pending, "inserted", "an entry that does not chain was inserted")
                 return
-            self._fail(pending.seq, "modified", "the entry does not match its chain MAC")
+            self._fail(pending, "modified", "the entry does not match its chain MAC")
             return
-        if row.seq != self._expected:
+        if seq != self._expected:
             self._fail(self._expected, "missing", f"entry {self._expected} is missing")
             return
         try:
-            document = orjson.loads(row.entry)
+            document = orjson.loads(entry)
         except orjson.JSONDecodeError:
-            self._fail(row.seq, "modified", "the entry is not valid JSON")
+            self._fail(seq, "modified", "the entry is not valid JSON")
             return
         written_as = document.get("seq") if isinstance(document, dict) else None
-        if written_as != row.seq:
+        if written_as != seq:
             kind = "reordered" if isinstance(written_as, int) else "modified"
-            self._fail(row.seq, kind, f"entry written as {written_as} stands at {row.seq}")
+            self._fail(seq, kind, f"entry written as {written_as} stands at {seq}")
             return
-        if row.columns is not None and not _columns_match(row.columns, document):
-            self._fail(row.seq, "modified", "a column differs from the chained entry")
+        if columns is not None and not _columns_match(columns, document):
+            self._fail(seq, "modified", "a column differs from the chained entry")
             return
-        if self._mac is not None and not self._chains(row, self._previous):
-            self._pending = row  # modified, or inserted: the next row tells
+        data = entry.encode()
+        if self._mac is not None and not hmac.compare_digest(
+            self._mac.compute(self._previous + data, 32), mac
+        ):
+            self._pending = seq  # modified, or inserted: the next row tells
             return
-        self._accept(row)
+        tree = self._tree
+        tree.append(merkle.leaf_hash(data + mac))
+        self._previous = mac
+        self._expected = seq + 1
+        report = self.report
+        report.entries += 1
+        report.last = seq
+        size = tree.size
+        if size % merkle.BLOCK == 0 and self._blocks:
+            self._check_block(size // merkle.BLOCK - 1)
+        if self._next_size is not None and size >= self._next_size:
+            self._check_checkpoints_up_to(size)
 
-    def _chains(self, row: Row, previous: bytes) -> bool:
+    def _chains(self, entry: str, mac: bytes, previous: bytes) -> bool:
         if self._mac is None:
             return True
-        expected = self._mac.compute(previous + row.entry.encode(), 32)
-        return hmac.compare_digest(expected, row.mac)
+        expected = self._mac.compute(previous + entry.encode(), 32)
+        return hmac.compare_digest(expected, mac)
 
-    def _accept(self, row: Row) -> None:
-        leaf = merkle.leaf_hash(row.entry.encode() + row.mac)
-        self._tree.append(leaf)
-        self._previous = row.mac
-        self._expected = row.seq + 1
-        self.report.entries += 1
-        self.report.last = row.seq
-        self._check_block(leaf)
-        self._check_checkpoints_up_to(self._tree.size)
-
-    def _check_block(self, leaf: bytes) -> None:
-        if not self._blocks:
-            return
-        index = self._tree.size - 1
-        if index % merkle.BLOCK == 0:
-            self._block_leaves = []
-        self._block_leaves.append(leaf)
-        if len(self._block_leaves) == merkle.BLOCK:
-            block = index // merkle.BLOCK
-            stored = self._blocks.get(block)
-            if stored is not None and stored != merkle.root_of(self._block_leaves):
-                self._fail(
-                    block * merkle.BLOCK + 1,
-                    "modified",
-                    f"the stored hash of entries {block * merkle.BLOCK + 1}.."
-                    f"{(block + 1) * merkle.BLOCK} is not theirs",
-                )
+    def _check_block(self, block: int) -> None:
+        stored = self._blocks.get(block)
+        if stored is not None and stored != self._tree.last_block:
+            self._fail(
+                block * merkle.BLOCK + 1,
+                "modified",
+                f"the stored hash of entries {block * merkle.BLOCK + 1}.."
+                f"{(block + 1) * merkle.BLOCK} is not theirs",
+            )
 
     def _check_checkpoints_up_to(self, size: int) -> None:
         while (
@@ -220,6 +211,11 @@ class Verifier:
                 )
                 return
             self.report.checkpoints += 1
+        self._next_size = (
+            self._checkpoints[self._next_checkpoint].size
+            if self._next_checkpoint < len(self._checkpoints)
+            else None
+        )
 
     def _signed(self, checkpoint: Checkpoint) -> bool:
         key = self._keys.get(checkpoint.key_id)
@@ -239,28 +235,24 @@ class Verifier:
             self.report.problem = Problem(seq, kind, message)
 
 
-def _seq_of(row: Row) -> int | None:
+def _seq_of(entry: str) -> int | None:
     try:
-        document = orjson.loads(row.entry)
+        document = orjson.loads(entry)
     except orjson.JSONDecodeError:
         return None
     return document.get("seq") if isinstance(document, dict) else None
 
 
-_COLUMN_FIELDS = (
-    ("at", "at"),
-    ("action", "action"),
-    ("outcome", "outcome"),
-    ("user_id", "user"),
-    ("patient_id", "patient"),
-)
-
-
-def _columns_match(columns: dict[str, Any], document: dict[str, Any]) -> bool:
-    for column, key in _COLUMN_FIELDS:
-        if columns.get(column) != document.get(key):
-            return False
-    return bool(columns.get("break_glass")) == bool(document.get("break_glass"))
+def _columns_match(columns: tuple[Any, ...], document: dict[str, Any]) -> bool:
+    at, action, outcome, user_id, patient_id, break_glass = columns
+    return (
+        at == document.get("at")
+        and action == document.get("action")
+        and outcome == document.get("outcome")
+        and user_id == document.get("user")
+        and patient_id == document.get("patient")
+        and bool(break_glass) == bool(document.get("break_glass"))
+    )
 
 
 def decode_b64(text: str) -> bytes:
