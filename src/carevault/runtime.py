@@ -90,6 +90,7 @@ class Services:
         await self.audit_writer.drain()
         with contextlib.suppress(Exception):
             await self.audit.checkpoint()  # the entries of this run end under a signed head
+        await self.audit.close()
         await self.alerts.close()
         await self.revocations.close()
         await self.engine.dispose()

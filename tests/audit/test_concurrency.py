@@ -69,6 +69,7 @@ async def _write(data_dir: str, database_url: str | None, index: int, barrier: A
         await asyncio.gather(*(task(t) for t in range(TASKS)))
         await writer.drain()
     finally:
+        await trail.close()
         await engine.dispose()
 
 

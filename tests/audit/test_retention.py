@@ -61,9 +61,11 @@ def _keys(settings: Settings) -> Any:
 
 async def _with_log(settings: Settings, work: Any) -> Any:
     engine = create_engine(settings)
+    trail = AuditLog(engine, lambda: _keys(settings))
     try:
-        return await work(AuditLog(engine, lambda: _keys(settings)))
+        return await work(trail)
     finally:
+        await trail.close()
         await engine.dispose()
 
 

@@ -77,6 +77,7 @@ async def _build_trail(settings: Settings) -> None:
                 assert (await trail.checkpoint()).size == written
         assert await trail.size() == SIZE
     finally:
+        await trail.close()
         await engine.dispose()
 
 

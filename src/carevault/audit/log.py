@@ -16,7 +16,9 @@ and one insert is simply dropped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from carevault.audit import merkle
 from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac, format_time
 from carevault.crypto.custody import AuditKeys
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import dedicated_write_connection, read_connection, write_transaction
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
 
 # Any constant works; it names the trail's lock among PostgreSQL advisory locks.
@@ -92,6 +94,8 @@ class AuditLog:
         self._keys = keys  # loaded on first use: the CLI's commands that never audit skip it
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._blocks: dict[int, bytes] = {}  # append-only, so safe to keep
+        self._writer: AsyncConnection | None = None
+        self._append_lock = asyncio.Lock()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -104,33 +108,51 @@ class AuditLog:
     # -- appending ----------------------------------------------------------------------------
 
     async def append(self, entries: list[AuditEntry]) -> int:
-        """Chain and commit `entries` in one transaction; the trail's size afterwards."""
+        """Chain and commit `entries` in one transaction; the trail's size afterwards. Appends
+        of one process run one at a time on the writer's own connection."""
         mac_key = self.keys.mac
-        async with write_transaction(self._engine) as conn:
-            await self._lock(conn)
-            seq, previous = await _tip(conn)
-            at = self._clock()
-            stamp = format_time(at)
-            rows = []
-            for entry in entries:
-                seq += 1
-                body = canonical(entry.document(seq, at))
-                previous = chain_mac(mac_key, previous, body)
-                rows.append(
-                    {
-                        "seq": seq,
-                        "at": stamp,
-                        "action": entry.action,
-                        "outcome": str(entry.outcome),
-                        "user_id": entry.user,
-                        "patient_id": entry.patient,
-                        "break_glass": entry.break_glass,
-                        "entry": body.decode(),
-                        "mac": previous,
-                    }
-                )
-            await conn.execute(insert(audit_entries), rows)
+        async with self._append_lock:
+            if self._writer is None:
+                self._writer = await dedicated_write_connection(self._engine)
+            conn = self._writer
+            try:
+                async with conn.begin():
+                    await self._lock(conn)
+                    seq, previous = await _tip(conn)
+                    at = self._clock()
+                    stamp = format_time(at)
+                    rows = []
+                    for entry in entries:
+                        seq += 1
+                        body = canonical(entry.document(seq, at))
+                        previous = chain_mac(mac_key, previous, body)
+                        rows.append(
+                            {
+                                "seq": seq,
+                                "at": stamp,
+                                "action": entry.action,
+                                "outcome": str(entry.outcome),
+                                "user_id": entry.user,
+                                "patient_id": entry.patient,
+                                "break_glass": entry.break_glass,
+                                "entry": body.decode(),
+                                "mac": previous,
+                            }
+                        )
+                    await conn.execute(insert(audit_entries), rows)
+            except BaseException:
+                await self._drop_writer()  # it may be broken: the next append reconnects
+                raise
         return seq
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.close()
+
+    async def close(self) -> None:
+        await self._drop_writer()
 
     async def _lock(self, conn: AsyncConnection) -> None:
         if conn.dialect.name == "postgresql":

@@ -74,6 +74,13 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             yield conn
 
 
+async def dedicated_write_connection(engine: AsyncEngine) -> AsyncConnection:
+    """A connection kept by one writer for its transactions (the caller closes it): no pool
+    checkout and liveness ping per transaction."""
+    conn = await engine.connect()
+    return await conn.execution_options(**{_WRITE: True})
+
+
 @contextlib.asynccontextmanager
 async def read_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as conn:
