@@ -74,7 +74,7 @@ def pg_schema() -> Iterator[Any]:
             conn.execute(f'CREATE SCHEMA "{name}"')  # name is ours, not input
         created.append(name)
         # The application name marks this test's connections for the teardown below.
-        return f"{PG_URL}?options=-csearch_path%3D{name}&application_name={name}"
+        return f"{PG_URL}?application_name={name}&options=-csearch_path%3D{name}"
 
     yield make
     if created:

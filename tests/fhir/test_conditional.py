@@ -350,7 +350,7 @@ async def test_capability_statement_lists_what_is_implemented(clinician):
     assert patient_entry["updateCreate"] is False
     assert patient_entry["versioning"] == "versioned-update"
     assert patient_entry["searchParam"]  # kept
-    assert [o["name"] for o in patient_entry["operation"]] == ["everything"]
+    assert [o["name"] for o in patient_entry["operation"]] == ["everything", "access-report"]
     assert all("operation" not in r for t, r in resources.items() if t != "Patient")
 
 
