@@ -1,11 +1,11 @@
 """The audit trail in the database: appending chained entries, signing checkpoints, serving
 Merkle proofs. The only code that writes audit rows.
 
-Sequence numbers come from the database, not from a process: an append takes the trail's
-write lock (PostgreSQL: a transaction-scoped advisory lock; SQLite: `BEGIN IMMEDIATE`), reads
-the last entry's number and MAC, and inserts the batch after it, so any number of workers and
-instances produce one gap-free chain. A batch is one transaction: the group commit of
-`writer.py` makes that one commit for all the requests waiting on it.
+Sequence numbers come from the database, not from a process: a batch is one atomic INSERT
+numbered from the last entry's number, and the primary key lets only one batch take a number,
+so any number of workers and instances produce one gap-free chain (a writer that lost the race
+reads the tip again and re-chains its batch; on SQLite the write lock orders them up front).
+The group commit of `writer.py` makes that one INSERT for all the requests waiting on it.
 
 The leaf of entry `seq` (leaf index seq - 1) is `merkle.leaf_hash(entry || mac)`: the canonical
 entry bytes followed by its 32-byte chain MAC, so a signed root covers the chain as well.
@@ -34,7 +34,9 @@ from carevault.crypto.custody import AuditKeys
 from carevault.db.engine import dedicated_write_connection, read_connection, write_transaction
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
 
-# Any constant works; it names the trail's lock among PostgreSQL advisory locks.
+_APPEND_ATTEMPTS = 20
+# Names the trail's lock among PostgreSQL advisory locks (with the schema: deployments sharing
+# a database do not wait for each other).
 _PG_LOCK_ID = 0x43564155  # "CVAU"
 ORIGIN = "carevault audit trail"
 
@@ -46,6 +48,10 @@ class ChainBroken(Exception):
     def __init__(self, seq: int) -> None:
         self.seq = seq
         super().__init__(f"entry {seq} does not match its chain MAC")
+
+
+class AppendContention(Exception):
+    """Other writers appended every time this one tried (extreme contention)."""
 
 
 class ProofUnavailable(Exception):
@@ -79,6 +85,21 @@ def checkpoint_note(size: int, root: bytes, at: str) -> bytes:
     return f"{ORIGIN}\n{size}\n{base64.b64encode(root).decode()}\n{at}\n".encode()
 
 
+def _row(entry: AuditEntry, seq: int, at: dt.datetime, body: bytes, mac: bytes) -> dict[str, Any]:
+    """The stored row of a chained entry: its canonical text, MAC and the filter columns."""
+    return {
+        "seq": seq,
+        "at": format_time(at),
+        "action": entry.action,
+        "outcome": str(entry.outcome),
+        "user_id": entry.user,
+        "patient_id": entry.patient,
+        "break_glass": entry.break_glass,
+        "entry": body.decode(),
+        "mac": mac,
+    }
+
+
 def leaf_of(entry: bytes, mac: bytes) -> bytes:
     return merkle.leaf_hash(entry + mac)
 
@@ -95,6 +116,7 @@ class AuditLog:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._blocks: dict[int, bytes] = {}  # append-only, so safe to keep
         self._writer: AsyncConnection | None = None
+        self._tip: tuple[int, bytes] | None = None  # (seq, mac) this process last wrote
         self._append_lock = asyncio.Lock()
 
     @property
@@ -108,42 +130,57 @@ class AuditLog:
     # -- appending ----------------------------------------------------------------------------
 
     async def append(self, entries: list[AuditEntry]) -> int:
-        """Chain and commit `entries` in one transaction; the trail's size afterwards. Appends
-        of one process run one at a time on the writer's own connection."""
-        mac_key = self.keys.mac
+        """Chain and commit `entries` atomically; the trail's size afterwards.
+
+        PostgreSQL: one INSERT, committed by itself, chained onto the tip this process last
+        saw: one round trip. If another writer appended since, the first sequence number is
+        taken, the primary key refuses the whole batch, and the batch is chained anew onto the
+        tip read under the trail's advisory lock. SQLite: a `BEGIN IMMEDIATE` transaction (the
+        database's one write lock) that reads the tip and inserts."""
         async with self._append_lock:
-            if self._writer is None:
-                self._writer = await dedicated_write_connection(self._engine)
-            conn = self._writer
-            try:
-                async with conn.begin():
-                    await self._lock(conn)
-                    seq, previous = await _tip(conn)
-                    at = self._clock()
-                    stamp = format_time(at)
-                    rows = []
-                    for entry in entries:
-                        seq += 1
-                        body = canonical(entry.document(seq, at))
-                        previous = chain_mac(mac_key, previous, body)
-                        rows.append(
-                            {
-                                "seq": seq,
-                                "at": stamp,
-                                "action": entry.action,
-                                "outcome": str(entry.outcome),
-                                "user_id": entry.user,
-                                "patient_id": entry.patient,
-                                "break_glass": entry.break_glass,
-                                "entry": body.decode(),
-                                "mac": previous,
-                            }
+            for _ in range(_APPEND_ATTEMPTS):
+                if self._writer is None:
+                    self._writer = await dedicated_write_connection(self._engine)
+                    self._tip = None
+                conn = self._writer
+                try:
+                    if conn.dialect.name == "sqlite":
+                        async with conn.begin():
+                            self._tip = await self._insert(conn, entries, await _tip(conn))
+                        return self._tip[0]
+                    if self._tip is not None:
+                        self._tip = await self._insert(conn, entries, self._tip)
+                        return self._tip[0]
+                    # The tip is unknown or was just lost to another writer: take the
+                    # trail's lock, so that busy writers cannot starve this one.
+                    async with write_transaction(self._engine) as locked:
+                        await locked.execute(
+                            text("SELECT pg_advisory_xact_lock(:id, hashtext(current_schema()))"),
+                            {"id": _PG_LOCK_ID},
                         )
-                    await conn.execute(insert(audit_entries), rows)
-            except BaseException:
-                await self._drop_writer()  # it may be broken: the next append reconnects
-                raise
-        return seq
+                        self._tip = await self._insert(locked, entries, await _tip(locked))
+                    return self._tip[0]
+                except IntegrityError:
+                    self._tip = None  # another writer was first: chain onto the new tip
+                except BaseException:
+                    await self._drop_writer()  # it may be broken: the next append reconnects
+                    raise
+        raise AppendContention("the audit trail's tip kept moving")
+
+    async def _insert(
+        self, conn: AsyncConnection, entries: list[AuditEntry], tip: tuple[int, bytes]
+    ) -> tuple[int, bytes]:
+        mac_key = self.keys.mac
+        seq, previous = tip
+        at = self._clock()
+        rows = []
+        for entry in entries:
+            seq += 1
+            body = canonical(entry.document(seq, at))
+            previous = chain_mac(mac_key, previous, body)
+            rows.append(_row(entry, seq, at, body, previous))
+        await conn.execute(insert(audit_entries).values(rows))
+        return seq, previous
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -153,15 +190,6 @@ class AuditLog:
 
     async def close(self) -> None:
         await self._drop_writer()
-
-    async def _lock(self, conn: AsyncConnection) -> None:
-        if conn.dialect.name == "postgresql":
-            # Keyed by schema too: deployments sharing a database must not wait for each other.
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(:id, hashtext(current_schema()))"),
-                {"id": _PG_LOCK_ID},
-            )
-        # SQLite: write_transaction began with BEGIN IMMEDIATE, the database's one write lock.
 
     async def size(self) -> int:
         async with read_connection(self._engine) as conn:

@@ -34,7 +34,7 @@ class AuditWriter:
         self,
         trail: AuditLog,
         *,
-        max_batch: int = 5000,
+        max_batch: int = 2000,  # one INSERT: 9 parameters a row, within SQLite's 32,766
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
         rules: AlertRules | None = None,

@@ -75,10 +75,14 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
 
 
 async def dedicated_write_connection(engine: AsyncEngine) -> AsyncConnection:
-    """A connection kept by one writer for its transactions (the caller closes it): no pool
-    checkout and liveness ping per transaction."""
+    """A connection kept by one writer (the caller closes it): no pool checkout or liveness
+    ping per write. On PostgreSQL each statement commits by itself (no BEGIN and COMMIT round
+    trips: the writer makes every write one statement); on SQLite its transactions begin with
+    `BEGIN IMMEDIATE`."""
     conn = await engine.connect()
-    return await conn.execution_options(**{_WRITE: True})
+    if conn.dialect.name == "sqlite":
+        return await conn.execution_options(**{_WRITE: True})
+    return await conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextlib.asynccontextmanager
