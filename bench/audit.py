@@ -270,7 +270,7 @@ def seed_trail(
 
     from carevault.audit import archive, merkle
     from carevault.audit.entry import GENESIS_MAC, canonical, format_time
-    from carevault.audit.log import checkpoint_note
+    from carevault.audit.log import checkpoint_note, stored_row
     from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries
 
     templates = entry_templates(seed_value=seed_value)
@@ -281,7 +281,6 @@ def seed_trail(
     previous = GENESIS_MAC
     base = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.UTC)
     at = base
-    stamp = format_time(at)
     rows: list[dict[str, Any]] = []
     signed: list[dict[str, Any]] = []
     blocks: list[dict[str, Any]] = []
@@ -312,24 +311,11 @@ def seed_trail(
         for seq in range(1, n + 1):
             if seq % GROUP_TIME_EVERY == 1:
                 at = base + dt.timedelta(milliseconds=25 * seq)
-                stamp = format_time(at)
             entry = templates[seq % len(templates)]
             entry.request_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
             body = canonical(entry.document(seq, at))
             previous = mac_key.compute(previous + body, 32)
-            rows.append(
-                {
-                    "seq": seq,
-                    "at": stamp,
-                    "action": entry.action,
-                    "outcome": str(entry.outcome),
-                    "user_id": entry.user,
-                    "patient_id": entry.patient,
-                    "break_glass": entry.break_glass,
-                    "entry": body.decode(),
-                    "mac": previous,
-                }
-            )
+            rows.append(stored_row(entry, seq, at, body, previous))
             leaf = merkle.leaf_hash(body + previous)
             tree.append(leaf)
             block_leaves.append(leaf)

@@ -85,7 +85,9 @@ def checkpoint_note(size: int, root: bytes, at: str) -> bytes:
     return f"{ORIGIN}\n{size}\n{base64.b64encode(root).decode()}\n{at}\n".encode()
 
 
-def _row(entry: AuditEntry, seq: int, at: dt.datetime, body: bytes, mac: bytes) -> dict[str, Any]:
+def stored_row(
+    entry: AuditEntry, seq: int, at: dt.datetime, body: bytes, mac: bytes
+) -> dict[str, Any]:
     """The stored row of a chained entry: its canonical text, MAC and the filter columns."""
     return {
         "seq": seq,
@@ -178,7 +180,7 @@ class AuditLog:
             seq += 1
             body = canonical(entry.document(seq, at))
             previous = chain_mac(mac_key, previous, body)
-            rows.append(_row(entry, seq, at, body, previous))
+            rows.append(stored_row(entry, seq, at, body, previous))
         await conn.execute(insert(audit_entries).values(rows))
         return seq, previous
 
