@@ -60,12 +60,13 @@ def connect(database_url: str) -> Iterator[Connection]:
 
 
 def public_jwks(keys: AuditKeys) -> dict[str, Any]:
+    """The checkpoint signing key as a JWK Set (`GET /audit/public-key`, export headers): one
+    OKP (Ed25519) key for EdDSA."""
     pem = Ed25519PublicKey.from_public_bytes(keys.public_key).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    jwk = OKPKey.import_key(pem).as_dict()
-    jwk.update(kid=keys.key_id, use="sig", alg="EdDSA")
-    return {"keys": [jwk]}
+    jwk = OKPKey.import_key(pem, {"kid": keys.key_id, "use": "sig", "alg": "EdDSA"})
+    return {"keys": [jwk.as_dict(private=False)]}
 
 
 def keys_of_jwks(jwks: dict[str, Any]) -> dict[str, bytes]:

@@ -84,10 +84,6 @@ def format_time(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-
-
 def chain_mac(mac_key: Any, previous: bytes, canonical_entry: bytes) -> bytes:
     """entry_mac = HMAC-SHA256(audit key, prev_mac || canonical JSON of the entry); the
     first entry's prev_mac is 32 zero bytes. `mac_key` is the audit PRF (tink HMAC-SHA256)."""

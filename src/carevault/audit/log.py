@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,9 +65,6 @@ class Checkpoint:
     at: str
     key_id: str
     signature: bytes
-
-    def note(self) -> bytes:
-        return checkpoint_note(self.size, self.root, self.at)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -425,8 +422,3 @@ async def _tip(conn: AsyncConnection) -> tuple[int, bytes]:
 
 def _checkpoint(row: Any) -> Checkpoint:
     return Checkpoint(row.size, row.root, row.at, row.key_id, row.signature)
-
-
-async def count_entries(engine: AsyncEngine) -> int:
-    async with read_connection(engine) as conn:
-        return (await conn.execute(select(func.count()).select_from(audit_entries))).scalar_one()

@@ -30,13 +30,11 @@ import base64
 from typing import Annotated, Any
 
 import orjson
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from joserfc.jwk import OKPKey
 from starlette.datastructures import URL
 
+from carevault.audit.archive import public_jwks
 from carevault.audit.audit_event import auditor_view
 from carevault.audit.log import AuditLog, ChainBroken, Checkpoint, ProofUnavailable
 from carevault.audit.queries import (
@@ -232,15 +230,6 @@ async def consistency_proof(request: Request, _: Auditor) -> JSONResponse:
         },
         headers=NO_STORE,
     )
-
-
-def public_jwks(keys: AuditKeys) -> dict[str, Any]:
-    """The checkpoint signing key as a JWK Set: one OKP (Ed25519) key for EdDSA."""
-    pem = Ed25519PublicKey.from_public_bytes(keys.public_key).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    jwk = OKPKey.import_key(pem, {"kid": keys.key_id, "use": "sig", "alg": "EdDSA"})
-    return {"keys": [jwk.as_dict(private=False)]}
 
 
 @router.get("/public-key")

@@ -18,7 +18,6 @@ change is still caught at the next signed checkpoint as `modified`.
 
 from __future__ import annotations
 
-import base64
 import hmac
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -253,7 +252,3 @@ def _columns_match(columns: tuple[Any, ...], document: dict[str, Any]) -> bool:
         and patient_id == document.get("patient")
         and bool(break_glass) == bool(document.get("break_glass"))
     )
-
-
-def decode_b64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
