@@ -540,6 +540,51 @@ def _stats(server: Any) -> dict[str, Any]:
     return orjson.loads(body)
 
 
+def _database_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of each local PostgreSQL process: what the database spends, next to what the
+    server spends (its backends live as long as the servers' pools)."""
+    seconds: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.find("(") + 1 : text.rfind(")")] != "postgres":
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+            "SC_CLK_TCK"
+        )
+    return seconds
+
+
+def _cpu_use(server: Any) -> tuple[float | None, dict[int, float]]:
+    from bench.access import _cpu_seconds
+
+    process = getattr(server, "_process", None)
+    return (_cpu_seconds(process.pid) if process else None), _database_cpu_seconds()
+
+
+def _cpu_per_request(
+    before: tuple[float | None, dict[int, float]],
+    after: tuple[float | None, dict[int, float]],
+    requests: int,
+) -> dict[str, float | None]:
+    """Server and database CPU milliseconds per request over a measurement: where the cost of
+    auditing goes (the server process is pinned; the database is not). A database process that
+    ended meanwhile (an autovacuum worker) is not counted."""
+    if not requests:
+        return {"server_cpu_ms_per_request": None, "database_cpu_ms_per_request": None}
+    server = None
+    if before[0] is not None and after[0] is not None:
+        server = round((after[0] - before[0]) * 1000 / requests, 3)
+    database = sum(cpu - before[1].get(pid, 0.0) for pid, cpu in after[1].items())
+    return {
+        "server_cpu_ms_per_request": server,
+        "database_cpu_ms_per_request": round(database * 1000 / requests, 3),
+    }
+
+
 def check_servers(
     servers: dict[str, Any], auth: dict[str, str], observation_id: str
 ) -> dict[str, Any]:
@@ -637,6 +682,7 @@ def measure_http(
                         load.run(url, args.warmup, auth[variant], steps.tick_to, ROTATE_SCRIPT, env)
                         drained.append(wait_idle(server))
                     before = _stats(server)
+                    cpu_before = _cpu_use(server)
                     result = load.run(
                         url,
                         args.duration,
@@ -646,6 +692,7 @@ def measure_http(
                         env,
                     )
                     drained.append(wait_idle(server))  # abandoned requests answered (and audited)
+                    cpu_after = _cpu_use(server)
                     after = _stats(server)
                     entries = after["size"] - before["size"]
                     commits = after["batches"] - before["batches"]
@@ -657,6 +704,7 @@ def measure_http(
                             "noop_writes": (after["writes"] - before["writes"])
                             if after.get("writes") is not None
                             else None,
+                            **_cpu_per_request(cpu_before, cpu_after, result.requests),
                         }
                     )
                     measured[f"{scenario}:{variant}"] = result

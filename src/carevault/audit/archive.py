@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from joserfc.jwk import OKPKey
 from sqlalchemy import Connection, create_engine, insert, pool, select
 
-from carevault.audit import merkle
+from carevault.audit import merkle, parallel
 from carevault.audit.entry import GENESIS_MAC, canonical, format_time
 from carevault.audit.log import ORIGIN, Checkpoint
 from carevault.audit.verify import Problem, Report, Row, Start, Verifier
@@ -182,21 +182,53 @@ def verify_database(
     first: int | None = None,
     last: int | None = None,
     progress: Progress | None = None,
+    *,
+    processes: int | None = None,
+    min_range: int = parallel.MIN_RANGE,
 ) -> Report:
+    """Verify entries first..last (default: all held). A long trail is verified in
+    block-aligned ranges on `processes` processes (default: the CPUs this process may use),
+    with the same verdict as one pass (see `parallel`)."""
     held_first, held_last = bounds(conn)
     first = max(first or held_first, held_first)
+    whole = last is None or last >= held_last
     block_hashes = blocks(conn)
+    signed = checkpoints(conn)
+    ranges = parallel.split(
+        first,
+        held_last if whole else last,  # type: ignore[arg-type]
+        parallel.default_processes() if processes is None else processes,
+        min_range,
+        whole=whole,
+    )
+    done: Report | None = None  # what ranges verified in parallel before `first`
+    if len(ranges) > 1:
+        url = conn.engine.url.render_as_string(hide_password=False)
+        done, first_bad = parallel.verify_ranges(url, keys, ranges, signed, block_hashes, progress)
+        if first_bad is None:
+            return _retention_checked(conn, held_first, done)
+        first, progress = first_bad, None  # one pass from there names the first problem
+        signed = [c for c in signed if c.size >= first]  # the earlier ones were checked
     verifier = Verifier(
         keys.mac if keys else None,
         {keys.key_id: keys.public_key} if keys else {},
-        checkpoints(conn),
+        signed,
         start_at(conn, first, block_hashes),
         block_hashes,
     )
     _run(verifier, rows(conn, first, last), progress)
-    report = verifier.finish(whole=last is None or last >= held_last)
-    if first == held_first and first > 1 and report.ok:
-        _check_retention_recorded(conn, first - 1, report)
+    report = verifier.finish(whole=whole)
+    if done is not None:
+        report.first = done.first
+        report.last = report.last or done.last
+        report.entries += done.entries
+        report.checkpoints += done.checkpoints
+    return _retention_checked(conn, held_first, report)
+
+
+def _retention_checked(conn: Connection, held_first: int, report: Report) -> Report:
+    if report.first == held_first and held_first > 1 and report.ok:
+        _check_retention_recorded(conn, held_first - 1, report)
     return report
 
 

@@ -122,6 +122,10 @@ class Verifier:
                 )
         return self.report
 
+    def state(self) -> Start:
+        """Where a verification continuing after the rows fed so far would start."""
+        return Start(self._expected, self._previous, tuple(self._tree.peaks()))
+
     # -- one row ----------------------------------------------------------------------------
 
     def _row(self, seq: int, entry: str, mac: bytes, columns: tuple[Any, ...] | None) -> None:
