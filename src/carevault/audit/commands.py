@@ -105,6 +105,15 @@ def verify(
             "without this server's keys.",
         ),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Processes verifying the database in parallel ranges (default: the CPUs "
+            "available; 1 for a single pass).",
+        ),
+    ] = None,
 ) -> None:
     """Recompute the hash chain and the Merkle roots and check every checkpoint signature.
     Exit 0 only when everything holds; otherwise the first bad sequence number and why."""
@@ -132,7 +141,9 @@ def verify(
             end = min(last or held_last, held_last)
             try:
                 with _progress("verifying", max(end - start + 1, 0)) as advance:
-                    report = archive.verify_database(conn, keys, first, last, advance)
+                    report = archive.verify_database(
+                        conn, keys, first, last, advance, processes=processes
+                    )
             except archive.ArchiveError as err:
                 raise _fail(str(err)) from None
     _show(report, time.perf_counter() - started)
