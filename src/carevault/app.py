@@ -24,6 +24,7 @@ from carevault.fhir.routes import FhirError, access_denied_response, error_respo
 from carevault.fhir.routes import router as fhir_router
 from carevault.health import router as health_router
 from carevault.identity.accounts import ProfileCache
+from carevault.identity.mfa.routes import router as mfa_router
 from carevault.identity.routes import router as auth_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(health_router)
     app.include_router(jwks_router)
     app.include_router(auth_router)
+    app.include_router(mfa_router)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

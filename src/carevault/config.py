@@ -133,12 +133,47 @@ class Settings(BaseSettings):
     audit_denial_window_seconds: float = Field(60.0, gt=0)
     # The patient access report names the people who looked (else: role and organization).
     access_report_names: bool = False
+    # Multi-factor authentication. Roles that must have a second factor (empty: none): after
+    # the password such an account without one gets only an enrollment-scoped token.
+    mfa_required_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["admin", "physician", "nurse", "auditor"]
+    )
+    mfa_token_ttl_seconds: int = Field(300, ge=30, le=600)  # between password and factor
+    mfa_max_failures: int = Field(5, ge=1, le=20)  # wrong codes before a factor locks
+    # High-risk actions need an MFA authentication at most this old (RFC 9470 max_age).
+    step_up_max_age_seconds: int = Field(300, ge=30, le=3600)
+    totp_issuer: str = "carevault"
+    # WebAuthn relying party: the id is a registrable domain of the origins allowed.
+    webauthn_rp_id: str = "localhost"
+    webauthn_rp_name: str = "carevault"
+    webauthn_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["https://localhost:8000", "http://localhost:8000"]
+    )
+    # Browser sessions (the web portal): server-side, cookie `__Host-carevault-session`.
+    session_idle_seconds: int = Field(15 * 60, ge=60)
+    session_absolute_seconds: int = Field(12 * 3600, ge=300)
 
-    @field_validator("trusted_proxies", "fhir_update_create_users", mode="before")
+    @field_validator(
+        "trusted_proxies",
+        "fhir_update_create_users",
+        "mfa_required_roles",
+        "webauthn_origins",
+        mode="before",
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("mfa_required_roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        from carevault.identity.roles import Role
+
+        unknown = sorted(set(value) - {str(r) for r in Role})
+        if unknown:
+            raise ValueError(f"mfa_required_roles: unknown roles {', '.join(unknown)}")
         return value
 
     @field_validator("signing_algorithm")

@@ -33,6 +33,10 @@ from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import UserStore
 from carevault.identity.admin import AccountAdmin
 from carevault.identity.authentication import Authenticator
+from carevault.identity.mfa.challenges import ChallengeStore
+from carevault.identity.mfa.recovery import RecoveryCodes
+from carevault.identity.mfa.service import MfaService
+from carevault.identity.mfa.totp import TotpFactors
 from carevault.identity.throttle import LoginThrottle
 from carevault.tokens.access import AccessTokenIssuer, AccessTokenVerifier
 from carevault.tokens.keys import KeyRing, create_keyset
@@ -76,6 +80,8 @@ class Services:
     alerts: AlertSinks
     break_glass: BreakGlass
     access: AccessControl  # the FHIR routes' one door to the decision point
+    mfa: MfaService
+    clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -168,6 +174,19 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         instance_secrets=instance_secrets,
         clock=clock,
     )
+    mfa = MfaService(
+        settings=settings,
+        users=users,
+        authenticator=authenticator,
+        issuer=issuer,
+        challenges=ChallengeStore(engine, clock),
+        totp=TotpFactors(settings, engine, envelope, clock),
+        recovery=RecoveryCodes(engine, instance_secrets, clock),
+        sessions=sessions,
+        events=events,
+        clock=clock,
+    )
+    authenticator.mfa = mfa
     policy = load_policy(settings.access_policy_file)
     facts = AccessFacts(engine, store, users, access_generation, clock)
     break_glass = BreakGlass(
@@ -203,6 +222,8 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         alerts=alerts,
         break_glass=break_glass,
         access=AccessControl(policy, facts, clock),
+        mfa=mfa,
+        clock=clock,
     )
 
 

@@ -60,6 +60,11 @@ refresh_families = Table(
     Column("expires_at", Float, nullable=False),  # absolute lifetime
     Column("revoked_at", Float),
     Column("revoked_reason", String(32)),
+    # What `GET /auth/sessions` shows (migration 0010): how strong the login was, from where.
+    Column("acr", String(40)),
+    Column("address", String(64)),
+    Column("device", String(128)),
+    Column("last_used_at", Float),
 )
 
 refresh_tokens = Table(
@@ -250,6 +255,87 @@ access_generation = Table(
     metadata,
     Column("id", Integer, primary_key=True),  # always 1
     Column("generation", BigInteger, nullable=False),
+)
+
+
+# --- Multi-factor authentication (identity/mfa/) and browser sessions (identity/web/) -----
+
+mfa_totp = Table(
+    "mfa_totp",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("secret", LargeBinary, nullable=False),  # AEAD ciphertext (scope mfa:<user id>)
+    Column("created_at", Float, nullable=False),
+    Column("confirmed_at", Float),  # null: enrolled, not confirmed yet, so not a factor
+    Column("last_step", BigInteger, nullable=False),  # newest time step accepted: no replays
+    Column("last_used_at", Float),
+    Column("failures", Integer, nullable=False),  # wrong codes since the last right one
+    Column("locked_until", Float),
+)
+
+webauthn_credentials = Table(
+    "webauthn_credentials",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("credential_id", String(1400), nullable=False, unique=True),  # base64url
+    Column("public_key", LargeBinary, nullable=False),  # COSE key
+    Column("sign_count", BigInteger, nullable=False),
+    Column("transports", JSON, nullable=False),
+    Column("aaguid", String(36)),
+    Column("backed_up", Boolean, nullable=False),  # a synced passkey: amr swk, else hwk
+    Column("user_verified", Boolean, nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Column("flagged_at", Float),  # the sign counter went back: possibly cloned, refused
+)
+
+recovery_codes = Table(
+    "recovery_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),  # keyed hash of the code
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("used_at", Float),
+)
+
+# Single-use, short-lived proofs between steps: the mfa_token of a login attempt, WebAuthn
+# challenges. Only a hash of the handed-out value is kept.
+mfa_challenges = Table(
+    "mfa_challenges",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("purpose", String(24), nullable=False),
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False),
+    Column("bound_to", String(64)),  # the login attempt or session this belongs to
+    Column("challenge", LargeBinary),  # WebAuthn: the challenge the client signs
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),
+    Index("ix_mfa_challenges_expires_at", "expires_at"),
+)
+
+browser_sessions = Table(
+    "browser_sessions",
+    metadata,
+    Column("id", String(36), primary_key=True),  # listed and ended by this, never the cookie
+    Column("token_hash", String(64), nullable=False, unique=True),  # SHA-256 of the cookie
+    Column("user_id", String(36), ForeignKey("users.id"), index=True),  # null before login
+    Column("state", String(16), nullable=False),  # anonymous | mfa_pending | active | ended
+    Column("csrf_token", String(64), nullable=False),
+    Column("mfa_attempt", String(64)),  # while mfa_pending: the login attempt's token hash
+    Column("amr", JSON, nullable=False),
+    Column("acr", String(40)),
+    Column("auth_time", Integer),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
+    Column("absolute_expires_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("ended_reason", String(32)),
+    Column("address", String(64)),
+    Column("device", String(128)),
 )
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.crypto.instance_secrets import InstanceSecrets
 from carevault.crypto.passwords import PasswordHasher
 from carevault.identity.accounts import USERNAME_PATTERN, User, UserStore, normalize_username
+from carevault.identity.mfa.policy import AMR_PASSWORD, acr_of
 from carevault.identity.roles import Role
 from carevault.identity.throttle import LoginThrottle
 from carevault.tokens.access import AccessTokenIssuer
@@ -38,9 +40,31 @@ class TokenGrant:
 
 
 @dataclass(frozen=True)
+class MfaRequired:
+    """The password was right; a second factor finishes the login (`POST /auth/mfa/verify`)."""
+
+    mfa_token: str
+    methods: list[str]
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class EnrollmentRequired:
+    """The password was right but the account must have a second factor and has none: this
+    token can enroll one and do nothing else."""
+
+    access_token: str
+    expires_in: int
+
+
+LoginResult = TokenGrant | MfaRequired | EnrollmentRequired
+
+
+@dataclass(frozen=True)
 class RequestContext:
     address: str | None = None
     request_id: str | None = None
+    device: str | None = None  # a short description of the User-Agent, for the session list
 
 
 def first_party_scope(user: User) -> str:
@@ -48,6 +72,12 @@ def first_party_scope(user: User) -> str:
     if Role.patient in user.roles:
         return "openid fhirUser patient/*.cruds"
     return "openid fhirUser user/*.cruds"
+
+
+class MfaGate(Protocol):
+    async def after_password(
+        self, user: User, ctx: RequestContext
+    ) -> MfaRequired | EnrollmentRequired | None: ...
 
 
 class Authenticator:
@@ -73,8 +103,9 @@ class Authenticator:
         self._sessions = sessions
         self._secrets = instance_secrets
         self._clock = clock
+        self.mfa: MfaGate | None = None  # set by build_services (identity/mfa/service.py)
 
-    async def login(self, username: str, password: str, ctx: RequestContext) -> TokenGrant:
+    async def login(self, username: str, password: str, ctx: RequestContext) -> LoginResult:
         if ctx.address:
             await self._throttle.check_address(ctx.address)  # raises AddressThrottled
         name = normalize_username(username)[:MAX_USERNAME_CHARS]
@@ -123,24 +154,49 @@ class Authenticator:
                 )
             raise LoginFailed
 
-        await self._throttle.succeeded(subject_hash)
         if needs_rehash:
             await self._users.set_password_hash(user.id, await self._hasher.hash(password))
-        event.outcome = "success"
         event.details = {"rehashed": True} if needs_rehash else {}
+        if self.mfa is not None:
+            second = await self.mfa.after_password(user, ctx)
+            if second is not None:
+                # The account throttle is cleared only once the login completes: a stolen
+                # password alone cannot reset the count of wrong codes.
+                await self._throttle.release(subject_hash)
+                event.outcome = "success"
+                event.details["second_factor"] = (
+                    "required" if isinstance(second, MfaRequired) else "enrollment_required"
+                )
+                await self._events.record(event)
+                return second
+        await self._throttle.succeeded(subject_hash)
+        event.outcome = "success"
         # Recorded before any token exists: no session starts that the trail does not show.
         await self._events.record(event)
-        return await self._start_session(user)
+        return await self.start_session(user, [AMR_PASSWORD], ctx)
 
-    async def _start_session(self, user: User) -> TokenGrant:
-        auth_time = int(self._clock())
+    async def start_session(
+        self,
+        user: User,
+        amr: list[str],
+        ctx: RequestContext,
+        *,
+        user_verified: bool = False,
+        auth_time: int | None = None,
+    ) -> TokenGrant:
+        """A new login: a refresh family and its first access token."""
+        auth_time = int(self._clock()) if auth_time is None else auth_time
         scope = first_party_scope(user)
+        acr = acr_of(amr, user_verified=user_verified)
         family, refresh_token = await self._refresh.start_family(
             user_id=user.id,
             client_id=FIRST_PARTY_CLIENT,
             scope=scope,
-            amr=["pwd"],
+            amr=amr,
             auth_time=auth_time,
+            acr=acr,
+            address=ctx.address,
+            device=ctx.device,
         )
         token, _ = self._issuer.issue(
             subject=user.id,
@@ -148,10 +204,33 @@ class Authenticator:
             client_id=FIRST_PARTY_CLIENT,
             scope=scope,
             roles=list(user.roles),
-            amr=["pwd"],
+            amr=amr,
             auth_time=auth_time,
+            acr=acr,
         )
         return TokenGrant(token, self._issuer.ttl, refresh_token)
+
+    async def account_succeeded(self, user: User) -> None:
+        """Clear the account's failure count once a login has fully succeeded."""
+        await self._throttle.succeeded(self._secrets.keyed_hash(user.username))
+
+    async def account_failed(self, user: User, ctx: RequestContext) -> bool:
+        """A wrong second factor counts like a wrong password; True when it locked the account."""
+        if ctx.address:
+            await self._throttle.address_failed(ctx.address)
+        return await self._throttle.failed(self._secrets.keyed_hash(user.username))
+
+    async def account_open(self, user: User, ctx: RequestContext) -> bool:
+        """Reserve an attempt at a second factor, as `login` does for a password: False when the
+        account is locked or backing off. Every reservation ends in `account_succeeded`,
+        `account_failed` or `account_release`."""
+        if ctx.address:
+            await self._throttle.check_address(ctx.address)  # raises AddressThrottled
+        verdict = await self._throttle.begin_attempt(self._secrets.keyed_hash(user.username))
+        return verdict.allowed
+
+    async def account_release(self, user: User) -> None:
+        await self._throttle.release(self._secrets.keyed_hash(user.username))
 
     async def refresh(
         self, refresh_token: str, ctx: RequestContext, client_id: str = FIRST_PARTY_CLIENT
@@ -197,6 +276,7 @@ class Authenticator:
             roles=list(user.roles),
             amr=family.amr,
             auth_time=family.auth_time,
+            acr=family.acr,
         )
         await self._events.record(
             SecurityEvent(

@@ -16,3 +16,4 @@ class Principal:
     session_id: str
     token_id: str
     token_expires_at: int
+    acr: str | None = None

@@ -9,17 +9,25 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from carevault.audit.events import SecurityEvent
-from carevault.audit.request import request_id
-from carevault.edge.client_address import client_address
 from carevault.edge.problems import ProblemError, problem_response
-from carevault.identity.authentication import LoginFailed, RequestContext, TokenGrant
+from carevault.identity.authentication import (
+    EnrollmentRequired,
+    LoginFailed,
+    MfaRequired,
+)
 from carevault.identity.principal import Principal
+from carevault.identity.responses import (
+    NO_STORE,
+    REFRESH_COOKIE,
+    TokenResponse,
+    context,
+    token_response,
+)
 from carevault.identity.throttle import AddressThrottled
 from carevault.tokens.bearer import authenticate
 from carevault.tokens.refresh import RefreshError
 
 router = APIRouter(prefix="/auth", tags=["auth"])
-REFRESH_COOKIE = "__Secure-carevault-refresh"
 LOGIN_FAILED_DETAIL = "Invalid username or password."
 
 
@@ -34,13 +42,6 @@ class RefreshRequest(BaseModel):
     refresh_token: str = Field(min_length=1, max_length=512)
 
 
-class TokenResponse(BaseModel):
-    access_token: str
-    token_type: str = "Bearer"  # noqa: S105 - the RFC 6750 token type, not a secret
-    expires_in: int
-    refresh_token: str
-
-
 class MeResponse(BaseModel):
     id: str
     username: str
@@ -52,34 +53,18 @@ class MeResponse(BaseModel):
     expires_at: int
 
 
-def _context(request: Request) -> RequestContext:
-    settings = request.app.state.services.settings
-    return RequestContext(
-        address=client_address(request, settings.trusted_proxies),
-        request_id=request_id(request),
-    )
+class MfaRequiredResponse(BaseModel):
+    mfa_required: bool = True
+    mfa_token: str
+    methods: list[str]
+    expires_in: int
 
 
-def _token_response(request: Request, grant: TokenGrant) -> JSONResponse:
-    settings = request.app.state.services.settings
-    body = TokenResponse(
-        access_token=grant.access_token,
-        expires_in=grant.expires_in,
-        refresh_token=grant.refresh_token,
-    )
-    response = JSONResponse(
-        body.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
-    )
-    response.set_cookie(
-        REFRESH_COOKIE,
-        grant.refresh_token,
-        max_age=settings.refresh_absolute_ttl_seconds,
-        path="/auth",
-        secure=True,
-        httponly=True,
-        samesite="strict",
-    )
-    return response
+class EnrollmentRequiredResponse(BaseModel):
+    mfa_enrollment_required: bool = True
+    access_token: str
+    token_type: str = "Bearer"  # noqa: S105 - the RFC 6750 token type, not a secret
+    expires_in: int
 
 
 def _clear_cookie(response: Response) -> None:
@@ -90,7 +75,7 @@ def _clear_cookie(response: Response) -> None:
 
 @router.post(
     "/login",
-    response_model=TokenResponse,
+    response_model=TokenResponse | MfaRequiredResponse | EnrollmentRequiredResponse,
     responses={
         401: {"description": "Invalid credentials"},
         429: {"description": "Too many failed logins from this address"},
@@ -99,7 +84,7 @@ def _clear_cookie(response: Response) -> None:
 async def login(body: LoginRequest, request: Request) -> Response:
     services = request.app.state.services
     try:
-        grant = await services.authenticator.login(body.username, body.password, _context(request))
+        grant = await services.authenticator.login(body.username, body.password, context(request))
     except LoginFailed:
         # Identical bytes for unknown user, wrong password, disabled and locked accounts.
         return problem_response(401, LOGIN_FAILED_DETAIL)
@@ -109,7 +94,17 @@ async def login(body: LoginRequest, request: Request) -> Response:
             "Too many failed logins; try again later.",
             headers={"Retry-After": str(err.retry_after)},
         )
-    return _token_response(request, grant)
+    if isinstance(grant, MfaRequired):
+        body_ = MfaRequiredResponse(
+            mfa_token=grant.mfa_token, methods=grant.methods, expires_in=grant.expires_in
+        )
+        return JSONResponse(body_.model_dump(), headers=NO_STORE)
+    if isinstance(grant, EnrollmentRequired):
+        enroll = EnrollmentRequiredResponse(
+            access_token=grant.access_token, expires_in=grant.expires_in
+        )
+        return JSONResponse(enroll.model_dump(), headers=NO_STORE)
+    return token_response(request, grant)
 
 
 @router.post(
@@ -127,12 +122,12 @@ async def refresh(
     if not token:
         raise ProblemError(401, "A refresh token is required.")
     try:
-        grant = await services.authenticator.refresh(token, _context(request))
+        grant = await services.authenticator.refresh(token, context(request))
     except RefreshError:
         response = problem_response(401, "The refresh token is invalid or expired.")
         _clear_cookie(response)
         return response
-    return _token_response(request, grant)
+    return token_response(request, grant)
 
 
 @router.post("/logout", status_code=204, responses={401: {"description": "Not authenticated"}})
@@ -143,7 +138,7 @@ async def logout(
     await services.sessions.end_session(
         principal.session_id, principal.token_id, principal.token_expires_at
     )
-    ctx = _context(request)
+    ctx = context(request)
     await services.events.record(
         SecurityEvent(
             "logout",
@@ -165,7 +160,7 @@ async def logout_all(
 ) -> Response:
     services = request.app.state.services
     sessions = await services.sessions.end_all(principal.user_id, "logout_all")
-    ctx = _context(request)
+    ctx = context(request)
     await services.events.record(
         SecurityEvent(
             "logout_all",

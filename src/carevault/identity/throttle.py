@@ -156,6 +156,20 @@ class LoginThrottle:
                 )
             )
 
+    async def release(self, account_key: str) -> None:
+        """End an attempt that neither failed nor completed the login (the password was right
+        and a second factor is asked for): the failure count stays as it is."""
+        async with write_transaction(self._engine) as conn:
+            await conn.execute(
+                update(login_throttle)
+                .where(login_throttle.c.key == f"acct:{account_key}")
+                .values(
+                    in_flight=case(
+                        (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
+                    )
+                )
+            )
+
     async def address_failed(self, address: str) -> None:
         key = f"addr:{address}"
         async with write_transaction(self._engine) as conn:

@@ -68,6 +68,7 @@ class AccessClaims(NamedTuple):
     auth_time: int
     iat: int
     exp: int
+    acr: str | None = None  # how strong the login was (identity/mfa/policy.py)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -160,6 +161,8 @@ class AccessTokenIssuer:
         roles: list[str],
         amr: list[str],
         auth_time: int,
+        acr: str | None = None,
+        ttl: int | None = None,
     ) -> tuple[str, AccessClaims]:
         now = int(self._clock())
         claims = AccessClaims(
@@ -172,7 +175,8 @@ class AccessTokenIssuer:
             amr=tuple(amr),
             auth_time=auth_time,
             iat=now,
-            exp=now + self.ttl,
+            exp=now + min(ttl or self.ttl, self.ttl),
+            acr=acr,
         )
         payload = {
             "iss": self._settings.issuer,
@@ -189,6 +193,8 @@ class AccessTokenIssuer:
             "auth_time": claims.auth_time,
             "amr": list(claims.amr),
         }
+        if acr is not None:
+            payload["acr"] = acr
         key = self._keyring.current
         header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
         token = jws.serialize_compact(
@@ -291,6 +297,7 @@ class AccessTokenVerifier:
                 auth_time=claims["auth_time"],
                 iat=claims["iat"],
                 exp=claims["exp"],
+                acr=claims.get("acr"),
             ),
             kid,
             claims["nbf"],
@@ -327,6 +334,8 @@ class AccessTokenVerifier:
             )
         ):
             raise InvalidTokenError("wrong audience")
+        if "acr" in claims and (type(claims["acr"]) is not str or not claims["acr"]):
+            raise InvalidTokenError("claim acr must be a string")
         for name in ("roles", "amr"):
             value = claims.get(name)
             if type(value) is not list or not all(type(v) is str for v in value):

@@ -12,6 +12,7 @@ import structlog
 from fastapi import Request
 
 from carevault.edge.problems import ProblemError
+from carevault.identity.mfa.policy import ENROLL_SCOPE
 from carevault.identity.principal import Principal
 from carevault.tokens.access import InvalidTokenError
 from carevault.tokens.revocation import RevocationUnavailable
@@ -26,6 +27,21 @@ def _unauthorized(error: str | None) -> ProblemError:
 
 
 async def authenticate(request: Request) -> Principal:
+    """The principal of a full access token. An enrollment-scoped token (an account that must
+    enroll a second factor first) is refused here: 403, insufficient_scope."""
+    principal = await authenticate_enrollment(request)
+    if ENROLL_SCOPE in principal.scopes:
+        raise ProblemError(
+            403,
+            "Enroll a second factor first.",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope"'},
+        )
+    return principal
+
+
+async def authenticate_enrollment(request: Request) -> Principal:
+    """Any valid access token, enrollment-scoped ones included: only for the routes that
+    enroll a factor."""
     services = request.app.state.services
     header = request.headers.get("authorization")
     if not header:
@@ -57,4 +73,5 @@ async def authenticate(request: Request) -> Principal:
         session_id=claims.sid,
         token_id=claims.jti,
         token_expires_at=claims.exp,
+        acr=claims.acr,
     )

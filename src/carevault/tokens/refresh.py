@@ -63,6 +63,7 @@ class Family:
     amr: list[str]
     auth_time: int
     expires_at: float
+    acr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,16 @@ class RefreshTokenService:
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     async def start_family(
-        self, *, user_id: str, client_id: str, scope: str, amr: list[str], auth_time: int
+        self,
+        *,
+        user_id: str,
+        client_id: str,
+        scope: str,
+        amr: list[str],
+        auth_time: int,
+        acr: str | None = None,
+        address: str | None = None,
+        device: str | None = None,
     ) -> tuple[Family, str]:
         now = self._clock()
         family = Family(
@@ -105,6 +115,7 @@ class RefreshTokenService:
             amr=amr,
             auth_time=auth_time,
             expires_at=now + self._settings.refresh_absolute_ttl_seconds,
+            acr=acr,
         )
         token = secrets.token_urlsafe(TOKEN_BYTES)
         async with write_transaction(self._engine) as conn:
@@ -118,6 +129,10 @@ class RefreshTokenService:
                     auth_time=auth_time,
                     created_at=now,
                     expires_at=family.expires_at,
+                    acr=acr,
+                    address=address,
+                    device=device,
+                    last_used_at=now,
                 )
             )
             await conn.execute(
@@ -164,6 +179,7 @@ class RefreshTokenService:
                 amr=list(row["amr"]),
                 auth_time=row["auth_time"],
                 expires_at=row["expires_at"],
+                acr=row["acr"],
             )
             if row["revoked_at"] is not None:
                 raise RefreshError("family revoked", family_id=family.id, user_id=family.user_id)
@@ -187,6 +203,11 @@ class RefreshTokenService:
                     .values(used_at=now, successor_hash=successor_hash)
                 )
                 if claimed.rowcount == 1:
+                    await conn.execute(
+                        update(refresh_families)
+                        .where(refresh_families.c.id == family.id)
+                        .values(last_used_at=now)
+                    )
                     await conn.execute(
                         insert(refresh_tokens).values(
                             token_hash=successor_hash,
