@@ -25,7 +25,9 @@ from carevault.fhir.routes import router as fhir_router
 from carevault.health import router as health_router
 from carevault.identity.accounts import ProfileCache
 from carevault.identity.mfa.routes import router as mfa_router
+from carevault.identity.mfa.webauthn_routes import router as webauthn_router
 from carevault.identity.routes import router as auth_router
+from carevault.identity.web.routes import router as session_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
 
@@ -72,6 +74,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(jwks_router)
     app.include_router(auth_router)
     app.include_router(mfa_router)
+    app.include_router(webauthn_router)
+    app.include_router(session_router)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

@@ -37,7 +37,9 @@ from carevault.identity.mfa.challenges import ChallengeStore
 from carevault.identity.mfa.recovery import RecoveryCodes
 from carevault.identity.mfa.service import MfaService
 from carevault.identity.mfa.totp import TotpFactors
+from carevault.identity.mfa.webauthn import WebAuthnCredentials
 from carevault.identity.throttle import LoginThrottle
+from carevault.identity.web.sessions import BrowserSessions
 from carevault.tokens.access import AccessTokenIssuer, AccessTokenVerifier
 from carevault.tokens.keys import KeyRing, create_keyset
 from carevault.tokens.refresh import RefreshTokenService
@@ -81,6 +83,7 @@ class Services:
     break_glass: BreakGlass
     access: AccessControl  # the FHIR routes' one door to the decision point
     mfa: MfaService
+    browser_sessions: BrowserSessions
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -186,6 +189,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         events=events,
         clock=clock,
     )
+    mfa.webauthn = WebAuthnCredentials(settings, engine, mfa.challenges, events, clock)
     authenticator.mfa = mfa
     policy = load_policy(settings.access_policy_file)
     facts = AccessFacts(engine, store, users, access_generation, clock)
@@ -223,6 +227,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         break_glass=break_glass,
         access=AccessControl(policy, facts, clock),
         mfa=mfa,
+        browser_sessions=BrowserSessions(settings, engine, clock),
         clock=clock,
     )
 

@@ -106,6 +106,19 @@ class Authenticator:
         self.mfa: MfaGate | None = None  # set by build_services (identity/mfa/service.py)
 
     async def login(self, username: str, password: str, ctx: RequestContext) -> LoginResult:
+        """The password step; then a second factor, enrollment, or the tokens."""
+        user, second = await self.check_password(username, password, ctx)
+        if second is not None:
+            return second
+        return await self.start_session(user, [AMR_PASSWORD], ctx)
+
+    async def check_password(
+        self, username: str, password: str, ctx: RequestContext
+    ) -> tuple[User, MfaRequired | EnrollmentRequired | None]:
+        """Check a password (every path one Argon2 verify, one generic `LoginFailed`) and what
+        the account needs next: a second factor (`MfaRequired`), a factor enrolled first
+        (`EnrollmentRequired`), or nothing (the caller starts the session). The browser
+        session login shares it with `login`."""
         if ctx.address:
             await self._throttle.check_address(ctx.address)  # raises AddressThrottled
         name = normalize_username(username)[:MAX_USERNAME_CHARS]
@@ -168,12 +181,12 @@ class Authenticator:
                     "required" if isinstance(second, MfaRequired) else "enrollment_required"
                 )
                 await self._events.record(event)
-                return second
+                return user, second
         await self._throttle.succeeded(subject_hash)
         event.outcome = "success"
         # Recorded before any token exists: no session starts that the trail does not show.
         await self._events.record(event)
-        return await self.start_session(user, [AMR_PASSWORD], ctx)
+        return user, None
 
     async def start_session(
         self,

@@ -204,6 +204,16 @@ class MfaService:
     async def verify_login(
         self, mfa_token: str, proof: FactorProof, ctx: RequestContext
     ) -> TokenGrant:
+        user, verified = await self.complete(mfa_token, proof, ctx)
+        return await self._auth.start_session(
+            user, verified.amr, ctx, user_verified=verified.user_verified
+        )
+
+    async def complete(
+        self, mfa_token: str, proof: FactorProof, ctx: RequestContext
+    ) -> tuple[User, Verified]:
+        """Check the factor against the login attempt of `mfa_token` and use the token up;
+        the caller starts the session (tokens, or a browser session)."""
         try:
             challenge = await self.challenges.peek(mfa_token, LOGIN_PURPOSE)
         except ChallengeInvalid:
@@ -220,9 +230,7 @@ class MfaService:
             await self._record("mfa_verify", "failure", user.id, ctx, reason="mfa_token_used")
             raise MfaTokenInvalid from None
         await self._record("mfa_verify", "success", user.id, ctx, method=proof.method)
-        return await self._auth.start_session(
-            user, verified.amr, ctx, user_verified=verified.user_verified
-        )
+        return user, verified
 
     # -- step-up ----------------------------------------------------------------------------
 
