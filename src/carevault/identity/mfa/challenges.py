@@ -80,10 +80,15 @@ class ChallengeStore:
         are asked for with the mfa_token that the assertion will then consume)."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             raise ChallengeInvalid
+        return await self.peek_hash(token_hash(token), purpose)
+
+    async def peek_hash(self, id_hash: str, purpose: str) -> Challenge:
+        """As `peek`, by the stored hash (a browser session keeps only the hash of its login
+        attempt's token)."""
         async with read_connection(self._engine) as conn:
             row = (
                 await conn.execute(
-                    select(mfa_challenges).where(mfa_challenges.c.id_hash == token_hash(token))
+                    select(mfa_challenges).where(mfa_challenges.c.id_hash == id_hash)
                 )
             ).first()
         if (
@@ -99,13 +104,15 @@ class ChallengeStore:
         """Use the challenge up and return it, or raise `ChallengeInvalid`."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             raise ChallengeInvalid
-        digest = token_hash(token)
+        return await self.consume_hash(token_hash(token), purpose)
+
+    async def consume_hash(self, id_hash: str, purpose: str) -> Challenge:
         now = self._clock()
         async with write_transaction(self._engine) as conn:
             used = await conn.execute(
                 update(mfa_challenges)
                 .where(
-                    mfa_challenges.c.id_hash == digest,
+                    mfa_challenges.c.id_hash == id_hash,
                     mfa_challenges.c.purpose == purpose,
                     mfa_challenges.c.used_at.is_(None),
                     mfa_challenges.c.expires_at > now,
@@ -115,9 +122,34 @@ class ChallengeStore:
             if used.rowcount != 1:
                 raise ChallengeInvalid
             row = (
-                await conn.execute(select(mfa_challenges).where(mfa_challenges.c.id_hash == digest))
+                await conn.execute(
+                    select(mfa_challenges).where(mfa_challenges.c.id_hash == id_hash)
+                )
             ).one()
         return _challenge(row)
+
+    async def consume_bound(self, purpose: str, bound_to: str) -> Challenge:
+        """Use up the newest live challenge of `purpose` issued for `bound_to` (a WebAuthn
+        challenge: the client returns the challenge bytes, not a token, so it is found by what
+        it was issued for; the caller compares the bytes)."""
+        now = self._clock()
+        async with read_connection(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(mfa_challenges.c.id_hash)
+                    .where(
+                        mfa_challenges.c.purpose == purpose,
+                        mfa_challenges.c.bound_to == bound_to,
+                        mfa_challenges.c.used_at.is_(None),
+                        mfa_challenges.c.expires_at > now,
+                    )
+                    .order_by(mfa_challenges.c.created_at.desc())
+                    .limit(1)
+                )
+            ).first()
+        if row is None:
+            raise ChallengeInvalid
+        return await self.consume_hash(row.id_hash, purpose)
 
     async def revoke_user(self, user_id: str) -> None:
         """Void every open challenge of a user (factors reset, account disabled)."""

@@ -26,7 +26,12 @@ from carevault.identity.authentication import (
     RequestContext,
     TokenGrant,
 )
-from carevault.identity.mfa.challenges import ChallengeInvalid, ChallengeStore
+from carevault.identity.mfa.challenges import (
+    MAX_TOKEN_CHARS,
+    ChallengeInvalid,
+    ChallengeStore,
+    token_hash,
+)
 from carevault.identity.mfa.policy import (
     AMR_OTP,
     AMR_PASSWORD,
@@ -214,8 +219,18 @@ class MfaService:
     ) -> tuple[User, Verified]:
         """Check the factor against the login attempt of `mfa_token` and use the token up;
         the caller starts the session (tokens, or a browser session)."""
+        if not mfa_token or len(mfa_token) > MAX_TOKEN_CHARS:
+            await self._record("mfa_verify", "failure", None, ctx, reason="mfa_token")
+            raise MfaTokenInvalid
+        return await self.complete_attempt(token_hash(mfa_token), proof, ctx)
+
+    async def complete_attempt(
+        self, attempt: str, proof: FactorProof, ctx: RequestContext
+    ) -> tuple[User, Verified]:
+        """As `complete`, by the hash of the login attempt's token (`Challenge.id_hash`), which
+        is all a browser session keeps of it."""
         try:
-            challenge = await self.challenges.peek(mfa_token, LOGIN_PURPOSE)
+            challenge = await self.challenges.peek_hash(attempt, LOGIN_PURPOSE)
         except ChallengeInvalid:
             await self._record("mfa_verify", "failure", None, ctx, reason="mfa_token")
             raise MfaTokenInvalid from None
@@ -225,7 +240,7 @@ class MfaService:
             raise MfaTokenInvalid
         verified = await self._check(user, proof, challenge.id_hash, ctx, "mfa_verify")
         try:
-            await self.challenges.consume(mfa_token, LOGIN_PURPOSE)
+            await self.challenges.consume_hash(attempt, LOGIN_PURPOSE)
         except ChallengeInvalid:  # another request finished this login first
             await self._record("mfa_verify", "failure", user.id, ctx, reason="mfa_token_used")
             raise MfaTokenInvalid from None
