@@ -20,6 +20,8 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import functools
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +102,15 @@ def checkpoint_note(size: int, root: bytes, at: str) -> bytes:
     return f"{ORIGIN}\n{size}\n{base64.b64encode(root).decode()}\n{at}\n".encode()
 
 
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert(rows: int) -> str:
+    """The INSERT of `rows` rows (at most 2,000: 18,000 parameters, within SQLite's 32,766)."""
+    one = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    columns = ", ".join(_COLUMNS)
+    # Constant column names and placeholders only: no value is ever part of the text.
+    return f"INSERT INTO audit_entries ({columns}) VALUES " + ", ".join([one] * rows)  # noqa: S608
+
+
 def stored_row(
     entry: AuditEntry, seq: int, at: dt.datetime, body: bytes, mac: bytes
 ) -> dict[str, Any]:
@@ -149,11 +160,11 @@ class AuditLog:
     async def append(self, entries: list[AuditEntry]) -> int:
         """Chain and commit `entries` atomically; the trail's size afterwards.
 
-        PostgreSQL: one INSERT, committed by itself, chained onto the tip this process last
+        One INSERT statement, committed by itself, chained onto the tip this process last
         saw: one round trip. If another writer appended since, the first sequence number is
         taken, the primary key refuses the whole batch, and the batch is chained anew onto the
-        tip read under the trail's advisory lock. SQLite: a `BEGIN IMMEDIATE` transaction (the
-        database's one write lock) that reads the tip and inserts."""
+        tip read under the trail's lock (PostgreSQL: an advisory lock; SQLite: `BEGIN
+        IMMEDIATE`, the database's one write lock)."""
         async with self._append_lock:
             for _ in range(_APPEND_ATTEMPTS):
                 if self._writer is None:
@@ -161,15 +172,15 @@ class AuditLog:
                     self._tip = None
                 conn = self._writer
                 try:
-                    if conn.dialect.name == "sqlite":
-                        async with conn.begin():
-                            self._tip = await self._insert(conn, entries, await _tip(conn))
-                        return self._tip[0]
                     if self._tip is not None:
                         self._tip = await self._insert(conn, entries, self._tip)
                         return self._tip[0]
-                    # The tip is unknown or was just lost to another writer: take the
-                    # trail's lock, so that busy writers cannot starve this one.
+                    # The tip is unknown or was just lost to another writer: read it under
+                    # the trail's lock, so that busy writers cannot starve this one.
+                    if conn.dialect.name == "sqlite":
+                        async with conn.begin():  # BEGIN IMMEDIATE: the database's write lock
+                            self._tip = await self._insert(conn, entries, await _tip(conn))
+                        return self._tip[0]
                     async with write_transaction(self._engine) as locked:
                         await locked.execute(
                             text("SELECT pg_advisory_xact_lock(:id, hashtext(current_schema()))"),
@@ -177,7 +188,7 @@ class AuditLog:
                         )
                         self._tip = await self._insert(locked, entries, await _tip(locked))
                     return self._tip[0]
-                except (IntegrityError, psycopg.IntegrityError):
+                except (IntegrityError, psycopg.IntegrityError, sqlite3.IntegrityError):
                     self._tip = None  # another writer was first: chain onto the new tip
                 except BaseException:
                     await self._drop_writer()  # it may be broken: the next append reconnects
@@ -196,16 +207,18 @@ class AuditLog:
             body = canonical(entry.document(seq, at))
             previous = chain_mac(mac_key, previous, body)
             rows.append(stored_row(entry, seq, at, body, previous))
+        # One statement is one atomic batch, in a transaction or under autocommit, sent on
+        # the driver's connection: a multi-row VALUES built by the ORM layer was compiled anew
+        # for every batch size and cost more than the commit.
+        raw = (await conn.get_raw_connection()).driver_connection
         if conn.dialect.name == "postgresql":
-            # One statement is one atomic batch under autocommit. Its text never changes, so
-            # the server prepares it once; the arrays go in binary, which spares the driver
-            # escaping every quote of the entries' JSON. A multi-row VALUES through the ORM
-            # layer was compiled anew for each batch size and cost more than the commit.
-            raw = (await conn.get_raw_connection()).driver_connection
+            # The text never changes, so the server prepares it once; the arrays go in binary,
+            # which spares the driver escaping every quote of the entries' JSON.
             columns = [[row[c] for row in rows] for c in _COLUMNS]
             await raw.execute(_PG_INSERT, columns, prepare=True)
         else:
-            await conn.execute(insert(audit_entries), rows)  # inside BEGIN IMMEDIATE
+            values = [row[c] for row in rows for c in _COLUMNS]
+            await raw.execute(_sqlite_insert(len(rows)), values)
         return seq, previous
 
     async def _drop_writer(self) -> None:
