@@ -190,3 +190,37 @@ async def test_patient_without_factor_logs_in_with_password(mfa: Any) -> None:
     body = await mfa.login("pat.one", STRONG_PASSWORD)
     assert set(body) == {"access_token", "token_type", "expires_in", "refresh_token"}
     assert _claims(body["access_token"])["amr"] == ["pwd"]
+
+
+async def test_replacing_a_factor_needs_a_fresh_second_factor(mfa: Any, mfa_clock: Any) -> None:
+    """A stolen access token must not plant the thief's authenticator."""
+    await mfa.add_user("dr.who", Role.physician)
+    enrolled = await enroll_totp(mfa, "dr.who", mfa_clock)
+    token = enrolled["access_token"]
+    mfa_clock.advance(301)  # the login's second factor is now too old
+    refused = await mfa.client.post("/auth/mfa/totp/enroll", headers=bearer(token))
+    assert refused.status_code == 401
+    challenge = refused.headers["www-authenticate"]
+    assert 'error="insufficient_user_authentication"' in challenge and "max_age=300" in challenge
+    stepped = await mfa.client.post(
+        "/auth/step-up",
+        json={"method": "totp", "code": code_at(enrolled["secret"], mfa_clock())},
+        headers=bearer(token),
+    )
+    assert stepped.status_code == 200, stepped.text
+    fresh = stepped.json()["access_token"]
+    assert _claims(fresh)["auth_time"] == int(mfa_clock()) and "otp" in _claims(fresh)["amr"]
+    assert (
+        await mfa.client.post("/auth/mfa/totp/enroll", headers=bearer(fresh))
+    ).status_code == 200
+
+
+def test_shipped_default_requires_mfa_for_staff() -> None:
+    from carevault.config import Settings
+    from carevault.identity.mfa.policy import mfa_required
+
+    settings = Settings()
+    assert sorted(settings.mfa_required_roles) == ["admin", "auditor", "nurse", "physician"]
+    for role in Role:
+        expected = role in (Role.admin, Role.auditor, Role.nurse, Role.physician)
+        assert mfa_required(settings, [role]) is expected

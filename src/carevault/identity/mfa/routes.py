@@ -24,7 +24,7 @@ from carevault.identity.mfa.service import (
     MfaService,
     MfaTokenInvalid,
 )
-from carevault.identity.mfa.step_up import StepUp
+from carevault.identity.mfa.step_up import NewFactor, StepUp
 from carevault.identity.principal import Principal
 from carevault.identity.responses import NO_STORE, context, token_response
 from carevault.identity.throttle import AddressThrottled
@@ -130,9 +130,7 @@ async def step_up(
 
 
 @router.post("/mfa/totp/enroll", responses=_ERRORS)
-async def totp_enroll(
-    request: Request, principal: Annotated[Principal, Depends(authenticate_enrollment)]
-) -> Response:
+async def totp_enroll(request: Request, principal: NewFactor) -> Response:
     """Start a TOTP enrollment: the secret as an otpauth URI and a QR code (SVG). The factor
     counts only once `POST /auth/mfa/totp/confirm` has seen a code from it."""
     try:
@@ -145,11 +143,7 @@ async def totp_enroll(
 
 
 @router.post("/mfa/totp/confirm", responses=_ERRORS)
-async def totp_confirm(
-    body: CodeRequest,
-    request: Request,
-    principal: Annotated[Principal, Depends(authenticate_enrollment)],
-) -> Response:
+async def totp_confirm(body: CodeRequest, request: Request, principal: NewFactor) -> Response:
     """Activate the enrolled TOTP factor with a current code. Answers the recovery codes (once,
     for a first factor) and, for an enrollment-scoped token, the tokens of the login."""
     try:

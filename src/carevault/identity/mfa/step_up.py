@@ -19,7 +19,7 @@ from carevault.edge.client_address import client_address
 from carevault.edge.problems import ProblemError
 from carevault.identity.mfa.policy import ACR_MFA, is_fresh_mfa
 from carevault.identity.principal import Principal
-from carevault.tokens.bearer import REALM, authenticate
+from carevault.tokens.bearer import REALM, authenticate, authenticate_enrollment
 
 STEP_UP_TYPE = "https://carevault.dev/problems/step-up-required"
 
@@ -44,11 +44,27 @@ def step_up_challenge(max_age: int) -> ProblemError:
 async def require_step_up(
     request: Request, principal: Annotated[Principal, Depends(authenticate)]
 ) -> Principal:
+    await check_step_up(request, principal)
+    return principal
+
+
+async def require_step_up_if_enrolled(
+    request: Request, principal: Annotated[Principal, Depends(authenticate_enrollment)]
+) -> Principal:
+    """Adding a factor: the first one needs only the login (or the enrollment token); once
+    the account has a factor, adding another needs a fresh proof of one, or a stolen access
+    token could plant the thief's authenticator."""
+    if await request.app.state.services.mfa.methods(principal.user_id):
+        await check_step_up(request, principal)
+    return principal
+
+
+async def check_step_up(request: Request, principal: Principal) -> None:
     services = request.app.state.services
     max_age = services.settings.step_up_max_age_seconds
     now = services.clock()
     if is_fresh_mfa(principal.amr, principal.auth_time, now, max_age):
-        return principal
+        return
     await services.events.record(
         SecurityEvent(
             "step_up_required",
@@ -64,3 +80,4 @@ async def require_step_up(
 
 
 StepUp = Annotated[Principal, Depends(require_step_up)]
+NewFactor = Annotated[Principal, Depends(require_step_up_if_enrolled)]
