@@ -27,6 +27,7 @@ from carevault.identity.accounts import ProfileCache
 from carevault.identity.mfa.routes import router as mfa_router
 from carevault.identity.mfa.webauthn_routes import router as webauthn_router
 from carevault.identity.routes import router as auth_router
+from carevault.identity.web.csrf import CsrfProtection
 from carevault.identity.web.routes import router as session_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
@@ -84,6 +85,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
     app.add_exception_handler(AccessDenied, access_denied_response)  # type: ignore[arg-type]
     app.add_exception_handler(AuditUnavailable, unavailable_response)
+    # Inside the audit trail (a refused write is recorded) and the body limits (a form is read).
+    app.add_middleware(
+        CsrfProtection,
+        sessions=services.browser_sessions,
+        events=services.events,
+        trusted_proxies=settings.trusted_proxies,
+    )
     app.add_middleware(
         AuditTrail,
         writer=services.audit_writer,

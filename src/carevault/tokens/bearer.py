@@ -4,6 +4,12 @@ Signature, claims and revocation are checked on every request. Any failure answe
 generic 401 with `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3); the reason
 goes to the log, never to the client. If revocation cannot be checked the request is denied
 (503): failing open would let a revoked token through.
+
+A request without an Authorization header may instead carry the web portal's session cookie
+(identity/web/): an active browser session of an enabled user is a principal too, its roles
+read from the user row on every request. The revocation list is asked about it as about a
+token, so logout-all and account changes (password reset, role change, MFA reset) end browser
+sessions as well. CSRF is checked before any route by identity/web/csrf.py.
 """
 
 from __future__ import annotations
@@ -12,13 +18,21 @@ import structlog
 from fastapi import Request
 
 from carevault.edge.problems import ProblemError
+from carevault.identity.authentication import first_party_scope
 from carevault.identity.mfa.policy import ENROLL_SCOPE
 from carevault.identity.principal import Principal
-from carevault.tokens.access import InvalidTokenError
+from carevault.identity.web.sessions import ACTIVE
+from carevault.tokens.access import AccessClaims, InvalidTokenError
 from carevault.tokens.revocation import RevocationUnavailable
 
 log = structlog.get_logger("carevault.auth")
 REALM = 'Bearer realm="carevault"'
+WEB_CLIENT = "carevault-web"
+
+
+def _revocation_unavailable() -> ProblemError:
+    log.error("revocation_unavailable")
+    return ProblemError(503, "Service temporarily unavailable.", headers={"Retry-After": "1"})
 
 
 def _unauthorized(error: str | None) -> ProblemError:
@@ -45,7 +59,10 @@ async def authenticate_enrollment(request: Request) -> Principal:
     services = request.app.state.services
     header = request.headers.get("authorization")
     if not header:
-        raise _unauthorized(None)
+        principal = await session_principal(request)
+        if principal is None:
+            raise _unauthorized(None)
+        return principal
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or token != token.strip():
         raise _unauthorized("invalid_token" if scheme.lower() == "bearer" else None)
@@ -56,10 +73,7 @@ async def authenticate_enrollment(request: Request) -> Principal:
         log.info("token_rejected", reason=err.reason)
         raise _unauthorized("invalid_token") from None
     except RevocationUnavailable:
-        log.error("revocation_unavailable")
-        raise ProblemError(
-            503, "Service temporarily unavailable.", headers={"Retry-After": "1"}
-        ) from None
+        raise _revocation_unavailable() from None
     if revoked:
         log.info("token_rejected", reason="revoked")
         raise _unauthorized("invalid_token")
@@ -73,5 +87,57 @@ async def authenticate_enrollment(request: Request) -> Principal:
         session_id=claims.sid,
         token_id=claims.jti,
         token_expires_at=claims.exp,
+        acr=claims.acr,
+    )
+
+
+async def session_principal(request: Request) -> Principal | None:
+    """The principal of the request's browser session cookie, or None: no live active session,
+    a disabled or deleted user, or a session the revocation list denies (it is ended then)."""
+    services = request.app.state.services
+    sessions = services.browser_sessions
+    session = await sessions.of_request(request.scope)
+    if session is None or session.state != ACTIVE or session.user_id is None:
+        return None
+    user = await services.users.by_id(session.user_id)
+    if user is None or not user.enabled:
+        await sessions.end(session.id, "disabled")
+        return None
+    auth_time = session.auth_time if session.auth_time is not None else int(session.created_at)
+    expires_at = int(session.expires_at)
+    claims = AccessClaims(
+        sub=user.id,
+        jti=session.id,
+        sid=f"web-{session.id}",
+        client_id=WEB_CLIENT,
+        scope=first_party_scope(user),
+        roles=tuple(user.roles),
+        amr=session.amr,
+        auth_time=auth_time,
+        # A user-wide cut-off is compared in whole seconds: a session authenticated in the
+        # cut-off's own second counts as older, so it ends rather than outliving a password
+        # reset made a moment after it (the price: a login in that same second is ended too).
+        iat=auth_time - 1,
+        exp=expires_at,
+        acr=session.acr,
+    )
+    try:
+        revoked = await services.revocations.is_revoked(claims)
+    except RevocationUnavailable:
+        raise _revocation_unavailable() from None
+    if revoked:
+        log.info("session_rejected", reason="revoked")
+        await sessions.end(session.id, "revoked")
+        return None
+    return Principal(
+        user_id=claims.sub,
+        client_id=claims.client_id,
+        roles=claims.roles,
+        scopes=tuple(claims.scope.split()),
+        amr=claims.amr,
+        auth_time=auth_time,
+        session_id=claims.sid,
+        token_id=claims.jti,
+        token_expires_at=expires_at,
         acr=claims.acr,
     )

@@ -1,0 +1,100 @@
+"""A browser login with TOTP: the password step leaves the session waiting for the factor, the
+factor activates it, and each step gives a new session id. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from carevault.identity.roles import Role
+from tests.audit.trail import audit_documents
+from tests.identity.mfa.conftest import code_at, enroll_totp
+from tests.identity.web.conftest import assert_problem, with_cookie
+
+
+async def test_totp_login_through_the_session_rotates_the_id_twice(
+    web_mfa: Any, browsers: Any, web_clock: Any
+) -> None:
+    await web_mfa.add_user("dr.web", Role.physician)
+    secret = (await enroll_totp(web_mfa, "dr.web", web_clock))["secret"]
+    web_clock.advance(30)  # the enrollment used this step's code
+    browser = await browsers(web_mfa.app)
+
+    # an abandoned attempt left a waiting session in this browser: the next login replaces it
+    await browser.login("dr.web")
+    abandoned = browser.cookie
+    first = await browser.login("dr.web")
+    assert set(first.json()) == {"mfa_required", "methods", "csrf_token"}  # no mfa_token
+    assert first.json()["mfa_required"] is True and "totp" in first.json()["methods"]
+    pending = browser.cookie
+    assert abandoned and pending and pending != abandoned
+    assert_problem(await with_cookie(web_mfa.app, abandoned, "GET", "/auth/session"), 401)
+
+    waiting = (await browser.info()).json()
+    assert waiting["state"] == "mfa_pending" and waiting["user"] is None
+    assert waiting["absolute_expires_at"] == int(web_clock()) + 300  # the mfa_token's life
+    # a waiting session authenticates nothing
+    assert_problem(await browser.client.get("/auth/me"), 401)
+    assert_problem(await browser.client.get("/fhir/Patient"), 401)
+
+    code = code_at(secret, web_clock())
+    no_csrf = await browser.client.post("/auth/session/mfa", json={"method": "totp", "code": code})
+    assert_problem(no_csrf, 403)
+    wrong = "000000" if code != "000000" else "111111"
+    assert_problem(await browser.mfa(wrong, expect=401), 401)
+    assert browser.cookie == pending  # a wrong code changes nothing
+
+    web_clock.advance(30)  # past the account's back-off after a failure
+    done = await browser.mfa(code_at(secret, web_clock()))
+    assert done.json() == {"authenticated": True, "csrf_token": browser.csrf}
+    active = browser.cookie
+    assert active and len({abandoned, pending, active}) == 3
+    info = (await browser.info()).json()
+    assert info["state"] == "active" and info["id"] != waiting["id"]
+    assert info["amr"] == ["pwd", "otp"] and info["acr"] == "urn:carevault:mfa"
+    assert info["auth_time"] == int(web_clock())
+    assert info["user"]["username"] == "dr.web" and info["csrf_token"] != waiting["csrf_token"]
+    me = await browser.client.get("/auth/me")
+    assert me.status_code == 200 and me.json()["roles"] == ["physician"]
+
+    # the ids from before the login completed are dead, for reading and for finishing it again
+    web_clock.advance(30)  # a fresh code: the one used is spent
+    for old in (abandoned, pending):
+        assert_problem(await with_cookie(web_mfa.app, old, "GET", "/auth/session"), 401)
+        again = await with_cookie(
+            web_mfa.app,
+            old,
+            "POST",
+            "/auth/session/mfa",
+            json={"method": "totp", "code": code_at(secret, web_clock())},
+            headers={"X-CSRF-Token": first.json()["csrf_token"]},
+        )
+        assert_problem(again, 401)
+    started = await audit_documents(web_mfa.services.engine, "security.session_started")
+    assert [(e["detail"]["amr"], e["detail"]["method"]) for e in started] == [
+        (["pwd", "otp"], "totp")
+    ]
+
+
+async def test_a_waiting_session_expires_with_its_login_attempt(
+    web_mfa: Any, browsers: Any, web_clock: Any
+) -> None:
+    await web_mfa.add_user("dr.slow", Role.physician)
+    secret = (await enroll_totp(web_mfa, "dr.slow", web_clock))["secret"]
+    browser = await browsers(web_mfa.app)
+    await browser.login("dr.slow")
+    web_clock.advance(301)
+    late = await browser.mfa(code_at(secret, web_clock()), expect=401)
+    assert_problem(late, 401)
+    assert_problem(await browser.info(), 401)
+
+
+async def test_a_recovery_code_finishes_a_session_login(
+    web_mfa: Any, browsers: Any, web_clock: Any
+) -> None:
+    await web_mfa.add_user("dr.lost", Role.physician)
+    codes = (await enroll_totp(web_mfa, "dr.lost", web_clock))["recovery_codes"]
+    browser = await browsers(web_mfa.app)
+    await browser.login("dr.lost")
+    await browser.mfa(codes[0], method="recovery_code")
+    info = (await browser.info()).json()
+    assert info["state"] == "active" and info["acr"] == "urn:carevault:mfa"
