@@ -585,3 +585,35 @@ async def test_malformed_responses_are_refused_not_500(lenient: Any, mfa_clock: 
     count = select(func.count()).select_from(webauthn_credentials)
     async with lenient.services.engine.connect() as conn:
         assert (await conn.execute(count)).scalar_one() == 1
+
+
+async def test_an_account_whose_only_key_was_flagged_cannot_enroll_anew(
+    mfa: Any, mfa_clock: FakeClock
+) -> None:
+    """Whoever cloned the key may hold the password too: the password must not lead to an
+    enrollment token; only a recovery code (or an admin's reset) gets back in."""
+    await mfa.add_user("dr.who", Role.physician)
+    device = SoftAuthenticator()
+    enrolled = await enroll_key(mfa, "dr.who", device)
+    mfa_clock.advance(60)
+    assert (await key_login(mfa, "dr.who", device))[1].status_code == 200
+    clone = device.clone()
+    mfa_clock.advance(60)
+    assert (await key_login(mfa, "dr.who", device))[1].status_code == 200
+    mfa_clock.advance(60)
+    _refused((await key_login(mfa, "dr.who", clone))[1])
+    assert (await _stored(mfa, device)).flagged_at is not None
+
+    mfa_clock.advance(PAST_BACKOFF)
+    first = await mfa.login("dr.who")
+    assert "mfa_enrollment_required" not in first and "access_token" not in first
+    assert first["mfa_required"] is True and first["methods"] == ["recovery_code"]
+    done = await mfa.client.post(
+        "/auth/mfa/verify",
+        json={
+            "mfa_token": first["mfa_token"],
+            "method": "recovery_code",
+            "code": enrolled["recovery_codes"][0],
+        },
+    )
+    assert done.status_code == 200, done.text

@@ -162,11 +162,11 @@ async def factors(
 ) -> Response:
     service = mfa_service(request)
     summary = await service.summary(principal.user_id)
-    webauthn = getattr(service.webauthn, "describe", None)
+    keys = await service.webauthn.describe(principal.user_id) if service.webauthn else []
     return JSONResponse(
         {
             "totp": summary.totp,
-            "webauthn": await webauthn(principal.user_id) if webauthn else [],
+            "webauthn": keys,
             "recovery_codes_remaining": summary.recovery_codes_remaining,
             "methods": await service.methods(principal.user_id),
         },

@@ -94,6 +94,8 @@ class WebAuthnFactors(Protocol):
 
     async def has_credentials(self, user_id: str) -> bool: ...
 
+    async def describe(self, user_id: str) -> list[dict[str, Any]]: ...
+
     async def authenticate(
         self, user: User, bound_to: str, credential: dict[str, Any], ctx: RequestContext
     ) -> WebAuthnProof: ...
@@ -123,7 +125,6 @@ class Confirmation:
 @dataclass
 class FactorSummary:
     totp: list[dict[str, Any]] = field(default_factory=list)
-    webauthn: list[dict[str, Any]] = field(default_factory=list)
     recovery_codes_remaining: int = 0
 
 
@@ -163,15 +164,25 @@ class MfaService:
             found.append(METHOD_WEBAUTHN)
         if await self.totp.factors(user_id):
             found.append(METHOD_TOTP)
-        if found and await self.recovery.remaining(user_id):
+        if (found or await self._only_flagged_keys(user_id)) and await self.recovery.remaining(
+            user_id
+        ):
             found.append(METHOD_RECOVERY)
         return found
+
+    async def _only_flagged_keys(self, user_id: str) -> bool:
+        """Every key of the account was flagged as possibly cloned: the account still has a
+        factor, so the password alone must not lead to enrolling a new one (whoever cloned the
+        key may hold the password too); a recovery code or an admin's reset gets back in."""
+        if self.webauthn is None:
+            return False
+        return any(key.get("flagged") for key in await self.webauthn.describe(user_id))
 
     async def after_password(
         self, user: User, ctx: RequestContext
     ) -> MfaRequired | EnrollmentRequired | None:
         methods = await self.methods(user.id)
-        if methods:
+        if methods or await self._only_flagged_keys(user.id):
             ttl = self._settings.mfa_token_ttl_seconds
             token = await self.challenges.issue(LOGIN_PURPOSE, user.id, ttl)
             return MfaRequired(token, methods, ttl)
