@@ -191,6 +191,8 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
     )
     mfa.webauthn = WebAuthnCredentials(settings, engine, mfa.challenges, events, clock)
     authenticator.mfa = mfa
+    browser_sessions = BrowserSessions(settings, engine, clock)
+    sessions.browser = browser_sessions
     policy = load_policy(settings.access_policy_file)
     facts = AccessFacts(engine, store, users, access_generation, clock)
     break_glass = BreakGlass(
@@ -227,7 +229,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         break_glass=break_glass,
         access=AccessControl(policy, facts, clock),
         mfa=mfa,
-        browser_sessions=BrowserSessions(settings, engine, clock),
+        browser_sessions=browser_sessions,
         clock=clock,
     )
 

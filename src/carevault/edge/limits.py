@@ -20,16 +20,20 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+# A browser's own login form posts its fields as a form body.
+_FORM_PATHS = frozenset({"/auth/session/login", "/auth/session/mfa"})
+
+
 def _is_search_form(scope: Scope, content_type: str) -> bool:
-    """FHIR's POST [base]/[type]/_search carries its parameters as a form body."""
+    """FHIR's POST [base]/[type]/_search carries its parameters as a form body, and so do the
+    browser session's login forms; nothing else may send one."""
     media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        return False
     path = scope.get("path", "")
-    return (
-        media == "application/x-www-form-urlencoded"
-        and path.startswith("/fhir/")
-        and path.endswith("/_search")
-        and path.count("/") == 3
-    )
+    if path in _FORM_PATHS:
+        return True
+    return path.startswith("/fhir/") and path.endswith("/_search") and path.count("/") == 3
 
 
 async def _problem(send: Send, status: int, title: str, detail: str) -> None:

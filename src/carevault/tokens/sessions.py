@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from carevault.config import Settings
 from carevault.tokens.refresh import RefreshTokenService
 from carevault.tokens.revocation import RevocationList
+
+
+class BrowserSessionEnder(Protocol):
+    async def end_all(self, user_id: str, reason: str) -> list[str]: ...
 
 
 class SessionRevoker:
@@ -25,6 +30,7 @@ class SessionRevoker:
         self._refresh = refresh
         self._revocations = revocations
         self._clock = clock
+        self.browser: BrowserSessionEnder | None = None  # set by build_services
         # A denial must outlive every access token it can match, whatever ttl was configured
         # when that token was issued.
         self._keep = 3600 + settings.clock_leeway_seconds
@@ -42,6 +48,8 @@ class SessionRevoker:
 
     async def end_all(self, user_id: str, reason: str) -> list[str]:
         now = self._clock()
+        if self.browser is not None:
+            await self.browser.end_all(user_id, reason)
         sids = await self._refresh.revoke_user_families(user_id, reason)
         await self._revocations.revoke_user(user_id, now, now + self._keep)
         if sids:

@@ -72,20 +72,9 @@ async def test_wrong_password_is_the_generic_login_failure(web: Any, browsers: A
 
 
 async def test_a_form_login_is_parsed_like_json(web: Any, browsers: Any) -> None:
-    # The route's own parsing, on an app without the edge's body-type gate (which lets forms
-    # through to /fhir/*/_search only; see the report of issue 6).
-    from fastapi import FastAPI
-
-    from carevault.edge import problems
-    from carevault.identity.web.routes import router
-
+    # The edge lets form bodies through to the session's login forms (and FHIR _search) only.
     await web.add_user("pat.form", Role.patient)
-    bare = FastAPI()
-    bare.state.services = web.services
-    bare.state.profiles = web.app.state.profiles
-    problems.install(bare)
-    bare.include_router(router)
-    browser = await browsers(bare)
+    browser = await browsers(web.app)
     form = {"content-type": "application/x-www-form-urlencoded"}
     ok = await browser.client.post(
         "/auth/session/login",
@@ -94,6 +83,8 @@ async def test_a_form_login_is_parsed_like_json(web: Any, browsers: Any) -> None
     )
     assert ok.status_code == 200, ok.text
     assert ok.json()["authenticated"] is True and browser.cookie
+    # this browser now has a session: its next POSTs carry the CSRF token (as a login form would)
+    form = {**form, "X-CSRF-Token": ok.json()["csrf_token"]}
     assert_problem(
         await browser.client.post(
             "/auth/session/login", content=b"username=pat.form", headers=form
@@ -106,11 +97,14 @@ async def test_a_form_login_is_parsed_like_json(web: Any, browsers: Any) -> None
         ),
         400,
     )
-    assert_problem(await browser.client.post("/auth/session/login", json=["x"]), 422)
+    guard = {"X-CSRF-Token": form["X-CSRF-Token"]}
+    assert_problem(await browser.client.post("/auth/session/login", json=["x"], headers=guard), 422)
+    # elsewhere a form body is still refused before any parsing
+    assert_problem(await browser.client.post("/auth/logout-all", content=b"a=b", headers=form), 415)
     bad_json = await browser.client.post(
         "/auth/session/login",
         content=b'{"username": ',
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **guard},
     )
     assert_problem(bad_json, 400)
 

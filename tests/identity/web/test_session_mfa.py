@@ -98,3 +98,43 @@ async def test_a_recovery_code_finishes_a_session_login(
     await browser.mfa(codes[0], method="recovery_code")
     info = (await browser.info()).json()
     assert info["state"] == "active" and info["acr"] == "urn:carevault:mfa"
+
+
+async def test_a_security_key_finishes_a_session_login(
+    web_mfa: Any, browsers: Any, web_clock: Any
+) -> None:
+    from tests.identity.mfa.authenticator import SoftAuthenticator
+    from tests.identity.mfa.test_webauthn import enroll_key
+
+    await web_mfa.add_user("dr.key", Role.physician)
+    device = SoftAuthenticator()
+    await enroll_key(web_mfa, "dr.key", device)
+    web_clock.advance(60)
+    browser = await browsers(web_mfa.app)
+    first = await browser.login("dr.key")
+    assert "webauthn" in first.json()["methods"]
+    pending = browser.cookie
+    # the options are a POST of the session: CSRF applies
+    assert_problem(await browser.client.post("/auth/session/webauthn/options"), 403)
+    options = await browser.client.post("/auth/session/webauthn/options", headers=browser.guarded())
+    assert options.status_code == 200, options.text
+    assertion = device.get(options.json())
+    done = await browser.client.post(
+        "/auth/session/mfa",
+        json={"method": "webauthn", "credential": assertion},
+        headers=browser.guarded(),
+    )
+    assert done.status_code == 200, done.text
+    assert browser.cookie != pending
+    info = (await browser.info()).json()
+    assert info["state"] == "active" and info["acr"] == "urn:carevault:mfa:phr"
+    assert set(info["amr"]) & {"hwk", "swk"}
+    # the challenge was used up: the same assertion cannot finish another login
+    second = await browsers(web_mfa.app)
+    await second.login("dr.key")
+    replay = await second.client.post(
+        "/auth/session/mfa",
+        json={"method": "webauthn", "credential": assertion},
+        headers=second.guarded(),
+    )
+    assert_problem(replay, 401)

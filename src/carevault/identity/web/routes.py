@@ -38,6 +38,7 @@ from carevault.identity.mfa.policy import (
 )
 from carevault.identity.mfa.routes import refused
 from carevault.identity.mfa.service import FactorProof, MfaFailed, MfaLocked, MfaTokenInvalid
+from carevault.identity.mfa.webauthn import NoCredentials
 from carevault.identity.principal import Principal
 from carevault.identity.responses import NO_STORE, context
 from carevault.identity.routes import LOGIN_FAILED_DETAIL, LoginRequest
@@ -275,6 +276,28 @@ async def session_mfa(request: Request) -> Response:
         method=body.method,
     )
     return _signed_in(active, value)
+
+
+@router.post(
+    "/session/webauthn/options",
+    responses={401: {"description": "No login waiting"}, 409: {"description": "No usable key"}},
+)
+async def session_webauthn_options(request: Request) -> Response:
+    """The WebAuthn options for the second step of a session login (the challenge is bound
+    to the login attempt this session holds; `POST /auth/session/mfa` takes the assertion).
+    State-changing, so it needs the session's CSRF token like every other POST."""
+    services = request.app.state.services
+    session = await _sessions(request).of_request(request.scope)
+    if session is None or session.state != MFA_PENDING or session.mfa_attempt is None:
+        raise ProblemError(401, NO_LOGIN_WAITING)
+    user = await services.users.by_id(session.user_id)
+    if user is None or not user.enabled or services.mfa.webauthn is None:
+        raise ProblemError(401, NO_LOGIN_WAITING)
+    try:
+        options = await services.mfa.webauthn.authentication_options(user, session.mfa_attempt)
+    except NoCredentials:
+        raise ProblemError(409, "This account has no usable security key.") from None
+    return Response(options, media_type="application/json", headers=NO_STORE)
 
 
 @router.get("/session", responses={401: {"description": "No session"}})
