@@ -146,6 +146,9 @@ class BenchServer:
                 "CAREVAULT_SIGNING_ALGORITHM": self.algorithm,
                 # The longest lifetime allowed, so that one token outlives a long run.
                 "CAREVAULT_ACCESS_TOKEN_TTL_SECONDS": "3600",
+                # Benchmark accounts log in with a password alone: the runs measure requests,
+                # not the second factor (MFA is on for staff roles by default).
+                "CAREVAULT_MFA_REQUIRED_ROLES": "",
                 STATIC_BODY_ENV: str(self.static_body_file),
                 "PYTHONPATH": os.pathsep.join(
                     p

@@ -24,6 +24,7 @@ from carevault.fhir.routes import FhirError, access_denied_response, error_respo
 from carevault.fhir.routes import router as fhir_router
 from carevault.health import router as health_router
 from carevault.identity.accounts import ProfileCache
+from carevault.identity.admin_routes import router as admin_router
 from carevault.identity.mfa.routes import router as mfa_router
 from carevault.identity.mfa.webauthn_routes import router as webauthn_router
 from carevault.identity.routes import router as auth_router
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(mfa_router)
     app.include_router(webauthn_router)
     app.include_router(session_router)
+    app.include_router(admin_router)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

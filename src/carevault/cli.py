@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
+import pyotp
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,8 +19,11 @@ from carevault.audit.commands import audit_app
 from carevault.audit.events import SecurityEvent
 from carevault.config import Settings, UnsafeSettingsError, check_production
 from carevault.db import migrate
-from carevault.identity.accounts import AccountError
+from carevault.identity.accounts import AccountError, User
 from carevault.identity.admin import generate_password
+from carevault.identity.authentication import RequestContext
+from carevault.identity.mfa.policy import mfa_required
+from carevault.identity.mfa.totp import STEP_SECONDS, TotpResult
 from carevault.identity.password_policy import PasswordPolicyError
 from carevault.identity.roles import Role
 from carevault.runtime import Services, build_services, ensure_key_material
@@ -33,6 +37,8 @@ app.add_typer(keys_app, name="keys")
 patient_app = typer.Typer(no_args_is_help=True, help="Patient records (erasure).")
 app.add_typer(patient_app, name="patient")
 app.add_typer(audit_app, name="audit")
+demo_app = typer.Typer(no_args_is_help=True, help="Demo accounts (made by init --demo).")
+app.add_typer(demo_app, name="demo")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -110,12 +116,33 @@ async def _create_demo(services: Services) -> tuple[list[tuple[str, str, str]], 
 async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]]:
     created = []
     for username, role, links in DEMO_ACCOUNTS:
-        if await services.users.by_username(username) is not None:
-            continue
-        password = generate_password()
-        await services.accounts.add_user(username, password, role, is_demo=True, **links)
-        created.append((username, str(role), password))
+        user = await services.users.by_username(username)
+        if user is None:
+            password = generate_password()
+            user = await services.accounts.add_user(username, password, role, is_demo=True, **links)
+            created.append((username, str(role), password))
+        if user.is_demo and mfa_required(services.settings, user.roles):
+            await _enroll_demo_totp(services, user)
     return created
+
+
+async def _enroll_demo_totp(services: Services, user: User) -> None:
+    """A confirmed TOTP factor (and recovery codes) for a demo account that must have MFA and
+    has none, so that `make run` stays one command: `carevault demo totp` shows its codes."""
+    totp = services.mfa.totp
+    if await totp.factors(user.id):
+        return
+    enrollment = await totp.enroll(user.id, user.username)
+    # Confirmed with the previous step's code: the current one stays unused for the first login.
+    code = pyotp.parse_uri(enrollment.otpauth_uri).at(services.clock() - STEP_SECONDS)
+    if await totp.confirm(user.id, code) is not TotpResult.ok:
+        raise _fail(f"could not enroll a TOTP factor for {user.username}")
+    await services.mfa.recovery.generate(user.id)
+    await services.events.record(
+        SecurityEvent(
+            "mfa_enrolled", "success", user_id=user.id, details={"method": "totp", "by": "demo"}
+        )
+    )
 
 
 def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None:
@@ -137,10 +164,8 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         )
     console.print(
         "\nQuick start (in another terminal, once the server below is up):\n\n"
-        f"  TOKEN=$(curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
-        f'    -d \'{{"username":"demo-physician","password":"{password}"}}\' \\\n'
-        "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
-        f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n'
+        + _quick_start_login(settings, base, password)
+        + f'  curl -s {base}/auth/me -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s {base}/fhir/Patient/demo-patient-1 -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s "{base}/fhir/Observation?patient=demo-patient-1&code=http://loinc.org%7C8867-4"'
         ' -H "Authorization: Bearer $TOKEN"\n'
@@ -156,10 +181,52 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         "\nEvery one of those requests is in the audit trail. demo-auditor reads it at"
         f" {base}/audit and {base}/audit/AuditEvent; the demo patient's own access report is"
         f" {base}/fhir/Patient/demo-patient-1/$access-report. Check the trail's integrity"
-        " with: .venv/bin/carevault audit verify\n",
+        " with: .venv/bin/carevault audit verify\n" + _quick_start_step_up(settings, base),
         markup=False,
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def _quick_start_login(settings: Settings, base: str, password: str) -> str:
+    """The shell lines that leave demo-physician's access token in $TOKEN."""
+    to_json = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"{}\"])'"
+    login = (
+        f"curl -s -X POST {base}/auth/login -H 'content-type: application/json' \\\n"
+        f'    -d \'{{"username":"demo-physician","password":"{password}"}}\' \\\n'
+    )
+    if not mfa_required(settings, [Role.physician]):
+        return f"  TOKEN=$({login}    | {to_json.format('access_token')})\n"
+    code = "$(.venv/bin/carevault demo totp demo-physician)"
+    return (
+        "  # staff log in in two steps: the password gives an mfa_token, a TOTP code finishes\n"
+        f"  MFA_TOKEN=$({login}    | {to_json.format('mfa_token')})\n"
+        f"  TOKEN=$(curl -s -X POST {base}/auth/mfa/verify -H 'content-type: application/json' \\\n"
+        f'    -d "{{\\"mfa_token\\":\\"$MFA_TOKEN\\",\\"method\\":\\"totp\\",'
+        f'\\"code\\":\\"{code}\\"}}" \\\n'
+        f"    | {to_json.format('access_token')})\n"
+    )
+
+
+def _quick_start_step_up(settings: Settings, base: str) -> str:
+    if not mfa_required(settings, [Role.physician]):
+        return ""
+    code = "$(.venv/bin/carevault demo totp demo-physician)"
+    staff = ", ".join(n for n, role, _ in DEMO_ACCOUNTS if mfa_required(settings, [role]))
+    return (
+        "\nHigh-risk actions (a patient's whole record with $everything, break-glass, patient"
+        " erasure, the /admin API) need a second factor proved in the last"
+        f" {settings.step_up_max_age_seconds} seconds: the two-step login counts for that"
+        " long, then step up with a new code (a code is accepted once: wait for the next"
+        " 30-second step):\n"
+        f'  TOKEN=$(curl -s -X POST {base}/auth/step-up -H "Authorization: Bearer $TOKEN" \\\n'
+        "    -H 'content-type: application/json' \\\n"
+        f'    -d "{{\\"method\\":\\"totp\\",\\"code\\":\\"{code}\\"}}" \\\n'
+        "    | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')\n"
+        f"  curl -s {base}/fhir/Patient/demo-patient-1/\\$everything"
+        ' -H "Authorization: Bearer $TOKEN"\n'
+        f"The demo accounts that must have MFA ({staff}) have a TOTP factor;"
+        " `.venv/bin/carevault demo totp NAME` prints its current code.\n"
     )
 
 
@@ -292,6 +359,48 @@ def user_reset_password(
     console.print(f"password of {name} reset; all sessions ended")
     if not password_stdin:
         console.print(f"new password (shown once): {password}", highlight=False)
+
+
+@user_app.command("mfa-reset")
+def user_mfa_reset(name: str) -> None:
+    """Remove every second factor and recovery code of a user and end all their sessions; their
+    next login enrolls a factor again (a lost or stolen authenticator)."""
+
+    async def work(services: Services) -> None:
+        user = await services.accounts.find(name)
+        await services.mfa.reset(user, RequestContext(), by="cli")
+
+    _account_change(work)
+    console.print(f"second factors of {name} removed; all sessions ended", highlight=False)
+
+
+@demo_app.command("totp")
+def demo_totp(name: str) -> None:
+    """Print the current TOTP code of a demo account (what its authenticator app would show).
+    Refused for every account that is not a demo account."""
+    settings = Settings()
+    _initialise(settings)
+
+    async def work(services: Services) -> str | None:
+        try:
+            user = await services.accounts.find(name)
+        except AccountError:
+            user = None
+        if user is None or not user.is_demo:
+            return None
+        code = await services.mfa.totp.current_code(user.id)
+        if code is not None:
+            await services.events.record(
+                SecurityEvent("demo_totp_shown", "success", user_id=user.id)
+            )
+        return code or ""
+
+    code = _run(settings, work)
+    if code is None:
+        raise _fail(f"{name} is not a demo account: codes are shown for demo accounts only")
+    if not code:
+        raise _fail(f"{name} has no TOTP factor")
+    print(code)
 
 
 def _label_change(name: str, label: str, grant: bool) -> bool:

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pyotp
 
+from carevault.identity.mfa.totp import STEP_SECONDS, TotpResult
 from carevault.identity.roles import Role
+from tests.conftest import STRONG_PASSWORD
 
 FHIR = "application/fhir+json"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -251,14 +254,41 @@ class World:
 
     async def user(self, name: str, role: Role, **links: Any) -> None:
         self.users[name] = await self.h.add_user(name, role, **links)
-        self.tokens[name] = (await self.h.login(name))["access_token"]
+        await self.relogin(name)
 
     async def relogin(self, name: str) -> str:
-        self.tokens[name] = (await self.h.login(name))["access_token"]
+        """A fresh login: with a second factor for staff (every role but patient), so that
+        step-up actions ($everything, break-glass) are open to them for the next 5 minutes."""
+        if Role.patient in self.users[name].roles:
+            self.tokens[name] = (await self.h.login(name))["access_token"]
+        else:
+            self.tokens[name] = (await mfa_login(self.h, name))["access_token"]
         return self.tokens[name]
 
     def ref(self, name: str) -> str:
         return self.refs[name]
+
+
+async def mfa_login(h: Any, username: str, password: str = STRONG_PASSWORD) -> dict[str, Any]:
+    """A fresh two-step login (amr pwd + otp, auth_time now) of an existing account, whatever
+    `mfa_required_roles` says: a new TOTP factor is enrolled and confirmed for it on the spot
+    (replacing any earlier one, so repeated logins never replay a code). Returns the tokens."""
+    services = h.services
+    user = await services.users.by_username(username)
+    enrollment = await services.mfa.totp.enroll(user.id, user.username)
+    authenticator = pyotp.parse_uri(enrollment.otpauth_uri)
+    now = services.clock()
+    # the previous step's code confirms, the current one logs in: each step is used once
+    confirmed = await services.mfa.totp.confirm(user.id, authenticator.at(now - STEP_SECONDS))
+    assert confirmed is TotpResult.ok
+    first = await h.login(username, password)
+    assert first.get("mfa_required") is True, first
+    response = await h.client.post(
+        "/auth/mfa/verify",
+        json={"mfa_token": first["mfa_token"], "method": "totp", "code": authenticator.at(now)},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
 
 
 async def build_world(h: Any) -> World:

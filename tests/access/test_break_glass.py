@@ -1,8 +1,11 @@
 """Break-glass emergency access through HTTP as a client would use it, plus the service itself.
 
-Attack cases: no reason, a stale login, a role that may not (also when a policy file tries to
-let admin in), after expiry, after revocation, revoking someone else's grant, a reason moved
-between grants, the reason in logs or in the database in plaintext.
+Opening needs step-up: a second factor proved within `step_up_max_age_seconds` (or
+`break_glass_max_auth_age_seconds` if shorter), for every role, whatever `mfa_required_roles`
+says (these tests run with it empty). Attack cases: no reason, a stale login, a password-only
+login, a role that may not (also when a policy file tries to let admin in), after expiry, after
+revocation, revoking someone else's grant, a reason moved between grants, the reason in logs or
+in the database in plaintext.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyotp
 import pytest
 import structlog
 from sqlalchemy import select, update
@@ -25,8 +29,10 @@ from carevault.access.policy import DEFAULT_POLICY
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import audit_entries, break_glass_grants
 from carevault.fhir.erasure import erase_patient
+from carevault.identity.mfa.totp import TotpResult
 from carevault.identity.principal import Principal
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.audit.trail import audit_documents
 
 REASON = "Unconscious in ED, no relatives reachable, allergy history needed now"
@@ -45,8 +51,9 @@ async def new_patient(h: Any, family: str = "Breakglass") -> str:
 
 
 async def user_token(h: Any, name: str, role: Role = Role.physician) -> tuple[str, str]:
+    """A new account and the access token of a fresh two-step login (password and TOTP)."""
     user = await h.add_user(name, role)
-    return user.id, (await h.login(name))["access_token"]
+    return user.id, (await mfa_login(h, name))["access_token"]
 
 
 async def open_grant(h: Any, token: str, patient: str, reason: str = REASON, **extra: Any) -> Any:
@@ -220,35 +227,85 @@ async def test_forbidden_roles_get_403_whatever_the_body(harness, role: Role) ->
     assert "security.break_glass_denied" in actions
 
 
+def assert_step_up_challenge(response: Any, max_age: int) -> None:
+    body = problem(response, 401)
+    assert body["type"] == "urn:carevault:problem:reauthentication-required"
+    assert body["max_age"] == max_age and body["acr_values"] == "urn:carevault:mfa"
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert 'error="insufficient_user_authentication"' in challenge
+    assert f"max_age={max_age}," in challenge
+    assert 'acr_values="urn:carevault:mfa"' in challenge
+
+
 async def test_stale_authentication_is_401_asking_for_a_new_login(clocked, clock) -> None:
     h = clocked
     patient = await new_patient(h)
     user_id, token = await user_token(h, "bg.stale")
     max_age = h.services.settings.break_glass_max_auth_age_seconds
+    assert max_age == h.services.settings.step_up_max_age_seconds == 300  # the defaults
     clock.advance(max_age + 1)  # the access token (600 s) is still valid; the login is not
     assert (await h.me(token)).status_code == 200
 
     response = await open_grant(h, token, patient)
 
-    body = problem(response, 401)
-    assert body["type"] == "urn:carevault:problem:reauthentication-required"
-    assert body["max_age"] == max_age
-    challenge = response.headers["www-authenticate"]
-    assert challenge.startswith("Bearer ")
-    assert 'error="insufficient_user_authentication"' in challenge
-    assert f"max_age={max_age}" in challenge
+    assert_step_up_challenge(response, max_age)
     assert await h.services.break_glass.active_patients(user_id) == frozenset()
 
     # a refreshed access token keeps the old auth_time: refreshing is not re-authenticating
-    tokens = await h.login("bg.stale")  # a new login is
+    tokens = await mfa_login(h, "bg.stale")  # a new login is
     assert (await open_grant(h, tokens["access_token"], patient)).status_code == 201
+
+
+@pytest.mark.parametrize("role", [Role.physician, Role.nurse])
+async def test_password_only_login_is_401_for_every_role(harness, role: Role) -> None:
+    """No role is exempt, MFA required of it or not (mfa_required_roles is empty here)."""
+    h = harness
+    assert h.services.settings.mfa_required_roles == []
+    patient = await new_patient(h)
+    user = await h.add_user(f"bg.pwd.{role}", role)
+    token = (await h.login(f"bg.pwd.{role}"))["access_token"]  # fresh, but a password only
+
+    response = await open_grant(h, token, patient)
+
+    assert_step_up_challenge(response, 300)
+    assert await h.services.break_glass.active_patients(user.id) == frozenset()
+    denied = [
+        d
+        for d in await audit_documents(h.services.engine, "security.break_glass_denied")
+        if d.get("user") == user.id
+    ]
+    assert denied, "the refusal is on the record"
+
+
+async def test_step_up_opens_break_glass(clocked, clock) -> None:
+    """A password login, then POST /auth/step-up with a TOTP code: the new token opens it."""
+    h = clocked
+    patient = await new_patient(h)
+    user = await h.add_user("bg.stepup")
+    token = (await h.login("bg.stepup"))["access_token"]
+    enrollment = await h.services.mfa.totp.enroll(user.id, user.username)
+    authenticator = pyotp.parse_uri(enrollment.otpauth_uri)
+    confirmed = await h.services.mfa.totp.confirm(user.id, authenticator.at(clock() - 30))
+    assert confirmed is TotpResult.ok
+    assert (await open_grant(h, token, patient)).status_code == 401
+
+    stepped = await h.client.post(
+        "/auth/step-up",
+        json={"method": "totp", "code": authenticator.at(clock())},
+        headers=bearer(token),
+    )
+
+    assert stepped.status_code == 200, stepped.text
+    assert (await open_grant(h, stepped.json()["access_token"], patient)).status_code == 201
 
 
 async def test_refresh_does_not_make_authentication_fresh(clocked, clock) -> None:
     h = clocked
     patient = await new_patient(h)
     await h.add_user("bg.refresh")
-    tokens = await h.login("bg.refresh")
+    tokens = await mfa_login(h, "bg.refresh")
+    assert (await open_grant(h, tokens["access_token"], patient)).status_code == 201
     clock.advance(h.services.settings.break_glass_max_auth_age_seconds + 1)
     refreshed = await h.refresh(tokens["refresh_token"])
     assert refreshed.status_code == 200, refreshed.text
@@ -266,7 +323,7 @@ async def test_auth_time_in_the_future_is_not_fresh(harness) -> None:
         client_id="carevault-web",
         scope="",
         roles=["physician"],
-        amr=["pwd"],
+        amr=["pwd", "otp"],
         auth_time=now + 3600,
     )
     problem(await open_grant(h, token, patient), 401)
@@ -470,7 +527,9 @@ async def test_reason_ciphertext_is_bound_to_its_grant(harness) -> None:
 # --- the service itself ------------------------------------------------------------------------
 
 
-def principal(user_id: str, *roles: str, auth_time: float, amr: tuple[str, ...] = ("pwd",)) -> Any:
+def principal(
+    user_id: str, *roles: str, auth_time: float, amr: tuple[str, ...] = ("pwd", "otp")
+) -> Any:
     return Principal(
         user_id=user_id,
         client_id="carevault-web",
@@ -503,6 +562,10 @@ async def test_service_checks_without_http(services) -> None:
         await bg.open(fresh, patient, REASON, purpose="HPAYMT")
     with pytest.raises(StaleAuthentication):
         await bg.open(principal(doctor.id, "physician", auth_time=now - 301), patient, REASON)
+    with pytest.raises(StaleAuthentication):
+        await bg.open(
+            principal(doctor.id, "physician", auth_time=now, amr=("pwd",)), patient, REASON
+        )
     with pytest.raises(InvalidRequest):
         await bg.open(fresh, patient, "short")
     with pytest.raises(InvalidRequest):
@@ -561,16 +624,40 @@ async def test_a_role_without_break_glass_in_policy_may_not(settings_factory, tm
         await services.close()
 
 
-async def test_mfa_is_required_once_the_role_requires_mfa(services) -> None:
+async def test_a_second_factor_is_required_of_every_eligible_role(services) -> None:
     bg = services.break_glass
     now = bg.now()
-    settings = type("S", (), {})()
-    for name in ("break_glass_max_auth_age_seconds",):
-        setattr(settings, name, getattr(services.settings, name))
-    settings.mfa_required_roles = ["physician"]
-    bg._settings = settings  # noqa: SLF001 - the MFA setting does not exist yet
-    with pytest.raises(StaleAuthentication) as caught:
-        bg.check_principal(principal("u", "physician", auth_time=now))
-    assert caught.value.mfa
-    bg.check_principal(principal("u", "nurse", auth_time=now))  # not an MFA role
-    bg.check_principal(principal("u", "physician", auth_time=now, amr=("pwd", "otp")))
+    for role in ("physician", "nurse"):
+        for amr in (("pwd",), (), ("pwd", "sms"), ("pwd", "fpt")):  # none is a second factor here
+            with pytest.raises(StaleAuthentication) as caught:
+                bg.check_principal(principal("u", role, auth_time=now, amr=amr))
+            assert caught.value.max_age == 300
+        for amr in (("pwd", "otp"), ("pwd", "hwk"), ("swk",)):
+            bg.check_principal(principal("u", role, auth_time=now, amr=amr))
+        # auth_time is whole seconds and this clock runs: a second's margin either side
+        bg.check_principal(principal("u", role, auth_time=now - 299))
+        with pytest.raises(StaleAuthentication):
+            bg.check_principal(principal("u", role, auth_time=now - 302))
+
+
+@pytest.mark.parametrize(("step_up", "break_glass", "expected"), [(600, 120, 120), (60, 300, 60)])
+async def test_max_age_is_the_shorter_of_the_two_settings(
+    settings_factory, step_up: int, break_glass: int, expected: int
+) -> None:
+    from carevault.runtime import build_services
+
+    services = build_services(
+        settings_factory(
+            step_up_max_age_seconds=step_up, break_glass_max_auth_age_seconds=break_glass
+        )
+    )
+    try:
+        bg = services.break_glass
+        now = bg.now()
+        assert bg.max_age == expected
+        bg.check_principal(principal("u", "physician", auth_time=now - expected + 1))
+        with pytest.raises(StaleAuthentication) as caught:
+            bg.check_principal(principal("u", "physician", auth_time=now - expected - 2))
+        assert caught.value.max_age == expected
+    finally:
+        await services.close()

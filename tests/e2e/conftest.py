@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 _VENV_CLI = REPO / ".venv" / "bin" / "carevault"
 CAREVAULT = str(_VENV_CLI if _VENV_CLI.exists() else Path(sys.executable).parent / "carevault")
 
+# MFA is on for staff roles by default; these tests are about other things. A test of MFA
+# passes its own CAREVAULT_MFA_REQUIRED_ROLES.
+PASSWORD_ONLY = {"CAREVAULT_MFA_REQUIRED_ROLES": ""}
+
 START_TIMEOUT = 45.0  # a loaded CI box under `pytest -n 2` spawns workers slowly
 STOP_TIMEOUT = 20.0
 # One shared TLS context (these clients speak plain http anyway): httpx would otherwise load
@@ -403,8 +407,9 @@ def server_factory(
     """Initialise a data directory (and PostgreSQL schema), add users through the CLI, serve.
 
     `start(workers=2, env={...}, users=(("alice", "physician"),))`: every user gets
-    STRONG_PASSWORD. The store (sqlite or postgresql) comes from the `store` parameter; its
-    skip rule and reason are those of tests/conftest.py.
+    STRONG_PASSWORD and logs in with it alone (`PASSWORD_ONLY`: no role must have MFA) unless
+    `env` sets CAREVAULT_MFA_REQUIRED_ROLES. The store (sqlite or postgresql) comes from the
+    `store` parameter; its skip rule and reason are those of tests/conftest.py.
     """
     # pg_schema first: fixtures are torn down in reverse, so servers stop before schemas drop.
     make_schema = request.getfixturevalue("pg_schema") if store == "postgresql" else None
@@ -421,7 +426,9 @@ def server_factory(
         base.mkdir()
         database_url = make_schema() if make_schema is not None else None
         full_env = clean_env(
-            CAREVAULT_DATA_DIR=str(data_dir), CAREVAULT_DATABASE_URL=database_url, **(env or {})
+            CAREVAULT_DATA_DIR=str(data_dir),
+            CAREVAULT_DATABASE_URL=database_url,
+            **{**PASSWORD_ONLY, **(env or {})},
         )
         run_cli(["init"], full_env, base)
         adding = [  # in parallel: each is a Python start-up, mostly waiting on imports

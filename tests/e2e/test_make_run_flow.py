@@ -1,5 +1,6 @@
 """What `make run` does, by hand: `carevault init --demo`, then `carevault serve`, in a fresh
-directory with the default data directory (./var). And production mode refusing to start."""
+directory with the default data directory (./var), MFA on for staff as shipped (the demo staff
+log in with the code `carevault demo totp` prints). And production mode refusing to start."""
 
 from __future__ import annotations
 
@@ -64,9 +65,22 @@ def test_init_demo_then_serve_and_log_in(tmp_path, serve_factory):
 
     server = serve_factory(env, tmp_path, data_dir)
     client = server.client()
-    login = client.post(
+    # staff must have MFA (the default): the demo physician's password alone is not a login,
+    # the code `carevault demo totp` prints finishes it
+    first_step = client.post(
         "/auth/login",
         json={"username": "demo-physician", "password": accounts["demo-physician"][1]},
+    )
+    assert first_step.status_code == 200, first_step.text
+    assert first_step.json()["mfa_required"] is True and "access_token" not in first_step.json()
+    quick_start = _words(first.stdout)
+    assert "/auth/mfa/verify" in quick_start, first.stdout
+    assert "carevault demo totp demo-physician" in quick_start, first.stdout
+    code = run_cli(["demo", "totp", "demo-physician"], env, tmp_path).stdout.strip()
+    assert re.fullmatch(r"\d{6}", code), code
+    login = client.post(
+        "/auth/mfa/verify",
+        json={"mfa_token": first_step.json()["mfa_token"], "method": "totp", "code": code},
     )
     assert login.status_code == 200, login.text
     me = client.get("/auth/me", headers=bearer(login.json()["access_token"]))
@@ -77,6 +91,13 @@ def test_init_demo_then_serve_and_log_in(tmp_path, serve_factory):
         "/auth/login", json={"username": "demo-physician", "password": accounts["demo-nurse"][1]}
     )
     assert wrong.status_code == 401
+    # codes are shown for demo accounts only, and only for those with a factor
+    run_cli(["user", "add", "not.demo", "--role", "physician"], env, tmp_path)
+    refused = run_cli(["demo", "totp", "not.demo"], env, tmp_path, check=False)
+    assert refused.returncode == 1 and "not a demo account" in _words(refused.stderr)
+    assert not re.search(r"\b\d{6}\b", refused.stdout)
+    no_factor = run_cli(["demo", "totp", "demo-registrar"], env, tmp_path, check=False)
+    assert no_factor.returncode == 1 and "no TOTP factor" in _words(no_factor.stderr)
 
     # the printed quick start: a FHIR read and a search as demo-physician (the demo patients'
     # care teams list the physician's practitioner), against the running server

@@ -1,14 +1,19 @@
-"""`carevault user ...` and `keys rotate` through the real command line (typer runner)."""
+"""`carevault user ...`, `keys rotate`, `init --demo` and `demo totp` through the real command
+line (typer runner)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 
+import pyotp
 import pytest
 from typer.testing import CliRunner
 
 from carevault.cli import app
+from carevault.config import Settings
+from tests.conftest import make_settings
 
 PASSWORD = "correct-Horse-battery-staple-91"
 
@@ -159,3 +164,92 @@ async def test_cli_key_rotation_keeps_live_tokens_valid(cli, harness_factory, se
     assert len(jwks["keys"]) == 3
     fresh = await h.login("rotating")
     assert (await h.me(fresh["access_token"])).status_code == 200
+
+
+# --- MFA: reset, and the demo's TOTP codes ---------------------------------------------------
+
+
+async def test_cli_mfa_reset_removes_factors_and_ends_sessions(cli, harness_factory, settings):
+    from carevault.identity.mfa.totp import STEP_SECONDS, TotpResult
+    from tests.audit.trail import audit_documents
+
+    h = await harness_factory(settings)
+    user = await h.add_user("lost.factor")
+    grant = await h.login("lost.factor")  # MFA is required of no role here: one step
+    enrollment = await h.services.mfa.totp.enroll(user.id, user.username)
+    authenticator = pyotp.parse_uri(enrollment.otpauth_uri)
+    code = authenticator.at(h.services.clock() - STEP_SECONDS)
+    assert await h.services.mfa.totp.confirm(user.id, code) is TotpResult.ok
+    await h.services.mfa.recovery.generate(user.id)
+    assert (await h.login("lost.factor"))["mfa_required"] is True
+
+    result = await asyncio.to_thread(cli, "user", "mfa-reset", "lost.factor")
+
+    assert result.exit_code == 0, result.output
+    assert await h.services.mfa.totp.factors(user.id) == []
+    assert await h.services.mfa.recovery.remaining(user.id) == 0
+    assert (await h.me(grant["access_token"])).status_code == 401
+    assert (await h.refresh(grant["refresh_token"])).status_code == 401
+    assert "access_token" in await h.login("lost.factor")  # no factor left: one step again
+    (event,) = await audit_documents(h.services.engine, "security.mfa_reset")
+    assert event["user"] == user.id and event["detail"]["by"] == "cli"
+
+    unknown = await asyncio.to_thread(cli, "user", "mfa-reset", "no.such.user")
+    assert unknown.exit_code == 1 and "no such user" in unknown.output
+
+
+async def test_demo_staff_log_in_with_the_code_demo_totp_prints(cli, harness_factory, settings):
+    """`init --demo` as `make run` runs it (MFA required of staff, the default): the staff
+    accounts get a TOTP factor, and `carevault demo totp` shows the code that finishes their
+    login; it refuses accounts that are not demo accounts."""
+    init = await asyncio.to_thread(cli, "init", "--demo")
+    assert init.exit_code == 0, init.output
+    printed = " ".join(init.output.split())
+    assert "/auth/mfa/verify" in printed and "carevault demo totp demo-physician" in printed
+    assert "/auth/step-up" in printed
+    passwords = dict(re.findall(r"(demo-[a-z]+)\s*[│|┃]\s*[a-z]+\s*[│|┃]\s*(\S+)", init.output))
+    assert len(passwords) == 8, init.output
+
+    # the server as the demo runs it: MFA required of staff
+    shipped = make_settings(
+        settings.data_dir, settings.database_url, mfa_required_roles=Settings().mfa_required_roles
+    )
+    h = await harness_factory(shipped)
+    for name in ("demo-admin", "demo-physician", "demo-nurse", "demo-auditor"):
+        user = await h.services.users.by_username(name)
+        assert len(await h.services.mfa.totp.factors(user.id)) == 1
+        assert await h.services.mfa.recovery.remaining(user.id) == 10
+    for name in ("demo-registrar", "demo-billing", "demo-patient", "demo-service"):
+        user = await h.services.users.by_username(name)
+        assert await h.services.mfa.totp.factors(user.id) == []
+
+    first = await h.login("demo-physician", passwords["demo-physician"])
+    assert first["mfa_required"] is True and "access_token" not in first
+    shown = await asyncio.to_thread(cli, "demo", "totp", "demo-physician")
+    assert shown.exit_code == 0, shown.output
+    code = shown.output.strip()
+    assert re.fullmatch(r"\d{6}", code), shown.output
+    done = await h.client.post(
+        "/auth/mfa/verify", json={"mfa_token": first["mfa_token"], "method": "totp", "code": code}
+    )
+    assert done.status_code == 200, done.text
+    assert (await h.me(done.json()["access_token"])).json()["username"] == "demo-physician"
+    # a patient still logs in with a password alone
+    assert "access_token" in await h.login("demo-patient", passwords["demo-patient"])
+
+    await h.add_user("real.doctor")
+    for name, message in (
+        ("real.doctor", "not a demo account"),
+        ("no.such.user", "not a demo account"),
+        ("demo-registrar", "no TOTP factor"),
+    ):
+        refused = await asyncio.to_thread(cli, "demo", "totp", name)
+        assert refused.exit_code == 1, refused.output
+        assert message in " ".join(refused.output.split())
+        assert not re.search(r"\b\d{6}\b", refused.output)
+
+    # run again, nothing is re-enrolled (the code of the authenticator app stays valid)
+    again = await asyncio.to_thread(cli, "init", "--demo")
+    assert again.exit_code == 0, again.output
+    user = await h.services.users.by_username("demo-physician")
+    assert len(await h.services.mfa.totp.factors(user.id)) == 1

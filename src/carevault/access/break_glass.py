@@ -1,9 +1,11 @@
 """Break-glass: time-boxed emergency access of one clinician to one patient's record.
 
 A physician or nurse (any role whose policy says `break_glass = true`; never admin or billing,
-whatever the policy says) who authenticated recently (`break_glass_max_auth_age_seconds`) gives
-a reason and gets, for `minutes` (default `break_glass_default_minutes`, at most
-`break_glass_max_minutes`), access to the patient overriding the relationship and consent rules.
+whatever the policy says) who proved a second factor recently (step-up: an MFA `amr` and an
+`auth_time` at most `step_up_max_age_seconds` old, or `break_glass_max_auth_age_seconds` if that
+is shorter; whatever `mfa_required_roles` says) gives a reason and gets, for `minutes` (default
+`break_glass_default_minutes`, at most `break_glass_max_minutes`), access to the patient
+overriding the relationship and consent rules.
 The decision point asks `active_patients(user_id)` and flags every decision that relied on a
 grant with the "break-glass" obligation.
 
@@ -33,15 +35,13 @@ from carevault.config import Settings
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import break_glass_grants, fhir_resources
+from carevault.identity.mfa.policy import is_fresh_mfa
 from carevault.identity.principal import Principal
 
 PATIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 GRANT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 REASON_MIN = 20
 REASON_MAX = 2000
-# Which roles' MFA applies once MFA exists: a token's `amr` must then show a second factor.
-MFA_AMR = frozenset({"mfa", "otp", "hwk", "swk", "sms", "fpt", "face"})
-AUTH_TIME_SKEW = 60  # seconds an auth_time may lie ahead of this host's clock
 
 
 class BreakGlassError(Exception):
@@ -53,12 +53,12 @@ class NotEligible(BreakGlassError):
 
 
 class StaleAuthentication(BreakGlassError):
-    """The principal must authenticate again (401, RFC 9470 insufficient_user_authentication)."""
+    """The principal must prove a second factor again (401, RFC 9470
+    insufficient_user_authentication): no MFA `amr`, or an `auth_time` older than `max_age`."""
 
-    def __init__(self, max_age: int, mfa: bool = False) -> None:
-        super().__init__("a fresh authentication is required")
+    def __init__(self, max_age: int) -> None:
+        super().__init__("a fresh authentication with a second factor is required")
         self.max_age = max_age
-        self.mfa = mfa
 
 
 class InvalidRequest(BreakGlassError):
@@ -146,13 +146,16 @@ class BreakGlass:
         """Raise `NotEligible` or `StaleAuthentication`; the route calls it before the body."""
         if purpose not in PURPOSES or not self.eligible_roles(principal, purpose):
             raise NotEligible("this role may not open break-glass access")
-        max_age = self._settings.break_glass_max_auth_age_seconds
-        age = self._clock() - principal.auth_time
-        if not (-AUTH_TIME_SKEW <= age <= max_age):
-            raise StaleAuthentication(max_age)
-        mfa_roles = {str(r) for r in getattr(self._settings, "mfa_required_roles", None) or ()}
-        if mfa_roles & set(principal.roles) and not MFA_AMR & set(principal.amr):
-            raise StaleAuthentication(max_age, mfa=True)
+        if not is_fresh_mfa(principal.amr, principal.auth_time, self._clock(), self.max_age):
+            raise StaleAuthentication(self.max_age)
+
+    @property
+    def max_age(self) -> int:
+        """How old the MFA authentication that opens break-glass may be, in seconds."""
+        return min(
+            self._settings.step_up_max_age_seconds,
+            self._settings.break_glass_max_auth_age_seconds,
+        )
 
     # -- open ---------------------------------------------------------------------------------
 

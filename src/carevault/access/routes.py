@@ -2,8 +2,10 @@
 
 - `POST /access/break-glass` `{"patient": id, "reason": text, "minutes": n}` -> 201 grant (the
   reason is never echoed). 403 for a role that may not; 401 with
-  `WWW-Authenticate: Bearer error="insufficient_user_authentication", max_age=N` (RFC 9470)
-  when the login is not fresh; 404 for no such patient; 422 for a field out of bounds.
+  `WWW-Authenticate: Bearer error="insufficient_user_authentication", max_age=N,
+  acr_values="urn:carevault:mfa"` (RFC 9470) unless the token shows a second factor proved
+  within N seconds (a two-step login or `POST /auth/step-up`); 404 for no such patient; 422 for
+  a field out of bounds.
 - `GET /access/break-glass?active=true&limit=n` -> grants with their reasons, for auditors and
   admins only (403 for everyone else). Each listing is itself recorded as a security event.
 - `POST /access/break-glass/{id}/revoke` -> 200; by an auditor, an admin or the grant's own
@@ -34,6 +36,7 @@ from carevault.audit.events import SecurityEvent
 from carevault.audit.request import request_id
 from carevault.edge.client_address import client_address
 from carevault.edge.problems import ProblemError
+from carevault.identity.mfa.policy import ACR_MFA
 from carevault.identity.principal import Principal
 from carevault.identity.roles import Role
 from carevault.tokens.bearer import REALM, authenticate
@@ -88,17 +91,16 @@ def _forbidden() -> ProblemError:
 def _reauthenticate(err: StaleAuthentication) -> ProblemError:
     challenge = (
         f'{REALM}, error="insufficient_user_authentication", '
-        f'error_description="A more recent authentication is required", max_age={err.max_age}'
+        f'error_description="A recent authentication with a second factor is required", '
+        f'max_age={err.max_age}, acr_values="{ACR_MFA}"'
     )
-    if err.mfa:
-        challenge += ', acr_values="urn:carevault:mfa"'
     return ProblemError(
         401,
-        "Authenticate again to open emergency access.",
+        "Prove a second factor again (POST /auth/step-up) to open emergency access.",
         title="Fresh authentication required",
         type_=REAUTHENTICATE,
         headers={"WWW-Authenticate": challenge},
-        extra={"max_age": err.max_age},
+        extra={"max_age": err.max_age, "acr_values": ACR_MFA},
     )
 
 

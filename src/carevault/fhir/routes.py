@@ -32,6 +32,7 @@ from carevault.audit.events import SecurityEvent
 from carevault.audit.request import request_id
 from carevault.db.engine import read_connection
 from carevault.db.tables import fhir_compartments, fhir_resources
+from carevault.edge.problems import ProblemError
 from carevault.fhir import idempotency, outcome
 from carevault.fhir.authorization import (
     AccessDenied,
@@ -71,7 +72,9 @@ from carevault.fhir.store import (
     instant,
 )
 from carevault.fhir.validation import FhirValidationError, is_supported_type, validate_resource
+from carevault.identity.mfa.step_up import require_step_up
 from carevault.identity.principal import Principal
+from carevault.identity.roles import Role
 from carevault.tokens.bearer import authenticate
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
@@ -434,14 +437,46 @@ async def _compartment_page(
     return total, members[:limit], len(members) > limit
 
 
+async def require_step_up_fhir(request: Request, principal: Principal) -> None:
+    """Step-up (identity/mfa/step_up.py) for a FHIR route: the same check, recorded refusal
+    and `WWW-Authenticate` challenge, but an OperationOutcome (code `login`) for the body."""
+    try:
+        await require_step_up(request, principal)
+    except ProblemError as err:
+        raise FhirError(
+            401,
+            outcome.operation_outcome(
+                [
+                    {
+                        "severity": "error",
+                        "code": "login",
+                        "diagnostics": "A recent authentication with a second factor is "
+                        "required: POST /auth/step-up, then repeat the request with the new "
+                        "token.",
+                    }
+                ]
+            ),
+            {"WWW-Authenticate": err.headers["WWW-Authenticate"]},
+        ) from None
+
+
+def _own_record(caller: FhirCaller, patient_id: str) -> bool:
+    """A patient (and nothing else) asking for their own record: their right of access."""
+    return set(caller.roles) == {Role.patient} and caller.requester.patient_id == patient_id
+
+
 @router.get("/Patient/{resource_id}/$everything")
 async def patient_everything(resource_id: str, request: Request, principal: Caller) -> Response:
     """The Patient and every current resource in its compartment (right of access), as a
     paged searchset Bundle: the Patient first, then the others by type and id. `_count`
     (default 50, at most EVERYTHING_MAX_COUNT) sets the page size and a `next` link carries
     an opaque cursor; no other parameter (start, end, _since, _type) is supported: they are
-    refused rather than ignored."""
+    refused rather than ignored. Anyone but a patient asking for their own record needs
+    step-up (a whole record at once is a high-risk read); asked before the record is looked
+    at, so the refusal says nothing about it."""
     _check_id(resource_id)
+    if not _own_record(principal, resource_id):
+        await require_step_up_fhir(request, principal.principal)
     page, after = _everything_page_request(request, resource_id, principal.user_id)
     services = request.app.state.services
     store = services.store
@@ -907,10 +942,9 @@ async def update(
 async def delete_patient(
     resource_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
 ) -> Response:
-    """`?_erase=true` (admin only): crypto-shredding erasure (fhir/erasure.py). Without it (or
-    with `_erase=false`) the ordinary clinical-staff logical delete below."""
+    """`?_erase=true` (admin only, with step-up): crypto-shredding erasure (fhir/erasure.py).
+    Without it (or with `_erase=false`) the ordinary clinical-staff logical delete below."""
     from carevault.fhir.erasure import ErasureFailed, PatientNotFound, erase_patient
-    from carevault.identity.roles import Role
 
     values = request.query_params.getlist("_erase")
     if len(values) > 1 or (values and values[0] not in ("true", "false")):
@@ -920,6 +954,7 @@ async def delete_patient(
         return await delete("Patient", resource_id, request, caller)
     if Role.admin not in principal.roles:
         raise _issue(403, "forbidden", "Only an administrator may erase a patient.")
+    await require_step_up_fhir(request, principal)
     _check_id(resource_id)
     try:
         report = await erase_patient(request.app.state.services, resource_id, principal.user_id)
