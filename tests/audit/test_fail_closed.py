@@ -15,6 +15,7 @@ import orjson
 
 from carevault.config import Settings
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.audit.conftest import (
     P_BIRTH,
     P_FAMILY,
@@ -103,6 +104,7 @@ async def test_reads_and_searches_fail_closed_then_recover(
 ) -> None:
     c = clinic
     await c.user("auditor", Role.auditor)
+    c.tokens["drA"] = (await mfa_login(c.h, "drA"))["access_token"]  # $everything: step-up
     # each request works (and shows the data) while the trail can be written
     for who, url in _requests(c):
         response = await c.get(who, url)

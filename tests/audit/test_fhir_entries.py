@@ -17,6 +17,7 @@ import httpx
 import orjson
 
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.audit.conftest import MRN, P_FAMILY, P_MRN, Clinic, bearer, observation_body
 from tests.audit.trail import audit_documents
 from tests.conftest import STRONG_PASSWORD
@@ -224,7 +225,7 @@ async def test_break_glass_access_is_flagged(clinic: Clinic) -> None:
     (entry,) = await entries_of(c, before)
     assert entry["outcome"] == "deny" and "break_glass" not in entry
 
-    token = (await c.h.login("drOther"))["access_token"]  # a fresh login opens the grant
+    token = (await mfa_login(c.h, "drOther"))["access_token"]  # a fresh MFA login opens it
     c.tokens["drOther"] = token
     grant = await c.client.post(
         "/access/break-glass", json={"patient": p, "reason": REASON}, headers=bearer(token)

@@ -20,6 +20,7 @@ from carevault.audit import archive
 from carevault.config import Settings
 from carevault.db.tables import AUDIT_TABLES
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.audit.conftest import (
     MRN,
     P_BIRTH,
@@ -153,12 +154,13 @@ async def _session(c: Clinic) -> list[str]:
     current["telecom"] = [{"system": "phone", "value": NEW_PHONE}]
     current["address"] = [{"line": [NEW_ADDRESS]}]
     await expect(await c.put(svc, f"/fhir/Patient/{p}", current), ok)
+    c.tokens[dr] = (await mfa_login(c.h, dr))["access_token"]  # $everything: step-up
     await expect(await c.get(dr, f"/fhir/Patient/{p}/$everything"), ok)
     await expect(await c.get(dr, f"/fhir/Patient/{c.ids['Q']}"), {404})  # denied
 
     # logins: ok, wrong password, unknown name; break-glass with a reason naming the patient
     await c.h.add_user(LOGIN_NAME, Role.physician, practitioner_id=c.ids["pracOther"])
-    grant = await c.h.login(LOGIN_NAME)
+    grant = await mfa_login(c.h, LOGIN_NAME)  # break-glass needs step-up
     tokens = [grant["access_token"], grant["refresh_token"], *c.tokens.values()]
     await c.h.login(LOGIN_NAME, WRONG_PASSWORDS[0], expect=401)
     await c.h.login(UNKNOWN_NAME, WRONG_PASSWORDS[1], expect=401)

@@ -15,6 +15,7 @@ from carevault.crypto.envelope import EnvelopeCipher, KeyDestroyed
 from carevault.db.engine import read_connection
 from carevault.db.tables import data_keys
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.conftest import PG_SKIP, PG_URL, make_settings
 
 pytestmark = [
@@ -84,7 +85,7 @@ async def test_http_erasure_with_a_postgres_vault(vault_settings, harness_factor
     await h.add_user("dr.vault", Role.service)  # may create and read any patient's records
     await h.add_user("admin.vault", Role.admin)
     auth = {"Authorization": f"Bearer {(await h.login('dr.vault'))['access_token']}"}
-    admin = {"Authorization": f"Bearer {(await h.login('admin.vault'))['access_token']}"}
+    admin = {"Authorization": f"Bearer {(await mfa_login(h, 'admin.vault'))['access_token']}"}
     patient = {"resourceType": "Patient", "name": [{"family": "Vaultkeeper"}]}
     created = await h.client.post("/fhir/Patient", json=patient, headers=auth)
     assert created.status_code == 201, created.text

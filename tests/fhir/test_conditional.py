@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 
 from carevault.db.tables import fhir_idempotency, fhir_resources
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.fhir.test_rest import FHIR, observation_body, patient_body
 
 MRN_SYSTEM = "http://hospital.example/mrn"
@@ -43,7 +44,7 @@ async def _login(h, username: str, role: Role = Role.service) -> dict[str, str]:
     """Headers of a signed-in user: a service account by default (these tests are about the
     store's mechanics, not about who may act; a service account may act on any patient)."""
     await h.add_user(username, role, organization_id="org-1")
-    token = (await h.login(username))["access_token"]
+    token = (await mfa_login(h, username))["access_token"]  # $everything needs step-up
     return {"Authorization": f"Bearer {token}"}
 
 

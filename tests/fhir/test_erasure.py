@@ -25,6 +25,7 @@ from carevault.fhir.erasure import PatientNotFound, erase_patient
 from carevault.fhir.store import associated_data
 from carevault.identity.roles import Role
 from carevault.runtime import build_services
+from tests.access.fhir_world import mfa_login
 from tests.audit.trail import audit_documents
 from tests.conftest import make_settings
 from tests.fhir.samples import care_team
@@ -84,7 +85,7 @@ async def _cli(*args: str) -> Any:
 
 async def _login(h: Any, username: str, role: Role, **links: Any) -> dict[str, str]:
     await h.add_user(username, role, **links)
-    token = (await h.login(username))["access_token"]
+    token = (await mfa_login(h, username))["access_token"]  # erasure needs step-up
     return {"Authorization": f"Bearer {token}", "content-type": FHIR}
 
 

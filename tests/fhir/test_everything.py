@@ -10,6 +10,7 @@ import pytest
 
 from carevault.fhir.routes import EVERYTHING_MAX_COUNT
 from carevault.identity.roles import Role
+from tests.access.fhir_world import mfa_login
 from tests.fhir.samples import care_team
 from tests.fhir.test_conditional import _login, condition_body, patient, post
 from tests.fhir.test_rest import observation_body
@@ -132,7 +133,7 @@ async def test_cursor_is_bound_to_the_caller(clinician):
     # another caller who may read alice's records (a nurse on her care team) ...
     await h.add_user("dr.other", Role.nurse, practitioner_id="prac-other")
     assert (await post(h, care_team(alice, "prac-other"))).status_code == 201
-    other = {"Authorization": f"Bearer {(await h.login('dr.other'))['access_token']}"}
+    other = {"Authorization": f"Bearer {(await mfa_login(h, 'dr.other'))['access_token']}"}
     mine = await h.client.get(f"/fhir/Patient/{alice}/$everything", headers=other)
     assert mine.status_code == 200, mine.text
     # ... still may not use a cursor issued to someone else

@@ -460,9 +460,10 @@ async def require_step_up_fhir(request: Request, principal: Principal) -> None:
         ) from None
 
 
-def _own_record(caller: FhirCaller, patient_id: str) -> bool:
-    """A patient (and nothing else) asking for their own record: their right of access."""
-    return set(caller.roles) == {Role.patient} and caller.requester.patient_id == patient_id
+def _staff(caller: FhirCaller) -> bool:
+    """Anyone but a patient. A patient's own record is their right of access, and another
+    patient's is refused by the access decision as if it did not exist."""
+    return set(caller.roles) != {Role.patient}
 
 
 @router.get("/Patient/{resource_id}/$everything")
@@ -471,11 +472,10 @@ async def patient_everything(resource_id: str, request: Request, principal: Call
     paged searchset Bundle: the Patient first, then the others by type and id. `_count`
     (default 50, at most EVERYTHING_MAX_COUNT) sets the page size and a `next` link carries
     an opaque cursor; no other parameter (start, end, _since, _type) is supported: they are
-    refused rather than ignored. Anyone but a patient asking for their own record needs
-    step-up (a whole record at once is a high-risk read); asked before the record is looked
-    at, so the refusal says nothing about it."""
+    refused rather than ignored. Staff need step-up (a whole record at once is a high-risk
+    read); asked before the record is looked at, so the refusal says nothing about it."""
     _check_id(resource_id)
-    if not _own_record(principal, resource_id):
+    if _staff(principal):
         await require_step_up_fhir(request, principal.principal)
     page, after = _everything_page_request(request, resource_id, principal.user_id)
     services = request.app.state.services
