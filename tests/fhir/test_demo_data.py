@@ -18,6 +18,22 @@ from carevault.fhir.validation import validate_resource
 from carevault.runtime import build_services
 
 
+async def demo_login(h, username, password):
+    """A demo account's login: two steps for the staff, whose TOTP factor `init --demo`
+    enrolled (the code as `carevault demo totp` prints it)."""
+    first = await h.login(username, password)
+    if "mfa_token" not in first:
+        return first
+    user = await h.services.users.by_username(username)
+    code = await h.services.mfa.totp.current_code(user.id)
+    done = await h.client.post(
+        "/auth/mfa/verify",
+        json={"mfa_token": first["mfa_token"], "method": "totp", "code": code},
+    )
+    assert done.status_code == 200, done.text
+    return done.json()
+
+
 @pytest.fixture
 def cli(settings, monkeypatch):
     monkeypatch.setenv("CAREVAULT_DATA_DIR", str(settings.data_dir))
@@ -85,7 +101,7 @@ async def test_init_demo_seeds_once(cli, harness_factory, settings):
     assert "demo data set seeded" not in second.output
 
     h = await harness_factory(settings)
-    token = (await h.login("demo-physician", password))["access_token"]
+    token = (await demo_login(h, "demo-physician", password))["access_token"]
     h.client.headers["Authorization"] = f"Bearer {token}"
     base = f"http://{settings.host}:{settings.port}"
     patient = await h.client.get(read_cmd.group(1).removeprefix(base))
@@ -133,7 +149,7 @@ def _accounts(output: str) -> dict[str, str]:
 
 
 async def _bearer(h, username: str, password: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {(await h.login(username, password))['access_token']}"}
+    return {"Authorization": f"Bearer {(await demo_login(h, username, password))['access_token']}"}
 
 
 async def test_init_demo_adds_care_teams_to_a_data_set_seeded_without_them(

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import cbor
 from fido2.cose import ES256
-from fido2.ctap2 import AttestedCredentialData, AuthenticatorData
+from fido2.webauthn import AttestedCredentialData, AuthenticatorData
 from webauthn.helpers import base64url_to_bytes, bytes_to_base64url
 
 ORIGIN = "https://localhost:8000"

@@ -250,7 +250,10 @@ async def test_patient_reads_own_everything_without_step_up(mfa: Any, mfa_clock:
         assert response.status_code == 200, response.text
         assert response.json()["entry"][0]["resource"]["id"] == patient
     assert await refusals(mfa, "security.step_up_required", user.id) == []
-    # someone else's record is no right of access: step-up first (and then, not found)
+    # someone else's record is no right of access: as missing as no record, no step-up asked
     other = await new_patient(mfa)
     refused = await mfa.client.get(f"/fhir/Patient/{other}/$everything", headers=bearer(token))
-    assert_step_up_required(refused, fhir=True)
+    missing = await mfa.client.get("/fhir/Patient/no-such/$everything", headers=bearer(token))
+    assert refused.status_code == missing.status_code == 404
+    assert refused.json() == missing.json()
+    assert "www-authenticate" not in refused.headers
