@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.crypto.instance_secrets import InstanceSecrets
@@ -65,6 +65,17 @@ class RequestContext:
     address: str | None = None
     request_id: str | None = None
     device: str | None = None  # a short description of the User-Agent, for the session list
+
+    def event(self, name: str, outcome: str, user_id: str | None, **details: Any) -> SecurityEvent:
+        """A security event of this request."""
+        return SecurityEvent(
+            name,
+            outcome,
+            user_id=user_id,
+            source_address=self.address,
+            request_id=self.request_id,
+            details=details,
+        )
 
 
 def first_party_scope(user: User) -> str:

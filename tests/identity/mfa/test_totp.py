@@ -224,3 +224,74 @@ def test_shipped_default_requires_mfa_for_staff() -> None:
     for role in Role:
         expected = role in (Role.admin, Role.auditor, Role.nurse, Role.physician)
         assert mfa_required(settings, [role]) is expected
+
+
+async def test_expired_mfa_token_is_refused(mfa: Any, mfa_clock: Any) -> None:
+    await mfa.add_user("dr.who", Role.physician)
+    enrolled = await enroll_totp(mfa, "dr.who", mfa_clock)
+    first = await mfa.login("dr.who")
+    mfa_clock.advance(301)  # the mfa_token lives 300 s
+    late = await mfa.client.post(
+        "/auth/mfa/verify",
+        json={
+            "mfa_token": first["mfa_token"],
+            "method": "totp",
+            "code": code_at(enrolled["secret"], mfa_clock()),
+        },
+    )
+    assert late.status_code == 401
+    assert late.headers["content-type"].startswith("application/problem+json")
+    assert "access_token" not in late.text and "set-cookie" not in late.headers
+    events = await audit_documents(mfa.services.engine, "security.mfa_verify")
+    assert events[-1]["outcome"] == "deny" and events[-1]["detail"]["reason"] == "mfa_token"
+    for forged in ("x" * 43, "", "a" * 500):
+        response = await mfa.client.post(
+            "/auth/mfa/verify", json={"mfa_token": forged, "method": "totp", "code": "123456"}
+        )
+        assert response.status_code in (401, 422), response.text
+
+
+async def test_removing_the_last_factor(mfa: Any, mfa_clock: Any) -> None:
+    """A physician must keep a factor (409); a patient may remove theirs, and with it their
+    recovery codes and the second step of their login."""
+    await mfa.add_user("dr.who", Role.physician)
+    doctor = await enroll_totp(mfa, "dr.who", mfa_clock)
+    factors = await mfa.client.get("/auth/mfa/factors", headers=bearer(doctor["access_token"]))
+    factor_id = factors.json()["totp"][0]["id"]
+    kept = await mfa.client.delete(
+        f"/auth/mfa/totp/{factor_id}", headers=bearer(doctor["access_token"])
+    )
+    assert kept.status_code == 409, kept.text
+    assert (
+        await mfa.client.get("/auth/mfa/factors", headers=bearer(doctor["access_token"]))
+    ).json()["methods"] == ["totp", "recovery_code"]
+
+    await mfa.add_user("pat.one", Role.patient)
+    token = (await mfa.login("pat.one"))["access_token"]
+    enroll = await mfa.client.post("/auth/mfa/totp/enroll", headers=bearer(token))
+    secret = enroll.json()["otpauth_uri"].split("secret=")[1].split("&")[0]
+    confirm = await mfa.client.post(
+        "/auth/mfa/totp/confirm",
+        json={"code": code_at(secret, mfa_clock())},
+        headers=bearer(token),
+    )
+    assert confirm.status_code == 200 and len(confirm.json()["recovery_codes"]) == 10
+    assert "access_token" not in confirm.json()  # a full token: no login was waiting
+    mfa_clock.advance(30)
+    done = await mfa_login(mfa, "pat.one", code_at(secret, mfa_clock()))
+    fresh = done.json()["access_token"]
+    listed = await mfa.client.get("/auth/mfa/factors", headers=bearer(fresh))
+    removed = await mfa.client.delete(
+        f"/auth/mfa/totp/{listed.json()['totp'][0]['id']}", headers=bearer(fresh)
+    )
+    assert removed.status_code == 204, removed.text
+    assert (await mfa.client.get("/auth/mfa/factors", headers=bearer(fresh))).json() == {
+        "totp": [],
+        "webauthn": [],
+        "recovery_codes_remaining": 0,
+        "methods": [],
+    }
+    mfa_clock.advance(2)
+    assert "refresh_token" in await mfa.login("pat.one")  # password alone again
+    events = await audit_documents(mfa.services.engine, "security.mfa_factor_removed")
+    assert len(events) == 1 and events[0]["detail"]["method"] == "totp"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from carevault.audit.events import SecurityEvent, SecurityEventLog
+from carevault.audit.events import SecurityEventLog
 from carevault.config import Settings
 from carevault.identity.accounts import User, UserStore
 from carevault.identity.authentication import (
@@ -463,13 +463,4 @@ class MfaService:
     async def _record(
         self, event: str, outcome: str, user_id: str | None, ctx: RequestContext, **details: Any
     ) -> None:
-        await self._events.record(
-            SecurityEvent(
-                event,
-                outcome,
-                user_id=user_id,
-                source_address=ctx.address,
-                request_id=ctx.request_id,
-                details=details,
-            )
-        )
+        await self._events.record(ctx.event(event, outcome, user_id, **details))

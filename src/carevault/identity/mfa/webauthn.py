@@ -46,7 +46,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from carevault.audit.events import SecurityEvent, SecurityEventLog
+from carevault.audit.events import SecurityEventLog
 from carevault.config import Settings
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import webauthn_credentials
@@ -441,13 +441,4 @@ class WebAuthnCredentials:
     async def _record(
         self, event: str, outcome: str, user_id: str | None, ctx: RequestContext, **details: Any
     ) -> None:
-        await self._events.record(
-            SecurityEvent(
-                event,
-                outcome,
-                user_id=user_id,
-                source_address=ctx.address,
-                request_id=ctx.request_id,
-                details=details,
-            )
-        )
+        await self._events.record(ctx.event(event, outcome, user_id, **details))
