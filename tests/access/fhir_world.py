@@ -278,14 +278,19 @@ async def mfa_login(h: Any, username: str, password: str = STRONG_PASSWORD) -> d
     enrollment = await services.mfa.totp.enroll(user.id, user.username)
     authenticator = pyotp.parse_uri(enrollment.otpauth_uri)
     now = services.clock()
-    # the previous step's code confirms, the current one logs in: each step is used once
-    confirmed = await services.mfa.totp.confirm(user.id, authenticator.at(now - STEP_SECONDS))
+    # this step's code confirms, the next one's logs in: each step is used once, and both stay
+    # inside the server's window even when the clock crosses a step boundary meanwhile
+    confirmed = await services.mfa.totp.confirm(user.id, authenticator.at(now))
     assert confirmed is TotpResult.ok
     first = await h.login(username, password)
     assert first.get("mfa_required") is True, first
     response = await h.client.post(
         "/auth/mfa/verify",
-        json={"mfa_token": first["mfa_token"], "method": "totp", "code": authenticator.at(now)},
+        json={
+            "mfa_token": first["mfa_token"],
+            "method": "totp",
+            "code": authenticator.at(now + STEP_SECONDS),
+        },
     )
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]

@@ -141,3 +141,38 @@ def test_tampered_copy_of_a_cached_token_is_still_refused(keyed):
     flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
     with pytest.raises(InvalidTokenError):
         verifier.verify(".".join((header, payload, flipped)))
+
+
+def test_ec_jwks_keep_leading_zero_octets() -> None:
+    """RFC 7518 §6.2.1.2: x, y (and d) are full-size octet strings. joserfc drops leading zero
+    octets (about one P-256 key in 100); PyJWT then refuses the published key."""
+    import base64
+    import json
+
+    import jwt
+    from joserfc import jwk
+
+    from carevault.tokens.keys import full_size_jwk, generate_key
+
+    def octets(value: str) -> int:
+        return len(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+
+    short = 0
+    for _ in range(1500):
+        key = generate_key("ES256")
+        raw = key.as_dict(private=True)
+        short += any(octets(raw[c]) != 32 for c in "xyd")
+        fixed = full_size_jwk(raw)
+        assert all(octets(fixed[c]) == 32 for c in "xyd")
+        # the same key: it round-trips through joserfc and PyJWT reads it
+        assert full_size_jwk(jwk.import_key(fixed).as_dict(private=True)) == fixed
+        public = jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(fixed)).public_key()
+        assert public.public_numbers().x == int.from_bytes(
+            base64.urlsafe_b64decode(fixed["x"] + "=" * (-len(fixed["x"]) % 4)), "big"
+        )
+    assert short > 0  # the case this guards against did occur in the sample
+    assert full_size_jwk({"kty": "OKP", "crv": "Ed25519", "x": "AA"}) == {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": "AA",
+    }

@@ -4,7 +4,7 @@ Merkle proofs. The only code that writes audit rows.
 Sequence numbers come from the database, not from a process: a batch is one atomic INSERT
 numbered from the last entry's number, and the primary key lets only one batch take a number,
 so any number of workers and instances produce one gap-free chain (a writer that lost the race
-reads the tip again and re-chains its batch; on SQLite the write lock orders them up front).
+reads the tip again under a lock that keeps the other writers out, and re-chains its batch).
 The group commit of `writer.py` makes that one INSERT for all the requests waiting on it.
 
 The leaf of entry `seq` (leaf index seq - 1) is `merkle.leaf_hash(entry || mac)`: the canonical
@@ -38,9 +38,6 @@ from carevault.db.engine import dedicated_write_connection, read_connection, wri
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
 
 _APPEND_ATTEMPTS = 20
-# Names the trail's lock among PostgreSQL advisory locks (with the schema: deployments sharing
-# a database do not wait for each other).
-_PG_LOCK_ID = 0x43564155  # "CVAU"
 ORIGIN = "carevault audit trail"
 _COLUMNS = (
     "seq",
@@ -163,8 +160,9 @@ class AuditLog:
         One INSERT statement, committed by itself, chained onto the tip this process last
         saw: one round trip. If another writer appended since, the first sequence number is
         taken, the primary key refuses the whole batch, and the batch is chained anew onto the
-        tip read under the trail's lock (PostgreSQL: an advisory lock; SQLite: `BEGIN
-        IMMEDIATE`, the database's one write lock)."""
+        tip read under a lock that keeps every other writer out until it commits (PostgreSQL:
+        the table in SHARE ROW EXCLUSIVE mode; SQLite: `BEGIN IMMEDIATE`), so the second try
+        always lands."""
         async with self._append_lock:
             for _ in range(_APPEND_ATTEMPTS):
                 if self._writer is None:
@@ -182,9 +180,11 @@ class AuditLog:
                             self._tip = await self._insert(conn, entries, await _tip(conn))
                         return self._tip[0]
                     async with write_transaction(self._engine) as locked:
+                        # Blocks every other INSERT (not reads) until this one commits: the
+                        # tip read here is still the tip when the batch lands, so a writer
+                        # that lost a race cannot lose again to optimistic ones.
                         await locked.execute(
-                            text("SELECT pg_advisory_xact_lock(:id, hashtext(current_schema()))"),
-                            {"id": _PG_LOCK_ID},
+                            text("LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE")
                         )
                         self._tip = await self._insert(locked, entries, await _tip(locked))
                     return self._tip[0]

@@ -16,6 +16,7 @@ from typing import Any
 
 from joserfc import jwk
 from joserfc.jwk import ECKey, OKPKey, RSAKey
+from joserfc.util import urlsafe_b64decode, urlsafe_b64encode
 
 from carevault.crypto.files import read_json, write_secret_json
 
@@ -29,6 +30,24 @@ KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "PS256": ("RSA", None),
     "RS256": ("RSA", None),
 }
+
+
+# RFC 7518 §6.2.1.2 and §6.2.2.1: an EC JWK's x, y and d are octet strings of the curve's full
+# size. joserfc drops leading zero octets (about 1 key in 100), and strict verifiers (PyJWT,
+# go-jose) then refuse the key: every JWK written or published goes through `full_size_jwk`.
+_COORDINATE_OCTETS = {"P-256": 32, "P-384": 48, "P-521": 66}
+
+
+def full_size_jwk(data: dict[str, Any]) -> dict[str, Any]:
+    size = _COORDINATE_OCTETS.get(data.get("crv", "")) if data.get("kty") == "EC" else None
+    if size is None:
+        return data
+    padded = dict(data)
+    for name in ("x", "y", "d"):
+        if name in padded:
+            raw = urlsafe_b64decode(padded[name].encode())
+            padded[name] = urlsafe_b64encode(raw.rjust(size, b"\x00")).decode()
+    return padded
 
 
 def generate_key(alg: str) -> Any:
@@ -50,7 +69,7 @@ class SigningKey:
     key: Any  # joserfc key with its private half
 
     def public_jwk(self) -> dict[str, Any]:
-        data = self.key.as_dict(private=False)
+        data = full_size_jwk(self.key.as_dict(private=False))
         data.update({"kid": self.kid, "use": "sig", "alg": self.alg})
         return data
 
@@ -61,7 +80,7 @@ class SigningKey:
             "state": self.state,
             "created_at": self.created_at,
             "retire_at": self.retire_at,
-            "jwk": self.key.as_dict(private=True),
+            "jwk": full_size_jwk(self.key.as_dict(private=True)),
         }
 
     @classmethod

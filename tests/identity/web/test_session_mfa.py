@@ -138,3 +138,43 @@ async def test_a_security_key_finishes_a_session_login(
         headers=second.guarded(),
     )
     assert_problem(replay, 401)
+
+
+async def test_step_up_inside_a_session_rotates_it_and_keeps_its_deadline(
+    web_mfa: Any, browsers: Any, web_clock: Any
+) -> None:
+    await web_mfa.add_user("dr.up", Role.physician)
+    secret = (await enroll_totp(web_mfa, "dr.up", web_clock))["secret"]
+    web_clock.advance(30)
+    browser = await browsers(web_mfa.app)
+    await browser.login("dr.up")
+    await browser.mfa(code_at(secret, web_clock()))
+    before = (await browser.info()).json()
+    everything = "/fhir/Patient/no-such-patient/$everything"
+    web_clock.advance(301)  # the login's second factor is too old for a high-risk read
+    stale = await browser.client.get(everything)
+    assert stale.status_code == 401
+    assert 'error="insufficient_user_authentication"' in stale.headers["www-authenticate"]
+
+    old_cookie = browser.cookie
+    step = {"method": "totp", "code": code_at(secret, web_clock())}
+    assert_problem(await browser.client.post("/auth/session/step-up", json=step), 403)  # CSRF
+    wrong = {"method": "totp", "code": "000000" if step["code"] != "000000" else "111111"}
+    refused = await browser.client.post(
+        "/auth/session/step-up", json=wrong, headers=browser.guarded()
+    )
+    assert_problem(refused, 401)
+    assert browser.cookie == old_cookie
+    web_clock.advance(30)  # past the back-off, a new step
+    step["code"] = code_at(secret, web_clock())
+    done = await browser.client.post("/auth/session/step-up", json=step, headers=browser.guarded())
+    assert done.status_code == 200, done.text
+    browser.csrf = done.json()["csrf_token"]
+    assert browser.cookie and browser.cookie != old_cookie
+    assert_problem(await with_cookie(web_mfa.app, old_cookie, "GET", "/auth/session"), 401)
+    after = (await browser.info()).json()
+    assert after["auth_time"] == int(web_clock()) and after["id"] != before["id"]
+    assert after["absolute_expires_at"] == before["absolute_expires_at"]  # no longer life
+    assert (await browser.client.get(everything)).status_code == 404  # stepped up: decided
+    events = await audit_documents(web_mfa.services.engine, "security.step_up")
+    assert [e["outcome"] for e in events] == ["deny", "permit"]

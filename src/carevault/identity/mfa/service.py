@@ -266,7 +266,7 @@ class MfaService:
         user = await self._users.by_id(principal.user_id)
         if user is None or not user.enabled or ENROLL_SCOPE in principal.scopes:
             raise MfaFailed("account")
-        verified = await self._check(user, proof, f"sid:{principal.session_id}", ctx, "step_up")
+        verified = await self.prove(user, proof, f"sid:{principal.session_id}", ctx)
         amr = sorted({AMR_PASSWORD, *principal.amr, *verified.amr})
         token, _ = self._issuer.issue(
             subject=user.id,
@@ -280,6 +280,13 @@ class MfaService:
         )
         await self._record("step_up", "success", user.id, ctx, method=proof.method)
         return token
+
+    async def prove(
+        self, user: User, proof: FactorProof, bound_to: str, ctx: RequestContext
+    ) -> Verified:
+        """A factor proved again by a signed-in user (step-up of a token or a browser session);
+        `bound_to` names the session a WebAuthn challenge was issued for."""
+        return await self._check(user, proof, bound_to, ctx, "step_up")
 
     # -- one factor -------------------------------------------------------------------------
 

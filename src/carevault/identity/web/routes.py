@@ -300,6 +300,51 @@ async def session_webauthn_options(request: Request) -> Response:
     return Response(options, media_type="application/json", headers=NO_STORE)
 
 
+@router.post(
+    "/session/step-up",
+    openapi_extra={"requestBody": _BODY},
+    responses={401: {"description": "Not accepted"}, 429: {"description": "Too many failures"}},
+)
+async def session_step_up(request: Request) -> Response:
+    """Prove a factor again inside a browser session (for high-risk actions): the session's
+    auth_time and amr are renewed and, a privilege change, its id rotated; its absolute
+    deadline stays the login's. (WebAuthn: `POST /auth/webauthn/step-up/options` first.)"""
+    services = request.app.state.services
+    sessions = _sessions(request)
+    body = await _parsed(request, SessionMfaRequest)
+    ctx = context(request)
+    session = await sessions.of_request(request.scope)
+    if session is None or session.state != ACTIVE or session.user_id is None:
+        raise ProblemError(401, "Authentication is required.")
+    user = await services.users.by_id(session.user_id)
+    if user is None or not user.enabled:
+        raise ProblemError(401, "Authentication is required.")
+    proof = FactorProof(body.method, body.code, body.credential)
+    try:
+        verified = await services.mfa.prove(user, proof, f"sid:web-{session.id}", ctx)
+    except (MfaFailed, MfaLocked, AddressThrottled) as err:
+        raise refused(err) from None
+    now = services.clock()
+    amr = sorted({AMR_PASSWORD, *session.amr, *verified.amr})
+    try:
+        active, value = await sessions.rotate(
+            session,
+            ctx,
+            state=ACTIVE,
+            user_id=user.id,
+            amr=amr,
+            acr=acr_of(amr, user_verified=verified.user_verified),
+            auth_time=int(now),
+            lifetime=session.absolute_expires_at - now,
+        )
+    except SessionGone:
+        raise ProblemError(401, "Authentication is required.") from None
+    await _record(
+        request, "step_up", "success", ctx, user.id, session=active.id, method=body.method
+    )
+    return _signed_in(active, value)
+
+
 @router.get("/session", responses={401: {"description": "No session"}})
 async def session_info(request: Request) -> Response:
     """The current browser session: its state, user, strength, limits and CSRF token."""

@@ -135,10 +135,12 @@ class BrowserSessions:
         amr: Sequence[str] = (),
         acr: str | None = None,
         auth_time: int | None = None,
+        lifetime: float | None = None,
     ) -> tuple[BrowserSession, str]:
         """End `old` and start its successor in one transaction. Raises `SessionGone` when `old`
         is no longer live in the state it was read in: of two requests finishing the same login,
-        one gets the new session."""
+        one gets the new session. `lifetime` caps the successor's absolute lifetime (a step-up
+        keeps the login's deadline)."""
         now = self._clock()
         async with write_transaction(self._engine) as conn:
             ended = await conn.execute(
@@ -152,7 +154,9 @@ class BrowserSessions:
             )
             if ended.rowcount != 1:
                 raise SessionGone
-            return await self._insert(conn, ctx, state, user_id, amr, acr, auth_time, None, None)
+            return await self._insert(
+                conn, ctx, state, user_id, amr, acr, auth_time, None, lifetime
+            )
 
     async def _insert(
         self,
