@@ -65,6 +65,10 @@ refresh_families = Table(
     Column("address", String(64)),
     Column("device", String(128)),
     Column("last_used_at", Float),
+    # OAuth (migration 0011): the SMART launch patient of the grant, and the DPoP key a public
+    # client's refresh tokens are bound to (RFC 9449 §5: its JWK SHA-256 thumbprint).
+    Column("patient", String(64)),
+    Column("dpop_jkt", String(64)),
 )
 
 refresh_tokens = Table(
@@ -336,6 +340,65 @@ browser_sessions = Table(
     Column("ended_reason", String(32)),
     Column("address", String(64)),
     Column("device", String(128)),
+)
+
+
+# --- OAuth 2.0 / OpenID Connect / SMART (oauth/) ------------------------------------------
+oauth_clients = Table(
+    "oauth_clients",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the client_id
+    Column("name", String(128), nullable=False),
+    # none (public, PKCE) | private_key_jwt (RFC 7523) | client_secret_basic
+    Column("auth_method", String(32), nullable=False),
+    Column("secret_hash", String(64)),  # client_secret_basic: keyed hash of the secret
+    Column("jwks", JSON),  # private_key_jwt: the client's registered public keys
+    Column("redirect_uris", JSON, nullable=False),  # exact strings, compared exactly
+    Column("grant_types", JSON, nullable=False),
+    Column("scope", Text, nullable=False),  # the scopes it may ask for
+    Column("require_dpop", Boolean, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("disabled_at", Float),
+)
+
+oauth_codes = Table(
+    "oauth_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),  # SHA-256 of the code
+    Column("client_id", String(64), ForeignKey("oauth_clients.id"), nullable=False),
+    Column("user_id", String(36), ForeignKey("users.id"), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("code_challenge", String(128), nullable=False),  # PKCE S256
+    Column("nonce", String(512)),
+    Column("patient", String(64)),  # launch context chosen at authorization
+    Column("dpop_jkt", String(64)),  # RFC 9449 §10: the key the code is bound to, if any
+    Column("amr", JSON, nullable=False),
+    Column("acr", String(40)),
+    Column("auth_time", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),
+    Column("used_at", Float),
+    Column("family_id", String(36)),  # the session the code started: revoked on reuse
+)
+
+oauth_consents = Table(
+    "oauth_consents",
+    metadata,
+    Column("user_id", String(36), ForeignKey("users.id"), primary_key=True),
+    Column("client_id", String(64), ForeignKey("oauth_clients.id"), primary_key=True),
+    Column("scope", Text, nullable=False),  # what the user approved, remembered until revoked
+    Column("granted_at", Float, nullable=False),
+)
+
+# One-time values seen (DPoP proof and client assertion `jti`s) when no Redis is configured:
+# a unique key inserted once; the insert that loses the race is the replay.
+oauth_replay = Table(
+    "oauth_replay",
+    metadata,
+    Column("key", String(128), primary_key=True),
+    Column("expires_at", Float, nullable=False, index=True),
 )
 
 
