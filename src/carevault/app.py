@@ -30,6 +30,7 @@ from carevault.identity.mfa.webauthn_routes import router as webauthn_router
 from carevault.identity.routes import router as auth_router
 from carevault.identity.web.csrf import CsrfProtection
 from carevault.identity.web.routes import router as session_router
+from carevault.oauth.client_routes import router as client_admin_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
 
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(webauthn_router)
     app.include_router(session_router)
     app.include_router(admin_router)
+    app.include_router(client_admin_router)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

@@ -40,6 +40,7 @@ from carevault.identity.mfa.totp import TotpFactors
 from carevault.identity.mfa.webauthn import WebAuthnCredentials
 from carevault.identity.throttle import LoginThrottle
 from carevault.identity.web.sessions import BrowserSessions
+from carevault.oauth.clients import ClientRegistry
 from carevault.tokens.access import AccessTokenIssuer, AccessTokenVerifier
 from carevault.tokens.keys import KeyRing, create_keyset
 from carevault.tokens.refresh import RefreshTokenService
@@ -84,6 +85,7 @@ class Services:
     access: AccessControl  # the FHIR routes' one door to the decision point
     mfa: MfaService
     browser_sessions: BrowserSessions
+    clients: ClientRegistry
     clock: Callable[[], float] = time.time
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -230,6 +232,7 @@ def build_services(settings: Settings, clock: Callable[[], float] = time.time) -
         access=AccessControl(policy, facts, clock),
         mfa=mfa,
         browser_sessions=browser_sessions,
+        clients=ClientRegistry(engine, instance_secrets, clock),
         clock=clock,
     )
 
