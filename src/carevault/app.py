@@ -31,6 +31,9 @@ from carevault.identity.routes import router as auth_router
 from carevault.identity.web.csrf import CsrfProtection
 from carevault.identity.web.routes import router as session_router
 from carevault.oauth.client_routes import router as client_admin_router
+from carevault.oauth.metadata import router as oauth_metadata_router
+from carevault.oauth.provider import build_oauth
+from carevault.oauth.routes import router as oauth_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
 
@@ -52,6 +55,7 @@ def configuration_event(settings: Settings, services: Services) -> SecurityEvent
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or build_services(settings)
+    oauth = build_oauth(services, services.clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,6 +64,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         try:
             yield
         finally:
+            await oauth.close()
             await services.close()
 
     app = FastAPI(
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.state.services = services
     app.state.profiles = ProfileCache(services.users)
+    app.state.oauth = oauth
     problems.install(app)
     app.include_router(health_router)
     app.include_router(jwks_router)
@@ -81,6 +87,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(session_router)
     app.include_router(admin_router)
     app.include_router(client_admin_router)
+    app.include_router(oauth_router)
+    app.include_router(oauth_metadata_router)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     # High-risk actions need an MFA authentication at most this old (RFC 9470 max_age).
     step_up_max_age_seconds: int = Field(300, ge=30, le=3600)
     totp_issuer: str = "carevault"
+    # RFC 9449 §8-9: require a server-provided nonce in every DPoP proof (one more round trip
+    # for the client; limits a proof made ahead of time to the nonce's few minutes).
+    dpop_nonce_required: bool = False
     # WebAuthn relying party: the id is a registrable domain of the origins allowed.
     webauthn_rp_id: str = "localhost"
     webauthn_rp_name: str = "carevault"

@@ -184,8 +184,17 @@ async def test_metadata_lists_types_and_smart_security(clinician):
     assert body["resourceType"] == "CapabilityStatement" and body["fhirVersion"] == "4.0.1"
     types = {r["type"] for r in body["rest"][0]["resource"]}
     assert {"Patient", "Observation", "Claim", "ExplanationOfBenefit", "CarePlan"} <= types
-    # SMART on FHIR (and OAuth) endpoints do not exist yet: not claimed
-    assert "service" not in body["rest"][0]["security"]
+    security = body["rest"][0]["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    (uris,) = security["extension"]
+    assert uris["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    named = {e["url"]: e["valueUri"] for e in uris["extension"]}
+    assert named == {
+        "authorize": "http://testserver/oauth/authorize",
+        "token": "http://testserver/oauth/token",
+        "revoke": "http://testserver/oauth/revoke",
+        "introspect": "http://testserver/oauth/introspect",
+    }
     assert body["kind"] == "instance" and body["implementation"]["description"]
     assert validate_resource(body, "CapabilityStatement")  # a valid resource itself
 

@@ -90,7 +90,8 @@ class AccessFacts:
             purpose=purpose,
             practitioner_id=user.practitioner_id if user else None,
             organization_id=organization,
-            patient_id=user.patient_id if user else None,
+            # A patient's own record; for anyone else the SMART launch patient, if any.
+            patient_id=(user.patient_id if user else None) or principal.patient,
             label_grants=labels,
             care_patients=care,
             break_glass_patients=frozenset(p for p, expires in grants if expires > now),

@@ -199,6 +199,7 @@ async def store_errors(request: Request, principal: FhirCaller) -> AsyncIterator
 @router.get("/metadata")
 async def capability_statement(request: Request) -> Response:
     from carevault.fhir.validation import SUPPORTED_TYPES
+    from carevault.oauth.metadata import fhir_security
 
     settings = request.app.state.services.settings
     interactions = [
@@ -218,14 +219,7 @@ async def capability_statement(request: Request) -> Response:
         "rest": [
             {
                 "mode": "server",
-                # No `service` coding: none of restful-security-service's codes (OAuth,
-                # SMART-on-FHIR, ...) is implemented yet; claim SMART once its endpoints exist.
-                "security": {
-                    "cors": False,
-                    "description": (
-                        "Bearer access tokens (RFC 9068) from this server's /auth/login."
-                    ),
-                },
+                "security": fhir_security(settings.issuer),
                 "resource": [
                     {
                         "type": t,

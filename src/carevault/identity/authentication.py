@@ -20,7 +20,7 @@ from carevault.identity.mfa.policy import AMR_PASSWORD, acr_of
 from carevault.identity.roles import Role
 from carevault.identity.throttle import LoginThrottle
 from carevault.tokens.access import AccessTokenIssuer
-from carevault.tokens.refresh import RefreshError, RefreshTokenService
+from carevault.tokens.refresh import RefreshError, RefreshTokenService, Rotation
 from carevault.tokens.sessions import SessionRevoker
 
 FIRST_PARTY_CLIENT = "carevault-login"
@@ -256,9 +256,11 @@ class Authenticator:
     async def account_release(self, user: User) -> None:
         await self._throttle.release(self._secrets.keyed_hash(user.username))
 
-    async def refresh(
-        self, refresh_token: str, ctx: RequestContext, client_id: str = FIRST_PARTY_CLIENT
-    ) -> TokenGrant:
+    async def rotate_refresh(
+        self, refresh_token: str, ctx: RequestContext, client_id: str
+    ) -> tuple[Rotation, User]:
+        """Rotate a refresh token of `client_id` and return the rotation with its user; a used
+        token coming back ends its family (theft) and raises an alert. Raises `RefreshError`."""
         try:
             rotation = await self._refresh.rotate(refresh_token, client_id)
         except RefreshError as err:
@@ -292,16 +294,6 @@ class Authenticator:
         if user is None or not user.enabled:
             await self._sessions.end_all(family.user_id, "disabled")
             raise RefreshError("user disabled")
-        token, _ = self._issuer.issue(
-            subject=user.id,
-            session_id=family.id,
-            client_id=family.client_id,
-            scope=family.scope,
-            roles=list(user.roles),
-            amr=family.amr,
-            auth_time=family.auth_time,
-            acr=family.acr,
-        )
         await self._events.record(
             SecurityEvent(
                 event="token_refresh",
@@ -312,5 +304,22 @@ class Authenticator:
                 request_id=ctx.request_id,
                 details={"family": family.id},
             )
+        )
+        return rotation, user
+
+    async def refresh(
+        self, refresh_token: str, ctx: RequestContext, client_id: str = FIRST_PARTY_CLIENT
+    ) -> TokenGrant:
+        rotation, user = await self.rotate_refresh(refresh_token, ctx, client_id)
+        family = rotation.family
+        token, _ = self._issuer.issue(
+            subject=user.id,
+            session_id=family.id,
+            client_id=family.client_id,
+            scope=family.scope,
+            roles=list(user.roles),
+            amr=family.amr,
+            auth_time=family.auth_time,
+            acr=family.acr,
         )
         return TokenGrant(token, self._issuer.ttl, rotation.refresh_token)

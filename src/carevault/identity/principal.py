@@ -17,3 +17,4 @@ class Principal:
     token_id: str
     token_expires_at: int
     acr: str | None = None
+    patient: str | None = None  # SMART launch context: the patient `patient/` scopes reach

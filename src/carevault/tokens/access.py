@@ -69,6 +69,7 @@ class AccessClaims(NamedTuple):
     iat: int
     exp: int
     acr: str | None = None  # how strong the login was (identity/mfa/policy.py)
+    jkt: str | None = None  # DPoP (RFC 9449): the thumbprint of the key the token is bound to
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -163,6 +164,7 @@ class AccessTokenIssuer:
         auth_time: int,
         acr: str | None = None,
         ttl: int | None = None,
+        jkt: str | None = None,
     ) -> tuple[str, AccessClaims]:
         now = int(self._clock())
         claims = AccessClaims(
@@ -177,6 +179,7 @@ class AccessTokenIssuer:
             iat=now,
             exp=now + min(ttl or self.ttl, self.ttl),
             acr=acr,
+            jkt=jkt,
         )
         payload = {
             "iss": self._settings.issuer,
@@ -195,6 +198,8 @@ class AccessTokenIssuer:
         }
         if acr is not None:
             payload["acr"] = acr
+        if jkt is not None:
+            payload["cnf"] = {"jkt": jkt}
         key = self._keyring.current
         header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
         token = jws.serialize_compact(
@@ -298,6 +303,7 @@ class AccessTokenVerifier:
                 iat=claims["iat"],
                 exp=claims["exp"],
                 acr=claims.get("acr"),
+                jkt=claims["cnf"]["jkt"] if "cnf" in claims else None,
             ),
             kid,
             claims["nbf"],
@@ -336,6 +342,11 @@ class AccessTokenVerifier:
             raise InvalidTokenError("wrong audience")
         if "acr" in claims and (type(claims["acr"]) is not str or not claims["acr"]):
             raise InvalidTokenError("claim acr must be a string")
+        if "cnf" in claims:
+            cnf = claims["cnf"]
+            # RFC 9449 §6.1: a confirmation this server does not understand must not be ignored.
+            if type(cnf) is not dict or cnf.keys() != {"jkt"} or type(cnf["jkt"]) is not str:
+                raise InvalidTokenError("claim cnf must be {jkt: thumbprint}")
         for name in ("roles", "amr"):
             value = claims.get(name)
             if type(value) is not list or not all(type(v) is str for v in value):

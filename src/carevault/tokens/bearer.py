@@ -18,16 +18,20 @@ import structlog
 from fastapi import Request
 
 from carevault.edge.problems import ProblemError
-from carevault.identity.authentication import first_party_scope
+from carevault.identity.authentication import FIRST_PARTY_CLIENT, first_party_scope
 from carevault.identity.mfa.policy import ENROLL_SCOPE
 from carevault.identity.principal import Principal
 from carevault.identity.web.sessions import ACTIVE
+from carevault.oauth.dpop import DpopError
+from carevault.oauth.replay import ReplayCacheUnavailable
 from carevault.tokens.access import AccessClaims, InvalidTokenError
 from carevault.tokens.revocation import RevocationUnavailable
 
 log = structlog.get_logger("carevault.auth")
 REALM = 'Bearer realm="carevault"'
+DPOP_REALM = 'DPoP realm="carevault"'
 WEB_CLIENT = "carevault-web"
+FIRST_PARTY_CLIENTS = frozenset({FIRST_PARTY_CLIENT, WEB_CLIENT})
 
 
 def _revocation_unavailable() -> ProblemError:
@@ -35,8 +39,9 @@ def _revocation_unavailable() -> ProblemError:
     return ProblemError(503, "Service temporarily unavailable.", headers={"Retry-After": "1"})
 
 
-def _unauthorized(error: str | None) -> ProblemError:
-    challenge = f'{REALM}, error="{error}"' if error else REALM
+def _unauthorized(error: str | None, scheme: str = "bearer") -> ProblemError:
+    realm = DPOP_REALM if scheme == "dpop" else REALM
+    challenge = f'{realm}, error="{error}"' if error else realm
     return ProblemError(401, "Authentication is required.", headers={"WWW-Authenticate": challenge})
 
 
@@ -64,19 +69,26 @@ async def authenticate_enrollment(request: Request) -> Principal:
             raise _unauthorized(None)
         return principal
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token or token != token.strip():
-        raise _unauthorized("invalid_token" if scheme.lower() == "bearer" else None)
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "dpop") or not token or token != token.strip():
+        raise _unauthorized("invalid_token" if scheme in ("bearer", "dpop") else None)
     try:
         claims = services.verifier.verify(token)
         revoked = await services.revocations.is_revoked(claims)
     except InvalidTokenError as err:
         log.info("token_rejected", reason=err.reason)
-        raise _unauthorized("invalid_token") from None
+        raise _unauthorized("invalid_token", scheme) from None
     except RevocationUnavailable:
         raise _revocation_unavailable() from None
     if revoked:
         log.info("token_rejected", reason="revoked")
-        raise _unauthorized("invalid_token")
+        raise _unauthorized("invalid_token", scheme)
+    await _check_binding(request, scheme, token, claims)
+    patient = None
+    if claims.client_id not in FIRST_PARTY_CLIENTS and any(
+        s.startswith("patient/") for s in claims.scope.split()
+    ):
+        patient = await request.app.state.oauth.launch.patient(claims.sid)
     return Principal(
         user_id=claims.sub,
         client_id=claims.client_id,
@@ -88,7 +100,45 @@ async def authenticate_enrollment(request: Request) -> Principal:
         token_id=claims.jti,
         token_expires_at=claims.exp,
         acr=claims.acr,
+        patient=patient,
     )
+
+
+async def _check_binding(request: Request, scheme: str, token: str, claims: AccessClaims) -> None:
+    """RFC 9449 §7: a DPoP-bound token needs the DPoP scheme and a proof, made for this
+    request and this token, with the key it is bound to; a bearer token may not pretend to be
+    bound. The proof's `jti` is remembered by every worker (the shared replay cache)."""
+    if claims.jkt is None:
+        if scheme == "dpop":
+            log.info("token_rejected", reason="dpop scheme for an unbound token")
+            raise _unauthorized("invalid_token", scheme)
+        return
+    if scheme != "dpop":
+        log.info("token_rejected", reason="bound token sent as bearer")
+        raise _unauthorized("invalid_token", "dpop")
+    services = request.app.state.services
+    dpop = request.app.state.oauth.dpop
+    try:
+        await dpop.verify(
+            request.headers.getlist("dpop"),
+            method=request.method,
+            url=f"{services.settings.issuer}{request.url.path}",
+            access_token=token,
+            expected_jkt=claims.jkt,
+            require_nonce=services.settings.dpop_nonce_required,
+        )
+    except DpopError as err:
+        log.info("dpop_rejected", reason=err.description)
+        raise ProblemError(
+            401,
+            "Authentication is required.",
+            headers={
+                "WWW-Authenticate": f'DPoP realm="carevault", error="{err.error}"',
+                "DPoP-Nonce": dpop.nonce(),
+            },
+        ) from None
+    except ReplayCacheUnavailable:
+        raise _revocation_unavailable() from None
 
 
 async def session_principal(request: Request) -> Principal | None:

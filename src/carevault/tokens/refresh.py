@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -64,6 +65,8 @@ class Family:
     auth_time: int
     expires_at: float
     acr: str | None = None
+    patient: str | None = None  # the SMART launch patient of an OAuth grant
+    dpop_jkt: str | None = None  # a public client's DPoP key: its refreshes must prove it
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class RefreshTokenService:
         acr: str | None = None,
         address: str | None = None,
         device: str | None = None,
+        patient: str | None = None,
+        dpop_jkt: str | None = None,
     ) -> tuple[Family, str]:
         now = self._clock()
         family = Family(
@@ -116,6 +121,8 @@ class RefreshTokenService:
             auth_time=auth_time,
             expires_at=now + self._settings.refresh_absolute_ttl_seconds,
             acr=acr,
+            patient=patient,
+            dpop_jkt=dpop_jkt,
         )
         token = secrets.token_urlsafe(TOKEN_BYTES)
         async with write_transaction(self._engine) as conn:
@@ -133,6 +140,8 @@ class RefreshTokenService:
                     address=address,
                     device=device,
                     last_used_at=now,
+                    patient=patient,
+                    dpop_jkt=dpop_jkt,
                 )
             )
             await conn.execute(
@@ -169,24 +178,7 @@ class RefreshTokenService:
             )
             # Read the clock after the read: a use committed before it is never in our future.
             now = self._clock()
-            if row is None:
-                raise RefreshError("unknown")
-            family = Family(
-                id=row["family_id"],
-                user_id=row["user_id"],
-                client_id=row["client_id"],
-                scope=row["scope"],
-                amr=list(row["amr"]),
-                auth_time=row["auth_time"],
-                expires_at=row["expires_at"],
-                acr=row["acr"],
-            )
-            if row["revoked_at"] is not None:
-                raise RefreshError("family revoked", family_id=family.id, user_id=family.user_id)
-            if not hmac.compare_digest(family.client_id, client_id):
-                raise RefreshError("wrong client", family_id=family.id, user_id=family.user_id)
-            if now >= family.expires_at:
-                raise RefreshError("expired", family_id=family.id, user_id=family.user_id)
+            family = _live_family(row, client_id, now)
 
             used_at = row["used_at"]
             if used_at is None:
@@ -252,6 +244,55 @@ class RefreshTokenService:
             reuse = RefreshError("reuse", family_id=family.id, user_id=family.user_id, reuse=True)
         raise reuse
 
+    async def peek(self, token: str, client_id: str) -> Family:
+        """The family of a refresh token that `rotate` would accept now, changing nothing (so a
+        request refused for another reason does not burn the token); raises `RefreshError`."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            raise RefreshError("malformed")
+        async with self._engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(refresh_tokens, refresh_families)
+                        .join(refresh_families, refresh_families.c.id == refresh_tokens.c.family_id)
+                        .where(refresh_tokens.c.token_hash == hash_token(token))
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        now = self._clock()
+        family = _live_family(row, client_id, now)
+        if row["used_at"] is None and now >= row["idle_expires_at"]:
+            raise RefreshError("idle", family_id=family.id, user_id=family.user_id)
+        return family
+
+    async def lookup(self, token: str) -> tuple[Family, bool] | None:
+        """The family of any refresh token this server issued, and whether the token could be
+        used now (for revocation and introspection); None for an unknown token."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        async with self._engine.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        select(refresh_tokens, refresh_families)
+                        .join(refresh_families, refresh_families.c.id == refresh_tokens.c.family_id)
+                        .where(refresh_tokens.c.token_hash == hash_token(token))
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        try:
+            family = _live_family(row, row["client_id"], self._clock())
+        except RefreshError:
+            return _family(row), False
+        active = row["used_at"] is None and self._clock() < row["idle_expires_at"]
+        return family, active
+
     async def revoke_family(self, family_id: str, reason: str) -> None:
         async with write_transaction(self._engine) as conn:
             await conn.execute(
@@ -296,3 +337,33 @@ class RefreshTokenService:
                     )
                 )
             ).scalar_one_or_none()
+
+
+def _live_family(row: Any, client_id: str, now: float) -> Family:
+    """The family of a token row, or `RefreshError` when it is unknown, revoked, another
+    client's, or past its absolute lifetime."""
+    if row is None:
+        raise RefreshError("unknown")
+    family = _family(row)
+    if row["revoked_at"] is not None:
+        raise RefreshError("family revoked", family_id=family.id, user_id=family.user_id)
+    if not hmac.compare_digest(family.client_id, client_id):
+        raise RefreshError("wrong client", family_id=family.id, user_id=family.user_id)
+    if now >= family.expires_at:
+        raise RefreshError("expired", family_id=family.id, user_id=family.user_id)
+    return family
+
+
+def _family(row: Any) -> Family:
+    return Family(
+        id=row["family_id"],
+        user_id=row["user_id"],
+        client_id=row["client_id"],
+        scope=row["scope"],
+        amr=list(row["amr"]),
+        auth_time=row["auth_time"],
+        expires_at=row["expires_at"],
+        acr=row["acr"],
+        patient=row["patient"],
+        dpop_jkt=row["dpop_jkt"],
+    )
