@@ -20,8 +20,21 @@ def _is_json(content_type: str) -> bool:
     )
 
 
-# A browser's own login form posts its fields as a form body.
-_FORM_PATHS = frozenset({"/auth/session/login", "/auth/session/mfa"})
+# A browser's own login forms post their fields as a form body, and OAuth's endpoints take
+# nothing else (RFC 6749 §3.2, RFC 7009 §2.1, RFC 7662 §2.1).
+_FORM_PATHS = frozenset(
+    {
+        "/auth/session/login",
+        "/auth/session/mfa",
+        "/oauth/authorize/login",
+        "/oauth/authorize/mfa",
+        "/oauth/authorize/consent",
+        "/oauth/token",
+        "/oauth/revoke",
+        "/oauth/introspect",
+        "/oauth/userinfo",
+    }
+)
 
 
 def _is_search_form(scope: Scope, content_type: str) -> bool:

@@ -96,7 +96,7 @@ def _oauth_request(
     return OAuthRequest(
         method,
         f"{settings.issuer}{request.url.path}",
-        dict(request.headers),
+        request.headers,  # case-insensitive, as authlib's lookups need
         query,
         form,
         context(request),
@@ -210,7 +210,7 @@ async def _continue(
     user = await services.users.by_id(session.user_id)
     if user is None or not user.enabled:
         return pages.login_page(client.name, raw, session.csrf_token)
-    scopes = split(oauth_request.scope)
+    scopes = oauth_request.granted_scope
     picker = await _patient_choices(request, user, scopes)
     if isinstance(picker, Response):
         err = AccessDeniedError("No patient context is available for this user.")
@@ -453,7 +453,7 @@ async def authorize_consent(request: Request) -> Response:
         result = await server.run(lambda: server.authorize(oauth_request, grant, None))
         await server.record("consent_denied", client, user.id, context(request))
         return _respond(result)
-    scopes = split(oauth_request.scope)
+    scopes = oauth_request.granted_scope
     patient = _own_patient(user, scopes)
     if LAUNCH_PATIENT in scopes and Role.patient not in user.roles:
         patient = fields.get("patient") or None

@@ -13,9 +13,10 @@ worker thread (`run`), and the hooks call back into the event loop with
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -60,9 +61,9 @@ TOKEN_AUTH_METHODS = ["private_key_jwt", "client_secret_basic", "none"]
 CONFIDENTIAL_AUTH_METHODS = ["private_key_jwt", "client_secret_basic"]
 
 
-def _sync(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+def _sync(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run a coroutine function on the event loop from authlib's worker thread."""
-    return anyio.from_thread.run(fn, *args)
+    return anyio.from_thread.run(functools.partial(fn, *args, **kwargs))
 
 
 class DpopRequired(Exception):
@@ -97,7 +98,7 @@ class Request(OAuth2Request):
         self,
         method: str,
         uri: str,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
         query: list[tuple[str, str]],
         form: list[tuple[str, str]],
         ctx: RequestContext,
@@ -109,6 +110,7 @@ class Request(OAuth2Request):
         self.payload = _Payload(query if method == "GET" else form)
         self.ctx = ctx
         self.jkt = jkt
+        self.granted_scope: list[str] = []  # the requested scopes, normalized, once allowed
 
     @property
     def args(self) -> dict[str, str]:
@@ -223,8 +225,10 @@ class CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
     def validate_requested_scope(self) -> None:
         """Every scope must be one this client may be given (normalized; v1 names accepted)."""
         scope = self.request.payload.scope
-        if not scope or grantable(scope, self.request.client.client.allowed_scopes()) is None:
+        granted = grantable(scope, self.request.client.client.allowed_scopes()) if scope else None
+        if not granted:
             raise InvalidScopeError("A requested scope is not allowed for this client.")
+        self.request.granted_scope = granted
 
     def generate_authorization_code(self) -> str:
         """Issue and store the code in one step (the store makes the random value)."""
@@ -237,7 +241,7 @@ class CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
                 user_id=approval.user.id,
                 redirect_uri=request.payload.redirect_uri
                 or request.client.get_default_redirect_uri(),
-                scope=request.scope,
+                scope=" ".join(request.granted_scope),
                 code_challenge=payload["code_challenge"],
                 nonce=payload.get("nonce"),
                 patient=approval.patient,
@@ -377,13 +381,13 @@ class ServiceGrant(grants.ClientCredentialsGrant):  # type: ignore[misc]
         granted = grantable(requested, client.allowed_scopes())
         if not requested or granted is None or not all(s.startswith("system/") for s in granted):
             raise InvalidScopeError("Only the client's system/ scopes can be requested.")
-        self.request.scope = granted
+        self.request.granted_scope = granted
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         request = self.request
         client: Client = request.client.client
         _require_dpop_if_needed(client, request.jkt)
-        body = self.server.issuance.for_service(client, request.scope, jkt=request.jkt)
+        body = self.server.issuance.for_service(client, request.granted_scope, jkt=request.jkt)
         _sync(
             self.server.record,
             "token_issued",
@@ -635,8 +639,13 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         )
         return self.issuance.refreshed(grant, family, rotation.refresh_token, jkt=jkt)
 
+    async def end_session(self, family_id: str, reason: str) -> None:
+        """End a grant's session: its refresh tokens and its access tokens."""
+        await self.refresh.revoke_family(family_id, reason)
+        await self.sessions.end_family(family_id)
+
     async def code_replayed(self, redemption: Any, client: Client, ctx: RequestContext) -> None:
-        await self.sessions.end_family(redemption.replayed_family)
+        await self.end_session(redemption.replayed_family, "code_reuse")
         await self.record(
             "code_reuse",
             client,
@@ -664,7 +673,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
 
     async def revoke(self, token: KnownToken, ctx: RequestContext) -> None:
         if token.family is not None:
-            await self.sessions.end_family(token.family.id)
+            await self.end_session(token.family.id, "revoked")
         elif token.claims is not None:
             await self.revocations.revoke_token(token.claims.jti, token.claims.exp)
         await self.record(
