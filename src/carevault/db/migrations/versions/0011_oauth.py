@@ -69,9 +69,7 @@ def upgrade() -> None:
         sa.Column("scope", sa.Text, nullable=False),
         sa.Column("granted_at", sa.Float, nullable=False),
         sa.PrimaryKeyConstraint("user_id", "client_id", name="pk_oauth_consents"),
-        sa.ForeignKeyConstraint(
-            ["user_id"], ["users.id"], name="fk_oauth_consents_user_id_users"
-        ),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], name="fk_oauth_consents_user_id_users"),
         sa.ForeignKeyConstraint(
             ["client_id"], ["oauth_clients.id"], name="fk_oauth_consents_client_id_oauth_clients"
         ),
