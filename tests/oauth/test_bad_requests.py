@@ -1,0 +1,188 @@
+"""Bad authorization and token requests: each gets its RFC error, nothing is issued, and the
+browser is never sent to a redirect URI that is not registered."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.oauth.support import (
+    AUTHORIZE_URL,
+    BASE,
+    FHIR_BASE,
+    REDIRECT,
+    OAuthWorld,
+    pkce_pair,
+    query_of,
+)
+from tests.oauth.test_grants import authorization_url, code_for, exchange
+
+
+def _params(world: OAuthWorld, **changes: str | None) -> str:
+    _, challenge = pkce_pair()
+    params: dict[str, str] = {
+        "response_type": "code",
+        "client_id": world.clients["patient-app"].id,
+        "redirect_uri": REDIRECT,
+        "scope": "patient/Observation.rs",
+        "state": "xyz",
+        "aud": FHIR_BASE,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    for name, value in changes.items():
+        if value is None:
+            params.pop(name, None)
+        else:
+            params[name] = value
+    return AUTHORIZE_URL + "?" + str(httpx.QueryParams(params))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"client_id": "cv_unknown"},
+        {"client_id": None},
+        {"redirect_uri": "https://evil.example/callback"},
+        {"redirect_uri": REDIRECT + "/extra"},
+        {"redirect_uri": REDIRECT.upper()},
+    ],
+    ids=["unknown-client", "no-client", "foreign-uri", "longer-uri", "case-changed-uri"],
+)
+async def test_untrusted_client_or_redirect_gets_a_page_never_a_redirect(
+    world: OAuthWorld, changes: dict[str, str | None]
+) -> None:
+    response = await world.http.get(_params(world, **changes))
+    assert response.status_code == 400
+    assert "location" not in response.headers
+    assert response.headers["content-type"].startswith("text/html")
+    assert "evil.example" not in response.text
+    assert response.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"code_challenge": None, "code_challenge_method": None}, "invalid_request"),
+        ({"code_challenge_method": "plain"}, "invalid_request"),
+        ({"code_challenge_method": None}, "invalid_request"),  # RFC 7636 §4.3: means plain
+        ({"scope": "patient/Observation.rs system/Patient.r"}, "invalid_scope"),
+        ({"scope": "user/*.cruds"}, "invalid_scope"),
+        ({"scope": "nonsense"}, "invalid_scope"),
+        ({"aud": "https://other.example/fhir"}, "invalid_request"),
+        ({"response_type": "token"}, "unsupported_response_type"),
+    ],
+    ids=[
+        "no-pkce",
+        "plain",
+        "no-method",
+        "system-scope",
+        "wider-scope",
+        "unknown-scope",
+        "aud",
+        "implicit",
+    ],
+)
+async def test_bad_request_of_a_known_client_is_redirected_with_its_error(
+    world: OAuthWorld, changes: dict[str, str | None], error: str
+) -> None:
+    response = await world.http.get(_params(world, **changes))
+    assert response.status_code == 302, response.text
+    location = response.headers["location"]
+    assert location.startswith(REDIRECT + "?")
+    params = query_of(location)
+    assert params["error"] == error and params["state"] == "xyz" and params["iss"] == BASE
+    assert "code" not in params
+
+
+async def test_denied_consent_returns_access_denied(world: OAuthWorld) -> None:
+    _, challenge = pkce_pair()
+    async with world.browser() as browser:
+        back = await world.authorize(
+            browser,
+            authorization_url(world.clients["patient-app"].id, "patient/Observation.rs", challenge),
+            "patA",
+            approve=False,
+        )
+    params = query_of(back.headers["location"])
+    assert (
+        params["error"] == "access_denied" and params["state"] == "st-123" and "code" not in params
+    )
+
+
+async def test_wrong_password_on_the_sign_in_page(world: OAuthWorld) -> None:
+    async with world.browser() as browser:
+        page = await browser.get(_params(world))
+        from tests.oauth.support import hidden
+
+        response = await browser.post(
+            "/oauth/authorize/login",
+            data={"request": hidden(page.text, "request"), "username": "patA", "password": "wrong"},
+        )
+        assert response.status_code == 401 and "Invalid username or password" in response.text
+        assert "set-cookie" not in response.headers
+
+
+async def test_token_request_errors(world: OAuthWorld) -> None:
+    client_id = world.clients["patient-app"].id
+    code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+
+    async def token(**changes: str | None) -> httpx.Response:
+        data: dict[str, str] = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT,
+            "client_id": client_id,
+            "code_verifier": verifier,
+        }
+        for name, value in changes.items():
+            if value is None:
+                data.pop(name)
+            else:
+                data[name] = value
+        return await world.http.post("/oauth/token", data=data)
+
+    def error(response: httpx.Response, expected: str, status: int = 400) -> None:
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == expected and "access_token" not in response.json()
+        assert response.headers["cache-control"] == "no-store"
+
+    error(await token(client_id="cv_unknown"), "invalid_client")
+    error(await token(code_verifier=None), "invalid_request")
+    error(await token(code_verifier="x" * 50), "invalid_grant")
+    # the failed attempts burned the code: single use, whatever went wrong
+    error(await token(), "invalid_grant")
+    code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+    error(await token(redirect_uri=REDIRECT + "/other"), "invalid_grant")
+    code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+    error(await token(grant_type="password"), "unsupported_grant_type")
+    response = await world.http.post(
+        "/oauth/token",
+        content=b'{"grant_type": "authorization_code"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code in (400, 415) and "access_token" not in response.text
+    dup = await world.http.post(
+        "/oauth/token",
+        content=f"grant_type=authorization_code&code={code}&code={code}&client_id={client_id}".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    error(dup, "invalid_request")
+
+
+async def test_expired_code(world: OAuthWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+    codes = world.app.state.oauth.server.codes
+    real = codes._clock
+    monkeypatch.setattr(codes, "_clock", lambda: real() + 61)
+    response = await exchange(world, "patient-app", code, verifier)
+    assert response.status_code == 400 and response.json()["error"] == "invalid_grant"
+
+
+async def test_disabled_client_cannot_start_or_finish(world: OAuthWorld) -> None:
+    code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+    await world.services.clients.disable(world.clients["patient-app"].id)
+    response = await exchange(world, "patient-app", code, verifier)
+    assert response.status_code in (400, 401) and response.json()["error"] == "invalid_client"
+    page = await world.http.get(_params(world))
+    assert page.status_code == 400 and "location" not in page.headers
