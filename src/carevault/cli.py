@@ -1,8 +1,9 @@
-"""The `carevault` command (typer): init, serve, import, user ..., keys ..., demo ..."""
+"""The `carevault` command (typer): init, serve, import, user ..., keys ..., demo ..., client ..."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from carevault.identity.mfa.policy import mfa_required
 from carevault.identity.mfa.totp import STEP_SECONDS, TotpResult
 from carevault.identity.password_policy import PasswordPolicyError
 from carevault.identity.roles import Role
+from carevault.oauth.clients import ClientError, disable_client, register_client
 from carevault.runtime import Services, build_services, ensure_key_material
 from carevault.tokens.keys import rotate_keyset
 
@@ -665,6 +667,132 @@ def import_bundles(
         console.print(errors)
         raise _fail(f"{len(report.errors)} error(s); everything else was imported")
     console.print("all entries imported", highlight=False)
+
+
+client_app = typer.Typer(no_args_is_help=True, help="Manage OAuth clients.")
+app.add_typer(client_app, name="client")
+MAX_JWKS_FILE_BYTES = 256 * 1024
+
+
+def _print_json(data: object) -> None:
+    # Plain stdout, not rich: a long value must not be wrapped inside the JSON.
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _read_jwks(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_JWKS_FILE_BYTES + 1)
+    except OSError:
+        raise _fail(f"cannot read the JWKS file {path}") from None
+    if len(raw) > MAX_JWKS_FILE_BYTES:
+        raise _fail("the JWKS file is too large")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise _fail("the JWKS file is not JSON") from None
+    if not isinstance(data, dict):
+        raise _fail('the JWKS file must hold a JWK set: {"keys": [...]}')
+    return data
+
+
+@client_app.command("add")
+def client_add(
+    name: str,
+    scope: Annotated[str, typer.Option(help="Space-separated scopes it may ask for.")],
+    public: Annotated[
+        bool, typer.Option("--public", help="A browser or native app (no secret; PKCE).")
+    ] = False,
+    confidential: Annotated[
+        bool, typer.Option("--confidential", help="A client that authenticates itself.")
+    ] = False,
+    redirect_uri: Annotated[
+        list[str] | None,
+        typer.Option("--redirect-uri", help="Exact redirect URI (repeatable)."),
+    ] = None,
+    auth_method: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-method",
+            help="Confidential only: private_key_jwt (default) or client_secret_basic.",
+        ),
+    ] = None,
+    jwks: Annotated[
+        Path | None, typer.Option("--jwks", help="private_key_jwt: file of the public JWK set.")
+    ] = None,
+    grant_type: Annotated[
+        list[str] | None, typer.Option("--grant-type", help="Grant type (repeatable).")
+    ] = None,
+    require_dpop: Annotated[
+        bool, typer.Option("--require-dpop", help="Its tokens must be DPoP-bound.")
+    ] = False,
+) -> None:
+    """Register an OAuth client; print it as JSON (with a client_secret, shown once, for
+    client_secret_basic)."""
+    if public == confidential:
+        raise _fail("choose exactly one of --public and --confidential")
+    if public and auth_method is not None:
+        raise _fail("--auth-method is for confidential clients (a public client has none)")
+    method = "none" if public else auth_method or "private_key_jwt"
+    if method not in ("none", "private_key_jwt", "client_secret_basic"):
+        raise _fail("--auth-method must be private_key_jwt or client_secret_basic")
+    if method == "private_key_jwt" and jwks is None:
+        raise _fail("private_key_jwt needs --jwks FILE (the client's public keys)")
+    if jwks is not None and method != "private_key_jwt":
+        raise _fail("--jwks is only for private_key_jwt clients")
+    key_set = _read_jwks(jwks) if jwks is not None else None
+    settings = Settings()
+    _initialise(settings)
+    try:
+        client, secret = _run(
+            settings,
+            lambda s: register_client(
+                s.clients,
+                s.events,
+                name,
+                auth_method=method,
+                redirect_uris=list(redirect_uri or []),
+                scope=scope,
+                grant_types=list(grant_type) if grant_type else None,
+                jwks=key_set,
+                require_dpop=require_dpop,
+            ),
+        )
+    except ClientError as err:
+        raise _fail(str(err)) from None
+    out = client.describe()
+    if secret is not None:
+        out["client_secret"] = secret
+    _print_json(out)
+
+
+@client_app.command("list")
+def client_list() -> None:
+    """Every registered client as a JSON list (never a secret)."""
+    settings = Settings()
+    _initialise(settings)
+    clients = _run(settings, lambda s: s.clients.list())
+    _print_json([c.describe() for c in clients])
+
+
+@client_app.command("disable")
+def client_disable(client_id: Annotated[str, typer.Argument(metavar="CLIENT_ID")]) -> None:
+    """Disable a client and revoke every token it holds (repeatable)."""
+    settings = Settings()
+    _initialise(settings)
+    client = _run(
+        settings,
+        lambda s: disable_client(
+            client_id,
+            clients=s.clients,
+            revocations=s.revocations,
+            events=s.events,
+            settings=s.settings,
+        ),
+    )
+    if client is None:
+        raise _fail("no such client")
+    _print_json(client.describe())
 
 
 def main() -> None:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import dataclasses
 import hmac
 import json
+import math
 import re
 import secrets
 import time
@@ -92,6 +94,7 @@ _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,64}")
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _URI_CHARS = re.compile(r"[\x21-\x7e]+")
+_NOT_URI_CHARS = frozenset('<>"{}|\\^`')
 
 
 class ClientError(ValueError):
@@ -147,6 +150,9 @@ def validate_redirect_uri(uri: str) -> str:
         raise ClientError(f"A redirect URI may have at most {MAX_REDIRECT_URI_LENGTH} characters.")
     if not _URI_CHARS.fullmatch(uri):
         raise ClientError("A redirect URI may hold only printable ASCII characters, no spaces.")
+    # RFC 3986 §2: never in a URI; a browser reads a backslash as "/", so the host could differ.
+    if _NOT_URI_CHARS.intersection(uri):
+        raise ClientError('A redirect URI may not contain any of <>"{}|\\^` characters.')
     if "*" in uri:
         raise ClientError("A redirect URI may not contain wildcards ('*').")
     if "#" in uri:
@@ -157,7 +163,8 @@ def validate_redirect_uri(uri: str) -> str:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         raise ClientError("A redirect URI must be an absolute URI.") from None
-    if parts.scheme not in ("https", "http") or not parts.netloc or not host:
+    # The scheme as written (urlsplit lowers it): URIs are compared exactly, so one spelling.
+    if not uri.startswith(("https://", "http://")) or not parts.netloc or not host:
         raise ClientError("A redirect URI must be an absolute https (or loopback http) URI.")
     if "@" in parts.netloc:
         raise ClientError("A redirect URI may not contain user information.")
@@ -206,9 +213,12 @@ def _validate_redirect_uris(
 ) -> tuple[str, ...]:
     if not isinstance(redirect_uris, list):
         raise ClientError("redirect_uris must be a list.")
-    if len(redirect_uris) > MAX_REDIRECT_URIS:
-        raise ClientError(f"At most {MAX_REDIRECT_URIS} redirect URIs may be registered.")
+    too_many = ClientError(f"At most {MAX_REDIRECT_URIS} redirect URIs may be registered.")
+    if len(redirect_uris) > 4 * MAX_REDIRECT_URIS:
+        raise too_many  # before any work on them
     uris = tuple(dict.fromkeys(validate_redirect_uri(u) for u in redirect_uris))
+    if len(uris) > MAX_REDIRECT_URIS:
+        raise too_many
     if "authorization_code" in grant_types and not uris:
         raise ClientError("The authorization_code grant needs at least one redirect URI.")
     if uris and "authorization_code" not in grant_types:
@@ -334,9 +344,9 @@ class ClientRegistry:
         name: str,
         *,
         auth_method: str,
-        redirect_uris: list[str],
+        redirect_uris: builtins.list[str],
         scope: str,
-        grant_types: list[str] | None = None,
+        grant_types: builtins.list[str] | None = None,
         jwks: dict[str, Any] | None = None,
         require_dpop: bool = False,
     ) -> tuple[Client, str | None]:
@@ -405,7 +415,7 @@ class ClientRegistry:
             )
         return _client(row) if row is not None else None
 
-    async def list(self) -> list[Client]:
+    async def list(self) -> builtins.list[Client]:
         async with self._engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -427,7 +437,7 @@ class ClientRegistry:
             )
         return result.rowcount == 1
 
-    async def live_families(self, client_id: str) -> list[str]:
+    async def live_families(self, client_id: str) -> builtins.list[str]:
         """The ids of the client's unrevoked refresh families (its access tokens' `sid`s)."""
         async with self._engine.connect() as conn:
             return list(
@@ -443,7 +453,7 @@ class ClientRegistry:
                 ).scalars()
             )
 
-    async def revoke_families(self, family_ids: list[str], reason: str) -> None:
+    async def revoke_families(self, family_ids: builtins.list[str], reason: str) -> None:
         if not family_ids:
             return
         async with write_transaction(self._engine) as conn:
@@ -512,9 +522,9 @@ async def disable_client(
     """Disable the client and cut off what it already holds; None for an unknown id.
 
     Its refresh families are revoked, and so are their access tokens (by `sid`) and its own
-    client-credentials tokens (`sub` = the client id, issued before now). The denials are
+    client-credentials tokens (`sub` = the client id, issued up to now). The denials are
     written before the families are marked, so a call that failed half way can be repeated:
-    on an already disabled client it finishes the job.
+    on an already disabled client it writes them again and finishes the job.
     """
     client = await clients.get(client_id)
     if client is None:
@@ -526,18 +536,17 @@ async def disable_client(
     sids = await clients.live_families(client.id)
     if sids:
         await revocations.revoke_sessions(sids, until)
-    if changed or sids:
-        await revocations.revoke_user(client.id, now, until)
+    # `iat` is whole seconds: deny the current second too (the client gets no new token now).
+    await revocations.revoke_user(client.id, math.floor(now) + 1, until)
     await clients.revoke_families(sids, "client_disabled")
-    if changed or sids:
-        await events.record(
-            SecurityEvent(
-                "client_disabled",
-                "success",
-                client_id=client.id,
-                source_address=ctx.address,
-                request_id=ctx.request_id,
-                details={"by": by, "sessions": len(sids)},
-            )
+    await events.record(
+        SecurityEvent(
+            "client_disabled",
+            "success",
+            client_id=client.id,
+            source_address=ctx.address,
+            request_id=ctx.request_id,
+            details={"by": by, "sessions": len(sids), "already_disabled": not changed},
         )
+    )
     return dataclasses.replace(client, enabled=False)
