@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from carevault.access.scopes import LETTERS
+from carevault.oauth.client_assertion import ALGORITHMS as ASSERTION_ALGORITHMS
 from carevault.oauth.scopes import CONTEXT_SCOPES
 
 router = APIRouter(tags=["oauth"])
@@ -51,14 +52,9 @@ def authorization_server_metadata(request: Request) -> dict[str, Any]:
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
         "token_endpoint_auth_methods_supported": auth_methods,
-        "token_endpoint_auth_signing_alg_values_supported": [
-            "ES256",
-            "ES384",
-            "RS256",
-            "RS384",
-            "PS256",
-            "EdDSA",
-        ],
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
         "revocation_endpoint_auth_methods_supported": auth_methods,
         "introspection_endpoint_auth_methods_supported": auth_methods[:2],
         "code_challenge_methods_supported": ["S256"],
@@ -117,7 +113,7 @@ async def smart_configuration(request: Request) -> JSONResponse:
         "userinfo_endpoint": urls["userinfo_endpoint"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "none"],
-        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "RS256", "RS384"],
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
         "scopes_supported": scopes_supported(),
         "response_types_supported": ["code"],
         "code_challenge_methods_supported": ["S256"],
