@@ -3,6 +3,8 @@ browser is never sent to a redirect URI that is not registered."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -186,3 +188,88 @@ async def test_disabled_client_cannot_start_or_finish(world: OAuthWorld) -> None
     assert response.status_code in (400, 401) and response.json()["error"] == "invalid_client"
     page = await world.http.get(_params(world))
     assert page.status_code == 400 and "location" not in page.headers
+
+
+async def test_second_factor_on_the_sign_in_pages(world: OAuthWorld) -> None:
+    """An account with a factor signs in with it on the OAuth pages (the step needs the
+    session's CSRF token), and the token's amr and acr say how the user signed in. (A wrong
+    code counts on the account's login throttle: tests/identity/mfa/ covers that.)"""
+    import pyotp
+
+    from tests.oauth.support import hidden
+
+    services = world.services
+    user = await services.users.by_username("drA")
+    enrollment = await services.mfa.totp.enroll(user.id, user.username)
+    authenticator = pyotp.parse_uri(enrollment.otpauth_uri)
+    now = services.clock()
+    await services.mfa.totp.confirm(user.id, authenticator.at(now))
+    verifier, challenge = pkce_pair()
+    url = authorization_url(world.clients["clinic-app"].id, "openid user/Observation.rs", challenge)
+    async with world.browser() as browser:
+        page = await browser.get(url)
+        from tests.conftest import STRONG_PASSWORD
+
+        mfa = await browser.post(
+            "/oauth/authorize/login",
+            data={
+                "request": hidden(page.text, "request"),
+                "username": "drA",
+                "password": STRONG_PASSWORD,
+            },
+        )
+        assert mfa.status_code == 200 and 'action="/oauth/authorize/mfa"' in mfa.text
+        fields = {
+            "request": hidden(mfa.text, "request"),
+            "csrf_token": hidden(mfa.text, "csrf_token"),
+            "method": "totp",
+        }
+        # without the session's CSRF token the step is refused outright
+        no_csrf = {k: v for k, v in fields.items() if k != "csrf_token"}
+        forged = await browser.post(
+            "/oauth/authorize/mfa", data={**no_csrf, "code": authenticator.at(now + 30)}
+        )
+        assert forged.status_code == 403
+        ok = await browser.post(
+            "/oauth/authorize/mfa", data={**fields, "code": authenticator.at(now + 30)}
+        )
+        assert ok.status_code == 303, ok.text
+        consent = await browser.get(ok.headers["location"])
+        back = await browser.post(
+            "/oauth/authorize/consent",
+            data={
+                "request": hidden(consent.text, "request"),
+                "csrf_token": hidden(consent.text, "csrf_token"),
+                "decision": "approve",
+            },
+        )
+    code = query_of(back.headers["location"])["code"]
+    token = (await exchange(world, "clinic-app", code, verifier)).json()
+    from tests.oauth.support import decode_json_segment
+
+    claims = decode_json_segment(token["access_token"])
+    assert set(claims["amr"]) == {"pwd", "otp"} and claims["acr"] == "urn:carevault:mfa"
+
+
+async def test_account_that_must_enroll_gets_no_code(settings_factory: Any) -> None:
+    import contextlib
+
+    from tests.conftest import STRONG_PASSWORD
+    from tests.oauth.support import build_oauth_world, hidden
+
+    settings = settings_factory(issuer_url=BASE, mfa_required_roles=["physician"])
+    async with contextlib.AsyncExitStack() as stack:
+        world = await build_oauth_world(stack, settings)
+        url = _params(world, client_id=world.clients["clinic-app"].id, scope="user/Observation.rs")
+        async with world.browser() as browser:
+            page = await browser.get(url)
+            refused = await browser.post(
+                "/oauth/authorize/login",
+                data={
+                    "request": hidden(page.text, "request"),
+                    "username": "drA",
+                    "password": STRONG_PASSWORD,
+                },
+            )
+    assert refused.status_code == 403 and "enroll" in refused.text
+    assert "location" not in refused.headers and "set-cookie" not in refused.headers
