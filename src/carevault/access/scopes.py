@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 # v2 letters in their required order; v1 suffixes mapped onto them
-_SCOPE = re.compile(
+SCOPE_PATTERN = re.compile(
     r"^(?P<context>patient|user|system)/(?P<type>\*|[A-Z][A-Za-z]{1,63})\."
     r"(?P<actions>c?r?u?d?s?|read|write|\*)$"
 )
-_V1 = {"read": "rs", "write": "cud", "*": "cruds"}
+V1_LETTERS = {"read": "rs", "write": "cud", "*": "cruds"}
 LETTERS = {"create": "c", "read": "r", "update": "u", "delete": "d", "search": "s"}
 
 
@@ -48,10 +48,10 @@ class Scopes:
 def parse_scopes(scopes: Iterable[str]) -> Scopes:
     grants = []
     for scope in scopes:
-        match = _SCOPE.fullmatch(scope)
+        match = SCOPE_PATTERN.fullmatch(scope)
         if match is None:
             continue  # openid, fhirUser, launch/..., or unknown: no resource access
-        letters = _V1.get(match["actions"], match["actions"])
+        letters = V1_LETTERS.get(match["actions"], match["actions"])
         if not letters:
             continue  # "patient/Observation." grants nothing
         grants.append(ScopeGrant(match["context"], match["type"], frozenset(letters)))

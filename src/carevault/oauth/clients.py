@@ -42,7 +42,7 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from carevault.access.scopes import _SCOPE
+from carevault.access.scopes import SCOPE_PATTERN
 from carevault.audit.events import SecurityEvent, SecurityEventLog
 from carevault.config import MAX_ACCESS_TOKEN_TTL_SECONDS, Settings
 from carevault.crypto.instance_secrets import InstanceSecrets
@@ -50,6 +50,7 @@ from carevault.db.engine import write_transaction
 from carevault.db.tables import oauth_clients, refresh_families
 from carevault.identity.admin import CLI, NO_CONTEXT
 from carevault.identity.authentication import RequestContext
+from carevault.oauth.scopes import CONTEXT_SCOPES
 from carevault.tokens.revocation import RevocationList
 
 AUTH_METHODS = ("none", "private_key_jwt", "client_secret_basic")
@@ -69,19 +70,7 @@ MAX_SECRET_LENGTH = 512
 MIN_RSA_BITS = 2048
 # RFC 8252 §7.3: http is allowed for the loopback interface only (the port may vary).
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-# Scopes that are not resource scopes (OIDC Core §5.4, SMART App Launch 2.x §scopes).
-PLAIN_SCOPES = frozenset(
-    {
-        "openid",
-        "fhirUser",
-        "profile",
-        "offline_access",
-        "online_access",
-        "launch",
-        "launch/patient",
-        "launch/encounter",
-    }
-)
+PLAIN_SCOPES = CONTEXT_SCOPES  # scopes that are not resource scopes (oauth/scopes.py)
 # RFC 7517 §9.3 / RFC 7518 §6.2.2, §6.3.2, §6.4: members that only a private or symmetric key has
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _ASYMMETRIC_KTY = frozenset({"RSA", "EC", "OKP"})
@@ -237,7 +226,7 @@ def _validate_scope(scope: str, grant_types: tuple[str, ...]) -> str:
     for token in tokens:
         if not _SCOPE_TOKEN.fullmatch(token):
             raise ClientError("scope must be scope tokens separated by single spaces.")
-        match = _SCOPE.fullmatch(token)
+        match = SCOPE_PATTERN.fullmatch(token)
         if match is None:
             if token not in PLAIN_SCOPES:
                 raise ClientError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from carevault.access.scopes import _SCOPE, _V1
+from carevault.access.scopes import SCOPE_PATTERN, V1_LETTERS
 
 # Scopes without a resource: identity, launch context and refresh-token lifetime.
 OPENID = "openid"
@@ -57,10 +57,10 @@ def normalize(scope: str) -> str | None:
     scope itself for a context scope, or None for anything this server does not grant."""
     if scope in CONTEXT_SCOPES:
         return scope
-    match = _SCOPE.fullmatch(scope)
+    match = SCOPE_PATTERN.fullmatch(scope)
     if match is None:
         return None
-    letters = _V1.get(match["actions"], match["actions"])
+    letters = V1_LETTERS.get(match["actions"], match["actions"])
     if not letters:
         return None
     ordered = "".join(letter for letter in _V2_ORDER if letter in letters)
@@ -68,7 +68,7 @@ def normalize(scope: str) -> str | None:
 
 
 def _parts(scope: str) -> tuple[str, str, frozenset[str]] | None:
-    match = _SCOPE.fullmatch(scope)
+    match = SCOPE_PATTERN.fullmatch(scope)
     if match is None:
         return None
     return match["context"], match["type"], frozenset(match["actions"])
