@@ -471,3 +471,62 @@ async def test_revocation_and_introspection(world: OAuthWorld) -> None:
     assert (
         await world.http.post("/oauth/introspect", data=authenticated(token="nonsense"))
     ).json() == {"active": False}
+
+
+async def test_withdrawing_consent_revokes_the_apps_tokens(world: OAuthWorld) -> None:
+    scope = "launch/patient patient/Observation.rs offline_access"
+    code, verifier = await code_for(world, "patient-app", "patA", scope)
+    token = (await exchange(world, "patient-app", code, verifier)).json()
+    app_headers = bearer(token["access_token"])
+    url = f"/fhir/Observation/{world.ids['obsA']}"
+    assert (await world.http.get(url, headers=app_headers)).status_code == 200
+    from tests.conftest import STRONG_PASSWORD
+
+    # the remembered approval: the next authorization skips the consent page
+    _, challenge = pkce_pair()
+    async with world.browser() as browser:
+        page = await browser.get(
+            authorization_url(world.clients["patient-app"].id, scope, challenge)
+        )
+        signed_in = await browser.post(
+            "/oauth/authorize/login",
+            data={
+                "request": hidden(page.text, "request"),
+                "username": "patA",
+                "password": STRONG_PASSWORD,
+            },
+        )
+        straight = await browser.get(signed_in.headers["location"])
+    assert straight.status_code == 302 and "code" in query_of(straight.headers["location"])
+
+    own = (
+        await world.http.post("/auth/login", json={"username": "patA", "password": STRONG_PASSWORD})
+    ).json()
+    listed = (await world.http.get("/oauth/consents", headers=bearer(own["access_token"]))).json()
+    assert [c["client_name"] for c in listed] == ["patient-app"]
+    client_id = world.clients["patient-app"].id
+    # the app's own token cannot withdraw approvals
+    assert (
+        await world.http.delete(f"/oauth/consents/{client_id}", headers=app_headers)
+    ).status_code == 403
+    gone = await world.http.delete(
+        f"/oauth/consents/{client_id}", headers=bearer(own["access_token"])
+    )
+    assert gone.status_code == 204
+    assert (await world.http.get(url, headers=app_headers)).status_code == 401
+    refreshed = await world.http.post(
+        "/oauth/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": token["refresh_token"],
+            "client_id": client_id,
+        },
+    )
+    assert refreshed.status_code == 400
+    assert (
+        await world.http.get("/oauth/consents", headers=bearer(own["access_token"]))
+    ).json() == []
+    again = await world.http.delete(
+        f"/oauth/consents/{client_id}", headers=bearer(own["access_token"])
+    )
+    assert again.status_code == 404

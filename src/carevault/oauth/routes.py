@@ -45,7 +45,7 @@ from carevault.oauth.scopes import LAUNCH_PATIENT, describe, resource_scopes, sp
 from carevault.oauth.server import Authorization, DpopRequired
 from carevault.oauth.server import Request as OAuthRequest
 from carevault.oauth.server import Response as OAuthResponse
-from carevault.tokens.bearer import authenticate
+from carevault.tokens.bearer import FIRST_PARTY_CLIENTS, authenticate
 
 log = structlog.get_logger("carevault.oauth")
 router = APIRouter(prefix="/oauth", tags=["oauth"])
@@ -206,7 +206,7 @@ async def _continue(
     if session is None or session.state not in (ACTIVE, MFA_PENDING):
         return pages.login_page(client.name, raw, session.csrf_token if session else None)
     if session.state == MFA_PENDING:
-        return pages.mfa_page(raw, session.csrf_token, _methods(request))
+        return pages.mfa_page(raw, session.csrf_token, PAGE_METHODS)
     user = await services.users.by_id(session.user_id)
     if user is None or not user.enabled:
         return pages.login_page(client.name, raw, session.csrf_token)
@@ -232,8 +232,8 @@ async def _continue(
     )
 
 
-def _methods(request: Request) -> list[str]:
-    return ["totp", "recovery"]
+# The methods the pages offer: a security key needs script, so it is used on the portal.
+PAGE_METHODS = ["totp", "recovery"]
 
 
 def _own_patient(user: Any, scopes: list[str]) -> str | None:
@@ -408,9 +408,7 @@ async def authorize_mfa(request: Request) -> Response:
         await sessions.end(session.id, "mfa_expired")
         return await _continue(request, raw, query)
     except (MfaFailed, MfaLocked, AddressThrottled):
-        return pages.mfa_page(
-            raw, session.csrf_token, _methods(request), "That code was not accepted."
-        )
+        return pages.mfa_page(raw, session.csrf_token, PAGE_METHODS, "That code was not accepted.")
     try:
         active, value = await sessions.rotate(
             session,
@@ -577,3 +575,63 @@ async def userinfo(
         if fhir_user:
             body["fhirUser"] = fhir_user
     return JSONResponse(body, headers=NO_STORE)
+
+
+# --- the user's remembered approvals --------------------------------------------------------
+
+
+def _first_party(principal: Principal) -> Principal:
+    """Approvals are managed by the user through carevault itself, never by a third-party
+    app's token (one app could otherwise withdraw another's)."""
+    if principal.client_id not in FIRST_PARTY_CLIENTS:
+        raise ProblemError(403, "Manage app permissions through carevault itself.")
+    return principal
+
+
+@router.get("/consents", responses={401: {"description": "Not authenticated"}, 403: {}})
+async def list_consents(
+    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> Response:
+    """The apps the caller has approved, with the scopes and when."""
+    _first_party(principal)
+    services = request.app.state.services
+    approvals = []
+    for client_id, scope, granted_at in await _provider(request).consents.of_user(
+        principal.user_id
+    ):
+        client = await services.clients.get(client_id)
+        approvals.append(
+            {
+                "client_id": client_id,
+                "client_name": client.name if client is not None else None,
+                "scope": scope,
+                "granted_at": int(granted_at),
+            }
+        )
+    return JSONResponse(approvals, headers=NO_STORE)
+
+
+@router.delete(
+    "/consents/{client_id}",
+    status_code=204,
+    responses={401: {"description": "Not authenticated"}, 403: {}, 404: {}},
+)
+async def revoke_consent(
+    client_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
+) -> Response:
+    """Withdraw an approval: the app must ask again, and every token it holds for the caller
+    is revoked now (its sessions end)."""
+    _first_party(principal)
+    services = request.app.state.services
+    provider = _provider(request)
+    if len(client_id) > 64 or not await provider.consents.revoke(principal.user_id, client_id):
+        raise ProblemError(404)
+    sids = await services.refresh.revoke_user_families(
+        principal.user_id, "consent_revoked", client_id
+    )
+    for sid in sids:
+        await services.sessions.end_family(sid)
+    await provider.server.record(
+        "consent_revoked", None, principal.user_id, context(request), client_id=client_id
+    )
+    return Response(status_code=204)

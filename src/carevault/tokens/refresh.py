@@ -305,20 +305,17 @@ class RefreshTokenService:
                 .values(revoked_at=self._clock(), revoked_reason=reason)
             )
 
-    async def revoke_user_families(self, user_id: str, reason: str) -> list[str]:
-        """Revoke every live family of a user; return their ids (the access tokens' `sid`)."""
+    async def revoke_user_families(
+        self, user_id: str, reason: str, client_id: str | None = None
+    ) -> list[str]:
+        """Revoke every live family of a user (of one client only, when given); return their
+        ids (the access tokens' `sid`)."""
+        where = [refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)]
+        if client_id is not None:
+            where.append(refresh_families.c.client_id == client_id)
         async with write_transaction(self._engine) as conn:
             ids = list(
-                (
-                    await conn.execute(
-                        select(refresh_families.c.id).where(
-                            and_(
-                                refresh_families.c.user_id == user_id,
-                                refresh_families.c.revoked_at.is_(None),
-                            )
-                        )
-                    )
-                ).scalars()
+                (await conn.execute(select(refresh_families.c.id).where(and_(*where)))).scalars()
             )
             if ids:
                 await conn.execute(
