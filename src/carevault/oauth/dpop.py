@@ -248,7 +248,9 @@ class DpopVerifier:
 
     def _nonce_for(self, window: int) -> str:
         mac = hmac.new(
-            self._nonce_secret, _NONCE_CONTEXT + window.to_bytes(8, "big"), hashlib.sha256
+            self._nonce_secret,
+            _NONCE_CONTEXT + window.to_bytes(8, "big", signed=True),
+            hashlib.sha256,
         )
         return urlsafe_b64encode(mac.digest()).decode("ascii")
 
@@ -420,7 +422,7 @@ class DpopVerifier:
             raise _invalid("jwk must be a public key")
         if kty == "RSA":
             numbers = key.public_key.public_numbers()
-            if False:
+            if not RSA_MIN_BITS <= numbers.n.bit_length() <= RSA_MAX_BITS:
                 raise _invalid("jwk RSA modulus size not allowed")
             if numbers.e.bit_length() > RSA_MAX_EXPONENT_BITS:
                 raise _invalid("jwk RSA exponent not allowed")
