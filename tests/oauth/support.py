@@ -50,12 +50,22 @@ def pkce_pair() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
+def _full_size(jwk: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7518 §6.2.1.2: P-256 coordinates are exactly 32 octets (joserfc drops leading
+    zero octets, about one key in a hundred)."""
+    padded = dict(jwk)
+    for name in ("x", "y"):
+        raw = base64.urlsafe_b64decode(jwk[name] + "=" * (-len(jwk[name]) % 4))
+        padded[name] = base64.urlsafe_b64encode(raw.rjust(32, b"\0")).rstrip(b"=").decode()
+    return padded
+
+
 class DpopKey:
     """A client's DPoP key and proofs (RFC 9449 §4.2), built with joserfc."""
 
     def __init__(self) -> None:
         self.key = ECKey.generate_key("P-256")
-        self.public = self.key.as_dict(private=False)
+        self.public = _full_size(self.key.as_dict(private=False))
 
     def proof(
         self,
@@ -80,10 +90,6 @@ class DpopKey:
             claims["nonce"] = nonce
         header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": self.public}
         return jwt.encode(header, claims, self.key, algorithms=["ES256"])
-
-    @property
-    def thumbprint(self) -> str:
-        return self.key.thumbprint()
 
 
 class ServiceKey:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import socket
 import uuid
@@ -91,6 +92,19 @@ def private_key(name: str) -> Any:
 def public_jwk(key: Any) -> dict[str, Any]:
     """The public JWK a client sends (EC coordinates at full size, as RFC 7518 requires)."""
     return full_size_jwk(key.as_dict(private=False))
+
+
+def rfc7638(public: dict[str, Any]) -> str:
+    """RFC 7638 §3, written out: SHA-256 of the required members, sorted, no whitespace. (Not
+    joserfc's `thumbprint()`: it hashes EC coordinates without their leading zero octets.)"""
+    required = {
+        "EC": ("crv", "kty", "x", "y"),
+        "OKP": ("crv", "kty", "x"),
+        "RSA": ("e", "kty", "n"),
+    }
+    members = {name: public[name] for name in required[public["kty"]]}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
+    return b64(hashlib.sha256(canonical).digest()).rstrip("=")
 
 
 def b64(data: bytes | str) -> str:
@@ -217,7 +231,7 @@ async def test_valid_proof_accepted(
     jti = uuid.uuid4().hex
     result = await accepted(verifier, make_proof(clock, alg, jti=jti))
     expected_jwk = public_jwk(key)
-    assert result.jkt == jwk_thumbprint(expected_jwk) == key.thumbprint()
+    assert result.jkt == jwk_thumbprint(expected_jwk) == rfc7638(expected_jwk)
     assert result.jti == jti
     assert result.iat == int(clock.now)
     assert result.jwk == expected_jwk  # public members only
@@ -255,7 +269,7 @@ def test_nonce_secret_must_be_32_bytes(secret: Any) -> None:
 async def test_kid_is_ignored(verifier: DpopVerifier, clock: FakeClock) -> None:
     """A `kid` names nothing here: the key is the proof's own `jwk`."""
     result = await accepted(verifier, make_proof(clock, header={"kid": "some-other-key"}))
-    assert result.jkt == private_key("ES256").thumbprint()
+    assert result.jkt == rfc7638(public_jwk(private_key("ES256")))
 
 
 async def test_jwk_extra_members_allowed_but_not_returned(
@@ -265,7 +279,7 @@ async def test_jwk_extra_members_allowed_but_not_returned(
     extra = {**public_jwk(key), "alg": "ES256", "use": "sig", "kid": "k1", "ext": True}
     result = await accepted(verifier, make_proof(clock, header={"jwk": extra}))
     assert result.jwk == public_jwk(key)
-    assert result.jkt == key.thumbprint()
+    assert result.jkt == rfc7638(public_jwk(key))
 
 
 # --- thumbprints ----------------------------------------------------------------------------------

@@ -509,6 +509,8 @@ async def token(request: Request) -> Response:
     server = provider.server
     try:
         result = await server.run(lambda: server.token(oauth_request))
+    except OAuth2Error as err:
+        return _error_json(err)
     except DpopRequired:
         return _dpop_error(DpopError("invalid_dpop_proof", "A DPoP proof is required."), nonce)
     except ReplayCacheUnavailable:
@@ -525,6 +527,8 @@ async def _endpoint(request: Request, name: str) -> Response:
     server = _provider(request).server
     try:
         result = await server.run(lambda: server.endpoint(name, oauth_request))
+    except OAuth2Error as err:
+        return _error_json(err)
     except ReplayCacheUnavailable:
         raise ProblemError(503, headers={"Retry-After": "1"}) from None
     return _respond(result)

@@ -13,6 +13,7 @@ worker thread (`run`), and the hooks call back into the event loop with
 
 from __future__ import annotations
 
+import binascii
 import functools
 import json
 from collections import defaultdict
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import structlog
 from authlib.oauth2.rfc6749 import (
     AuthorizationServer,
     ClientMixin,
@@ -35,6 +37,7 @@ from authlib.oauth2.rfc6749 import (
     OAuth2Request,
     grants,
 )
+from authlib.oauth2.rfc6749.authenticate_client import authenticate_client_secret_basic
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
@@ -56,6 +59,7 @@ from carevault.tokens.revocation import RevocationList
 from carevault.tokens.sessions import SessionRevoker
 
 T = TypeVar("T")
+log = structlog.get_logger("carevault.oauth")
 # Which client authentication each endpoint accepts; a client is held to its registered one.
 TOKEN_AUTH_METHODS = ["private_key_jwt", "client_secret_basic", "none"]
 CONFIDENTIAL_AUTH_METHODS = ["private_key_jwt", "client_secret_basic"]
@@ -528,6 +532,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         self.register_endpoint(Introspection)
         self.register_extension(self.issuer_parameter)
         self.register_client_auth_method("private_key_jwt", self._authenticate_assertion)
+        self.register_client_auth_method("client_secret_basic", _secret_basic)
 
     # authlib's host interface
     def query_client(self, client_id: str) -> ClientModel | None:
@@ -577,8 +582,15 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
         return client
 
     # run an endpoint
-    async def run(self, fn: Callable[[], Response]) -> Response:
-        return await anyio.to_thread.run_sync(fn)
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run authlib off the event loop. Input that authlib cannot even describe in an error
+        (it refuses control characters in its own error text with a ValueError) is an
+        invalid request like any other."""
+        try:
+            return await anyio.to_thread.run_sync(fn)
+        except (ValueError, UnicodeError) as err:
+            log.info("oauth_request_refused", error_type=type(err).__name__)
+            raise InvalidRequestError() from None
 
     def token(self, request: Request) -> Response:
         return self.create_token_response(request)
@@ -702,6 +714,15 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
                 details=details,
             )
         )
+
+
+def _secret_basic(query_client: Any, request: Request) -> ClientModel | None:
+    """authlib's `client_secret_basic`, for well-formed credentials only: a header that is not
+    base64 of UTF-8 authenticates nobody (authlib would raise a decoding error)."""
+    try:
+        return authenticate_client_secret_basic(query_client, request)  # type: ignore[no-any-return]
+    except (UnicodeDecodeError, ValueError, binascii.Error):
+        return None
 
 
 def _unverified_issuer(assertion: str) -> str:
