@@ -108,11 +108,30 @@ def init(
         _print_demo(settings, created)
 
 
+DEMO_CLIENT = "demo-smart-app"
+DEMO_REDIRECT = "http://127.0.0.1:8765/callback"  # a loopback native app (RFC 8252 §7.3)
+
+
 async def _create_demo(services: Services) -> tuple[list[tuple[str, str, str]], int | None]:
     from carevault.fhir.demo_data import seed
 
     created = await _create_demo_accounts(services)
+    await _demo_client(services)
     return created, await seed(services.store)
+
+
+async def _demo_client(services: Services) -> str:
+    """A public SMART app (PKCE) for the quick start's OAuth example; its client_id."""
+    for client in await services.clients.list():
+        if client.name == DEMO_CLIENT and client.enabled:
+            return client.id
+    client, _ = await services.clients.add(
+        DEMO_CLIENT,
+        auth_method="none",
+        redirect_uris=[DEMO_REDIRECT],
+        scope="openid fhirUser launch/patient offline_access patient/*.rs user/*.rs",
+    )
+    return client.id
 
 
 async def _create_demo_accounts(services: Services) -> list[tuple[str, str, str]]:
@@ -183,10 +202,48 @@ def _print_demo(settings: Settings, created: list[tuple[str, str, str]]) -> None
         "\nEvery one of those requests is in the audit trail. demo-auditor reads it at"
         f" {base}/audit and {base}/audit/AuditEvent; the demo patient's own access report is"
         f" {base}/fhir/Patient/demo-patient-1/$access-report. Check the trail's integrity"
-        " with: .venv/bin/carevault audit verify\n" + _quick_start_step_up(settings, base),
+        " with: .venv/bin/carevault audit verify\n"
+        + _quick_start_step_up(settings, base)
+        + _quick_start_oauth(settings, base),
         markup=False,
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def _quick_start_oauth(settings: Settings, base: str) -> str:
+    """A SMART standalone launch by hand: the demo app's authorization URL, with a PKCE pair
+    made here (a real app makes its own for every authorization)."""
+    import base64
+    import hashlib
+    import secrets
+    from urllib.parse import urlencode
+
+    client_id = _run(settings, _demo_client)
+    verifier = secrets.token_urlsafe(32)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": DEMO_REDIRECT,
+            "scope": "openid fhirUser launch/patient patient/*.rs",
+            "state": secrets.token_urlsafe(8),
+            "aud": f"{base}/fhir",
+            "code_challenge": challenge.rstrip(b"=").decode(),
+            "code_challenge_method": "S256",
+        }
+    )
+    return (
+        "\nOAuth / SMART on FHIR: discovery at "
+        f"{base}/.well-known/smart-configuration. The demo app {DEMO_CLIENT} "
+        f"(client_id {client_id}) can run a standalone launch: open\n"
+        f"  {base}/oauth/authorize?{query}"
+        "\nsign in as demo-patient, allow, and copy `code` from the address the browser is sent to"
+        f" ({DEMO_REDIRECT}?code=...; nothing listens there). Then:\n"
+        f"  curl -s -X POST {base}/oauth/token -d grant_type=authorization_code "
+        f"-d client_id={client_id} -d redirect_uri={DEMO_REDIRECT} -d code_verifier={verifier}"
+        " -d code=CODE\n(the code is valid for 60 seconds.)\n"
     )
 
 
