@@ -29,14 +29,13 @@ from carevault.identity.authentication import (
     MfaRequired,
     first_party_scope,
 )
-from carevault.identity.mfa.challenges import token_hash
-from carevault.identity.mfa.policy import AMR_PASSWORD, acr_of
 from carevault.identity.mfa.service import FactorProof, MfaFailed, MfaLocked, MfaTokenInvalid
 from carevault.identity.principal import Principal
 from carevault.identity.responses import NO_STORE, context
 from carevault.identity.roles import Role
 from carevault.identity.throttle import AddressThrottled
 from carevault.identity.web.csrf import foreign_origin
+from carevault.identity.web.login import begin, finish
 from carevault.identity.web.sessions import ACTIVE, COOKIE, MFA_PENDING, SessionGone
 from carevault.oauth import pages
 from carevault.oauth.dpop import DpopError
@@ -364,25 +363,10 @@ async def authorize_login(request: Request) -> Response:
             "enroll one, then try again.",
             403,
         )
+    session, value = await begin(services, ctx, user, second)
     if isinstance(second, MfaRequired):
-        session, value = await sessions.start(
-            ctx,
-            state=MFA_PENDING,
-            user_id=user.id,
-            mfa_attempt=token_hash(second.mfa_token),
-            lifetime=second.expires_in,
-        )
         response: Response = pages.mfa_page(raw, session.csrf_token, second.methods)
     else:
-        amr = [AMR_PASSWORD]
-        session, value = await sessions.start(
-            ctx,
-            state=ACTIVE,
-            user_id=user.id,
-            amr=amr,
-            acr=acr_of(amr),
-            auth_time=int(services.clock()),
-        )
         response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)
     response.set_cookie(COOKIE, value, path="/", secure=True, httponly=True, samesite="lax")
     return response
@@ -410,15 +394,7 @@ async def authorize_mfa(request: Request) -> Response:
     except (MfaFailed, MfaLocked, AddressThrottled):
         return pages.mfa_page(raw, session.csrf_token, PAGE_METHODS, "That code was not accepted.")
     try:
-        active, value = await sessions.rotate(
-            session,
-            ctx,
-            state=ACTIVE,
-            user_id=user.id,
-            amr=verified.amr,
-            acr=acr_of(verified.amr, user_verified=verified.user_verified),
-            auth_time=int(services.clock()),
-        )
+        active, value = await finish(services, ctx, session, user, verified, proof.method)
     except SessionGone:
         return await _continue(request, raw, query)
     response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)

@@ -28,7 +28,6 @@ from carevault.identity.authentication import (
     MfaRequired,
     RequestContext,
 )
-from carevault.identity.mfa.challenges import token_hash
 from carevault.identity.mfa.policy import (
     AMR_PASSWORD,
     METHOD_RECOVERY,
@@ -44,6 +43,7 @@ from carevault.identity.responses import NO_STORE, context
 from carevault.identity.routes import LOGIN_FAILED_DETAIL, LoginRequest
 from carevault.identity.throttle import AddressThrottled
 from carevault.identity.web.csrf import foreign_origin
+from carevault.identity.web.login import begin, finish
 from carevault.identity.web.sessions import (
     ACTIVE,
     COOKIE,
@@ -199,30 +199,14 @@ async def session_login(request: Request) -> Response:
         _clear_cookie(response)
         return response
     if isinstance(second, MfaRequired):
-        # Only the hash of the login attempt's token is kept; the token itself is never sent.
-        session, value = await sessions.start(
-            ctx,
-            state=MFA_PENDING,
-            user_id=user.id,
-            mfa_attempt=token_hash(second.mfa_token),
-            lifetime=second.expires_in,
-        )
+        session, value = await begin(services, ctx, user, second)
         response = JSONResponse(
             {"mfa_required": True, "methods": second.methods, "csrf_token": session.csrf_token},
             headers=NO_STORE,
         )
         _set_cookie(response, value)
         return response
-    amr = [AMR_PASSWORD]
-    session, value = await sessions.start(
-        ctx,
-        state=ACTIVE,
-        user_id=user.id,
-        amr=amr,
-        acr=acr_of(amr),
-        auth_time=int(services.clock()),
-    )
-    await _record(request, "session_started", "success", ctx, user.id, session=session.id, amr=amr)
+    session, value = await begin(services, ctx, user, None)
     return _signed_in(session, value)
 
 
@@ -254,27 +238,11 @@ async def session_mfa(request: Request) -> Response:
     if user.id != session.user_id:  # the attempt is only ever stored for its own user
         raise ProblemError(401, NO_LOGIN_WAITING)
     try:
-        active, value = await sessions.rotate(
-            session,
-            ctx,
-            state=ACTIVE,
-            user_id=user.id,
-            amr=verified.amr,
-            acr=acr_of(verified.amr, user_verified=verified.user_verified),
-            auth_time=int(request.app.state.services.clock()),
+        active, value = await finish(
+            request.app.state.services, ctx, session, user, verified, body.method
         )
     except SessionGone:
         raise ProblemError(401, NO_LOGIN_WAITING) from None
-    await _record(
-        request,
-        "session_started",
-        "success",
-        ctx,
-        user.id,
-        session=active.id,
-        amr=list(active.amr),
-        method=body.method,
-    )
     return _signed_in(active, value)
 
 
