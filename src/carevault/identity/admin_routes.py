@@ -43,10 +43,10 @@ class RolesRequest(BaseModel):
     roles: list[Role] = Field(min_length=1, max_length=len(Role))
 
 
-async def admin_principal(
+async def admin_role(
     request: Request, principal: Annotated[Principal, Depends(authenticate)]
 ) -> Principal:
-    """An admin whose token shows a recent second factor."""
+    """An admin (any other caller is refused, and the refusal recorded)."""
     if Role.admin not in principal.roles:
         ctx = context(request)
         await request.app.state.services.events.record(
@@ -61,6 +61,13 @@ async def admin_principal(
             )
         )
         raise ProblemError(403)
+    return principal
+
+
+async def admin_principal(
+    request: Request, principal: Annotated[Principal, Depends(admin_role)]
+) -> Principal:
+    """An admin whose token shows a recent second factor."""
     return await require_step_up(request, principal)
 
 

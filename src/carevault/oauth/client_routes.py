@@ -19,12 +19,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from carevault.audit.events import SecurityEvent
 from carevault.edge.problems import ProblemError
-from carevault.identity.admin_routes import Admin
+from carevault.identity.admin_routes import Admin, admin_role
 from carevault.identity.principal import Principal
 from carevault.identity.responses import NO_STORE, context
-from carevault.identity.roles import Role
 from carevault.oauth.clients import (
     Client,
     ClientError,
@@ -32,7 +30,6 @@ from carevault.oauth.clients import (
     disable_client,
     register_client,
 )
-from carevault.tokens.bearer import authenticate
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -58,27 +55,6 @@ class ClientRequest(BaseModel):
     )
     jwks: dict[str, Any] | None = None
     require_dpop: bool = False
-
-
-async def admin_role(
-    request: Request, principal: Annotated[Principal, Depends(authenticate)]
-) -> Principal:
-    """An admin (reading the registry needs no step-up: it holds no secret)."""
-    if Role.admin not in principal.roles:
-        ctx = context(request)
-        await request.app.state.services.events.record(
-            SecurityEvent(
-                "admin_api",
-                "denied",
-                user_id=principal.user_id,
-                client_id=principal.client_id,
-                source_address=ctx.address,
-                request_id=ctx.request_id,
-                details={"reason": "role"},
-            )
-        )
-        raise ProblemError(403)
-    return principal
 
 
 AdminReader = Annotated[Principal, Depends(admin_role)]
