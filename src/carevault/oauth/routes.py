@@ -12,6 +12,7 @@ documents: that is the format OAuth clients parse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -484,14 +485,27 @@ async def token(request: Request) -> Response:
     oauth_request.jkt = jkt
     server = provider.server
     try:
-        result = await server.run(lambda: server.token(oauth_request))
-    except OAuth2Error as err:
-        return _error_json(err)
+        return await _answer(
+            oauth_request, server, server.token, {"DPoP-Nonce": nonce} if jkt else None
+        )
     except DpopRequired:
         return _dpop_error(DpopError("invalid_dpop_proof", "A DPoP proof is required."), nonce)
+
+
+async def _answer(
+    oauth_request: OAuthRequest,
+    server: Any,
+    endpoint: Callable[[OAuthRequest], OAuthResponse],
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """Run one of authlib's endpoints and answer what it decided."""
+    try:
+        result = await server.run(lambda: endpoint(oauth_request))
+    except OAuth2Error as err:
+        return _error_json(err)
     except ReplayCacheUnavailable:
         raise ProblemError(503, headers={"Retry-After": "1"}) from None
-    return _respond(result, {"DPoP-Nonce": nonce} if jkt else None)
+    return _respond(result, headers)
 
 
 async def _endpoint(request: Request, name: str) -> Response:
@@ -499,15 +513,9 @@ async def _endpoint(request: Request, name: str) -> Response:
         form = await _form(request)
     except _OAuthFailure as failure:
         return _error_json(failure.error)
-    oauth_request = _oauth_request(request, "POST", [], form)
     server = _provider(request).server
-    try:
-        result = await server.run(lambda: server.endpoint(name, oauth_request))
-    except OAuth2Error as err:
-        return _error_json(err)
-    except ReplayCacheUnavailable:
-        raise ProblemError(503, headers={"Retry-After": "1"}) from None
-    return _respond(result)
+    oauth_request = _oauth_request(request, "POST", [], form)
+    return await _answer(oauth_request, server, lambda r: server.endpoint(name, r))
 
 
 @router.post(
