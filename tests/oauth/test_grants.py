@@ -530,3 +530,51 @@ async def test_withdrawing_consent_revokes_the_apps_tokens(world: OAuthWorld) ->
         f"/oauth/consents/{client_id}", headers=bearer(own["access_token"])
     )
     assert again.status_code == 404
+
+
+async def test_server_nonce_required(settings_factory: Any) -> None:
+    """CAREVAULT_DPOP_NONCE_REQUIRED: a proof without the server's nonce gets use_dpop_nonce
+    and the nonce to use (RFC 9449 §8 at the token endpoint, §9 at the resource server)."""
+    import contextlib
+
+    from tests.oauth.support import build_oauth_world
+
+    settings = settings_factory(issuer_url=BASE, refresh_grace_seconds=0, dpop_nonce_required=True)
+    async with contextlib.AsyncExitStack() as stack:
+        world = await build_oauth_world(stack, settings)
+        key = DpopKey()
+        code, verifier = await code_for(world, "patient-app", "patA", "patient/Observation.rs")
+        first = await exchange(
+            world, "patient-app", code, verifier, {"DPoP": key.proof("POST", TOKEN_URL)}
+        )
+        assert first.status_code == 400 and first.json()["error"] == "use_dpop_nonce"
+        nonce = first.headers["DPoP-Nonce"]
+        forged = await exchange(
+            world,
+            "patient-app",
+            code,
+            verifier,
+            {"DPoP": key.proof("POST", TOKEN_URL, nonce="forged-nonce-value")},
+        )
+        assert forged.json()["error"] == "use_dpop_nonce"
+        ok = await exchange(
+            world,
+            "patient-app",
+            code,
+            verifier,
+            {"DPoP": key.proof("POST", TOKEN_URL, nonce=nonce)},
+        )
+        assert ok.status_code == 200, ok.text
+        access = ok.json()["access_token"]
+        url = f"{FHIR_BASE}/Observation/{world.ids['obsA']}"
+        auth = {"Authorization": f"DPoP {access}"}
+        refused = await world.http.get(
+            url, headers={**auth, "DPoP": key.proof("GET", url, access_token=access)}
+        )
+        assert refused.status_code == 401
+        assert 'error="use_dpop_nonce"' in refused.headers["www-authenticate"]
+        nonce = refused.headers["DPoP-Nonce"]
+        read = await world.http.get(
+            url, headers={**auth, "DPoP": key.proof("GET", url, access_token=access, nonce=nonce)}
+        )
+        assert read.status_code == 200, read.text
