@@ -75,7 +75,7 @@ from carevault.fhir.validation import FhirValidationError, is_supported_type, va
 from carevault.identity.mfa.step_up import require_step_up
 from carevault.identity.principal import Principal
 from carevault.identity.roles import Role
-from carevault.tokens.bearer import authenticate
+from carevault.tokens.bearer import FIRST_PARTY_CLIENTS, authenticate_resource
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
 log = structlog.get_logger("carevault.fhir")
@@ -123,7 +123,7 @@ async def access_denied_response(_request: Request, err: AccessDenied) -> Respon
 
 
 async def fhir_principal(
-    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+    request: Request, principal: Annotated[Principal, Depends(authenticate_resource)]
 ) -> FhirCaller:
     """Every FHIR route's caller: the token's principal, with the access facts of the request
     (purpose of use, relationships, grants) that every decision on this request uses."""
@@ -934,10 +934,13 @@ async def update(
 
 @router.delete("/Patient/{resource_id}", status_code=204)
 async def delete_patient(
-    resource_id: str, request: Request, principal: Annotated[Principal, Depends(authenticate)]
+    resource_id: str,
+    request: Request,
+    principal: Annotated[Principal, Depends(authenticate_resource)],
 ) -> Response:
-    """`?_erase=true` (admin only, with step-up): crypto-shredding erasure (fhir/erasure.py).
-    Without it (or with `_erase=false`) the ordinary clinical-staff logical delete below."""
+    """`?_erase=true` (admin only, with step-up, through carevault's own login):
+    crypto-shredding erasure (fhir/erasure.py). Without it (or with `_erase=false`) the
+    ordinary clinical-staff logical delete below."""
     from carevault.fhir.erasure import ErasureFailed, PatientNotFound, erase_patient
 
     values = request.query_params.getlist("_erase")
@@ -946,7 +949,7 @@ async def delete_patient(
     if not values or values[0] == "false":
         caller = await fhir_principal(request, principal)
         return await delete("Patient", resource_id, request, caller)
-    if Role.admin not in principal.roles:
+    if Role.admin not in principal.roles or principal.client_id not in FIRST_PARTY_CLIENTS:
         raise _issue(403, "forbidden", "Only an administrator may erase a patient.")
     await require_step_up_fhir(request, principal)
     _check_id(resource_id)

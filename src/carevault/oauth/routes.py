@@ -45,7 +45,7 @@ from carevault.oauth.scopes import LAUNCH_PATIENT, describe, resource_scopes, sp
 from carevault.oauth.server import Authorization, DpopRequired
 from carevault.oauth.server import Request as OAuthRequest
 from carevault.oauth.server import Response as OAuthResponse
-from carevault.tokens.bearer import FIRST_PARTY_CLIENTS, authenticate
+from carevault.tokens.bearer import authenticate, authenticate_resource
 
 log = structlog.get_logger("carevault.oauth")
 router = APIRouter(prefix="/oauth", tags=["oauth"])
@@ -547,7 +547,7 @@ async def introspect(request: Request) -> Response:
     "/userinfo", methods=["GET", "POST"], responses={401: {"description": "Not authenticated"}}
 )
 async def userinfo(
-    request: Request, principal: Annotated[Principal, Depends(authenticate)]
+    request: Request, principal: Annotated[Principal, Depends(authenticate_resource)]
 ) -> Response:
     """OpenID Connect userinfo, minimal: the subject and its FHIR resource (`fhirUser`)."""
     if "openid" not in principal.scopes:
@@ -568,20 +568,11 @@ async def userinfo(
 # --- the user's remembered approvals --------------------------------------------------------
 
 
-def _first_party(principal: Principal) -> Principal:
-    """Approvals are managed by the user through carevault itself, never by a third-party
-    app's token (one app could otherwise withdraw another's)."""
-    if principal.client_id not in FIRST_PARTY_CLIENTS:
-        raise ProblemError(403, "Manage app permissions through carevault itself.")
-    return principal
-
-
 @router.get("/consents", responses={401: {"description": "Not authenticated"}, 403: {}})
 async def list_consents(
     request: Request, principal: Annotated[Principal, Depends(authenticate)]
 ) -> Response:
     """The apps the caller has approved, with the scopes and when."""
-    _first_party(principal)
     services = request.app.state.services
     approvals = []
     for client_id, scope, granted_at in await _provider(request).consents.of_user(
@@ -609,7 +600,6 @@ async def revoke_consent(
 ) -> Response:
     """Withdraw an approval: the app must ask again, and every token it holds for the caller
     is revoked now (its sessions end)."""
-    _first_party(principal)
     services = request.app.state.services
     provider = _provider(request)
     if len(client_id) > 64 or not await provider.consents.revoke(principal.user_id, client_id):

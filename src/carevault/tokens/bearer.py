@@ -45,10 +45,7 @@ def _unauthorized(error: str | None, scheme: str = "bearer") -> ProblemError:
     return ProblemError(401, "Authentication is required.", headers={"WWW-Authenticate": challenge})
 
 
-async def authenticate(request: Request) -> Principal:
-    """The principal of a full access token. An enrollment-scoped token (an account that must
-    enroll a second factor first) is refused here: 403, insufficient_scope."""
-    principal = await authenticate_enrollment(request)
+def _enrollment_refused(principal: Principal) -> Principal:
     if ENROLL_SCOPE in principal.scopes:
         raise ProblemError(
             403,
@@ -58,9 +55,39 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
+def _first_party(principal: Principal) -> Principal:
+    """carevault's own APIs (account, factors, sessions, admin, break-glass, audit) take only
+    tokens carevault issued to itself: an app the user authorized for FHIR data must not plant
+    a factor, read the session list or act as an administrator."""
+    if principal.client_id not in FIRST_PARTY_CLIENTS:
+        raise ProblemError(
+            403,
+            "This token is for the FHIR API only.",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope"'},
+        )
+    return principal
+
+
+async def authenticate(request: Request) -> Principal:
+    """The principal of a full first-party access token (carevault's own login or browser
+    session). An enrollment-scoped token (an account that must enroll a second factor first)
+    and a token issued to an OAuth client are refused: 403, insufficient_scope."""
+    return _enrollment_refused(await authenticate_enrollment(request))
+
+
+async def authenticate_resource(request: Request) -> Principal:
+    """The FHIR API's caller: a first-party token or one issued to an OAuth client (whose
+    scopes the access-control engine applies together with the user's roles)."""
+    return _enrollment_refused(await _principal(request))
+
+
 async def authenticate_enrollment(request: Request) -> Principal:
-    """Any valid access token, enrollment-scoped ones included: only for the routes that
-    enroll a factor."""
+    """Any valid first-party access token, enrollment-scoped ones included: only for the
+    routes that enroll a factor."""
+    return _first_party(await _principal(request))
+
+
+async def _principal(request: Request) -> Principal:
     services = request.app.state.services
     header = request.headers.get("authorization")
     if not header:
