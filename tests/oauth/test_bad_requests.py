@@ -273,3 +273,44 @@ async def test_account_that_must_enroll_gets_no_code(settings_factory: Any) -> N
             )
     assert refused.status_code == 403 and "enroll" in refused.text
     assert "location" not in refused.headers and "set-cookie" not in refused.headers
+
+
+async def test_sign_in_with_a_portal_session_the_redirect_did_not_carry(world: OAuthWorld) -> None:
+    """A user signed in to the portal follows an app's cross-site redirect: the browser keeps
+    the SameSite=Strict cookie back, so the sign-in page knows no CSRF token; the sign-in post
+    (same-origin, cookie attached) still works, replaces the session, and the new cookie is
+    Strict again."""
+    from tests.conftest import STRONG_PASSWORD
+    from tests.oauth.support import hidden
+
+    async with world.browser() as portal, world.browser() as navigation:
+        signed_in = await portal.post(
+            "/auth/session/login", json={"username": "patA", "password": STRONG_PASSWORD}
+        )
+        assert signed_in.status_code == 200
+        page = await navigation.get(_params(world))  # the cross-site redirect: no cookie
+        login = await portal.post(
+            "/oauth/authorize/login",
+            data={
+                "request": hidden(page.text, "request"),
+                "username": "patA",
+                "password": STRONG_PASSWORD,
+            },
+        )
+        assert login.status_code == 303, login.text
+        assert "samesite=strict" in login.headers["set-cookie"].lower()
+        # the old portal session ended with that login
+        assert (
+            await navigation.get("/auth/session", cookies=dict(signed_in.cookies))
+        ).status_code == 401
+        # a cross-site sign-in post is refused before any password check
+        forged = await navigation.post(
+            "/oauth/authorize/login",
+            data={
+                "request": hidden(page.text, "request"),
+                "username": "patA",
+                "password": STRONG_PASSWORD,
+            },
+            headers={"Sec-Fetch-Site": "cross-site"},
+        )
+        assert forged.status_code == 403 and "set-cookie" not in forged.headers

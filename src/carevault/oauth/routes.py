@@ -36,8 +36,8 @@ from carevault.identity.responses import NO_STORE, context
 from carevault.identity.roles import Role
 from carevault.identity.throttle import AddressThrottled
 from carevault.identity.web.csrf import foreign_origin
-from carevault.identity.web.login import begin, finish
-from carevault.identity.web.sessions import ACTIVE, COOKIE, MFA_PENDING, SessionGone
+from carevault.identity.web.login import begin, finish, set_session_cookie
+from carevault.identity.web.sessions import ACTIVE, MFA_PENDING, SessionGone
 from carevault.oauth import pages
 from carevault.oauth.dpop import DpopError
 from carevault.oauth.replay import ReplayCacheUnavailable
@@ -369,7 +369,7 @@ async def authorize_login(request: Request) -> Response:
         response: Response = pages.mfa_page(raw, session.csrf_token, second.methods)
     else:
         response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)
-    response.set_cookie(COOKIE, value, path="/", secure=True, httponly=True, samesite="lax")
+    set_session_cookie(response, value)
     return response
 
 
@@ -399,7 +399,7 @@ async def authorize_mfa(request: Request) -> Response:
     except SessionGone:
         return await _continue(request, raw, query)
     response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)
-    response.set_cookie(COOKIE, value, path="/", secure=True, httponly=True, samesite="lax")
+    set_session_cookie(response, value)
     return response
 
 

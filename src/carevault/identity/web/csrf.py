@@ -36,6 +36,10 @@ UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 REJECTED = "Missing or invalid CSRF token."
 _FORM = "application/x-www-form-urlencoded"
 _MAX_FORM_FIELDS = 200
+# The OAuth sign-in form replaces whatever session the browser has. It is reached by a
+# cross-site redirect from the app, which a SameSite=Strict cookie does not follow, so the page
+# cannot know the old session's token; the route refuses cross-site posts (Fetch Metadata).
+TOKENLESS_PATHS = frozenset({"/oauth/authorize/login"})
 
 
 def foreign_origin(headers: Headers) -> bool:
@@ -65,7 +69,11 @@ class CsrfProtection:
         self._trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in UNSAFE_METHODS
+            or scope.get("path") in TOKENLESS_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         session = await self._sessions.of_request(scope)

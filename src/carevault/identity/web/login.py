@@ -7,13 +7,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import Response
+
 from carevault.audit.events import SecurityEvent
 from carevault.identity.accounts import User
 from carevault.identity.authentication import MfaRequired, RequestContext
 from carevault.identity.mfa.challenges import token_hash
 from carevault.identity.mfa.policy import AMR_PASSWORD, acr_of
-from carevault.identity.web.sessions import ACTIVE, MFA_PENDING, BrowserSession
+from carevault.identity.web.sessions import ACTIVE, COOKIE, MFA_PENDING, BrowserSession
 from carevault.tokens.bearer import WEB_CLIENT
+
+
+def set_session_cookie(response: Response, value: str) -> None:
+    # `__Host-`: Secure, Path=/ and no Domain, so no sibling subdomain can set or shadow it. No
+    # Max-Age: the cookie goes with the browser; the server enforces the session's limits.
+    response.set_cookie(COOKIE, value, path="/", secure=True, httponly=True, samesite="strict")
+
+
+def clear_session_cookie(response: Response) -> None:
+    response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
 
 
 async def _started(

@@ -43,10 +43,9 @@ from carevault.identity.responses import NO_STORE, context
 from carevault.identity.routes import LOGIN_FAILED_DETAIL, LoginRequest
 from carevault.identity.throttle import AddressThrottled
 from carevault.identity.web.csrf import foreign_origin
-from carevault.identity.web.login import begin, finish
+from carevault.identity.web.login import begin, clear_session_cookie, finish, set_session_cookie
 from carevault.identity.web.sessions import (
     ACTIVE,
-    COOKIE,
     MFA_PENDING,
     BrowserSession,
     BrowserSessions,
@@ -88,18 +87,8 @@ def _sessions(request: Request) -> BrowserSessions:
 def _not_signed_in(*, clear: bool = False) -> Response:
     response = problem_response(401, NOT_SIGNED_IN, headers={"WWW-Authenticate": REALM})
     if clear:
-        _clear_cookie(response)
+        clear_session_cookie(response)
     return response
-
-
-def _set_cookie(response: Response, value: str) -> None:
-    # `__Host-`: Secure, Path=/ and no Domain, so no sibling subdomain can set or shadow it. No
-    # Max-Age: the cookie goes with the browser; the server enforces the session's limits.
-    response.set_cookie(COOKIE, value, path="/", secure=True, httponly=True, samesite="strict")
-
-
-def _clear_cookie(response: Response) -> None:
-    response.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="strict")
 
 
 async def _parsed(request: Request, model: type[Model]) -> Model:
@@ -150,7 +139,7 @@ def _signed_in(session: BrowserSession, value: str) -> Response:
     response = JSONResponse(
         {"authenticated": True, "csrf_token": session.csrf_token}, headers=NO_STORE
     )
-    _set_cookie(response, value)
+    set_session_cookie(response, value)
     return response
 
 
@@ -196,7 +185,7 @@ async def session_login(request: Request) -> Response:
             request, "session_refused", "denied", ctx, user.id, reason="enrollment_required"
         )
         response = problem_response(403, ENROLL_FIRST)
-        _clear_cookie(response)
+        clear_session_cookie(response)
         return response
     if isinstance(second, MfaRequired):
         session, value = await begin(services, ctx, user, second)
@@ -204,7 +193,7 @@ async def session_login(request: Request) -> Response:
             {"mfa_required": True, "methods": second.methods, "csrf_token": session.csrf_token},
             headers=NO_STORE,
         )
-        _set_cookie(response, value)
+        set_session_cookie(response, value)
         return response
     session, value = await begin(services, ctx, user, None)
     return _signed_in(session, value)
@@ -231,7 +220,7 @@ async def session_mfa(request: Request) -> Response:
     except MfaTokenInvalid:
         await sessions.end(session.id, "mfa_expired")
         response = problem_response(401, NO_LOGIN_WAITING)
-        _clear_cookie(response)
+        clear_session_cookie(response)
         return response
     except (MfaFailed, MfaLocked, AddressThrottled) as err:
         raise refused(err) from None
@@ -369,7 +358,7 @@ async def session_logout(request: Request) -> Response:
             reason="logout",
         )
     response = Response(status_code=204)
-    _clear_cookie(response)
+    clear_session_cookie(response)
     return response
 
 
@@ -455,5 +444,5 @@ async def end_session(
     )
     response = Response(status_code=204)
     if current and kind == "browser":
-        _clear_cookie(response)
+        clear_session_cookie(response)
     return response
