@@ -800,7 +800,9 @@ async def test_api_disable_cuts_off_the_client(h: Any, admin_clock: FakeClock) -
         amr=[],
         auth_time=now,
     )
-    assert (await h.me(token)).status_code == 200
+    # an app's token reaches the FHIR API (and userinfo), not carevault's own account API
+    userinfo = {"Authorization": f"Bearer {token}"}
+    assert (await h.client.get("/oauth/userinfo", headers=userinfo)).status_code == 200
     assert not await services.revocations.is_revoked(machine)
 
     response = await h.client.post(f"/admin/clients/{client_id}/disable", headers=headers)
@@ -812,7 +814,7 @@ async def test_api_disable_cuts_off_the_client(h: Any, admin_clock: FakeClock) -
             await conn.execute(select(refresh_families).where(refresh_families.c.id == family.id))
         ).one()
     assert row.revoked_at is not None and row.revoked_reason == "client_disabled"
-    assert (await h.me(token)).status_code == 401
+    assert (await h.client.get("/oauth/userinfo", headers=userinfo)).status_code == 401
     assert await services.revocations.is_revoked(machine)
     (event,) = await audit_documents(services.engine, "security.client_disabled")
     assert event["client"] == client_id and "user" not in event

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,11 +40,11 @@ class AuthorizationCode:
     amr: list[str]
     acr: str | None
     auth_time: int
-    code_hash: str
+    family_id: str  # the session the code starts, fixed when it is redeemed
 
     # authlib's AuthorizationCodeMixin
-    def get_redirect_uri(self) -> str:
-        return self.redirect_uri
+    def get_redirect_uri(self) -> str | None:
+        return self.redirect_uri or None
 
     def get_scope(self) -> str:
         return self.scope
@@ -120,6 +121,9 @@ class AuthorizationCodes:
         code_hash = _hash(code)
         async with write_transaction(self._engine) as conn:
             now = self._clock()
+            # The session id is written with `used_at`, so a replay, however soon, finds the
+            # session to end.
+            family_id = str(uuid.uuid4())
             claimed = await conn.execute(
                 update(oauth_codes)
                 .where(
@@ -130,7 +134,7 @@ class AuthorizationCodes:
                         oauth_codes.c.expires_at > now,
                     )
                 )
-                .values(used_at=now)
+                .values(used_at=now, family_id=family_id)
             )
             row = (
                 (
@@ -162,15 +166,6 @@ class AuthorizationCodes:
                 amr=list(row["amr"]),
                 acr=row["acr"],
                 auth_time=row["auth_time"],
-                code_hash=code_hash,
+                family_id=family_id,
             )
         )
-
-    async def started(self, code: AuthorizationCode, family_id: str) -> None:
-        """Remember the session a redeemed code started, so a replay of it can end that."""
-        async with write_transaction(self._engine) as conn:
-            await conn.execute(
-                update(oauth_codes)
-                .where(oauth_codes.c.code_hash == code.code_hash)
-                .values(family_id=family_id)
-            )

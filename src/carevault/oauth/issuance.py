@@ -1,6 +1,6 @@
 """The token response of an OAuth grant: an RFC 9068 access token (DPoP-bound when the request
 proved a key), the refresh token of the grant's session when the client may refresh and asked
-for `offline_access` or `online_access`, an OpenID Connect `id_token` for `openid`, and the SMART
+for `offline_access`, an OpenID Connect `id_token` for `openid`, and the SMART
 launch context (`patient`).
 
 Every user grant is a session (a refresh family, the access tokens' `sid`), whether or not a
@@ -25,7 +25,7 @@ from carevault.identity.accounts import User
 from carevault.identity.authentication import RequestContext
 from carevault.identity.roles import Role
 from carevault.oauth.clients import Client
-from carevault.oauth.scopes import FHIR_USER, LAUNCH_PATIENT, OFFLINE, ONLINE, OPENID
+from carevault.oauth.scopes import FHIR_USER, LAUNCH_PATIENT, OFFLINE, OPENID
 from carevault.tokens.access import AccessTokenIssuer
 from carevault.tokens.keys import KeyRing
 from carevault.tokens.refresh import Family, RefreshTokenService
@@ -68,11 +68,12 @@ class TokenIssuance:
         self._clock = clock
 
     async def start(
-        self, grant: UserGrant, *, jkt: str | None, ctx: RequestContext
+        self, grant: UserGrant, family_id: str, *, jkt: str | None, ctx: RequestContext
     ) -> tuple[dict[str, Any], Family]:
-        """The first tokens of a user grant (authorization code): a new session."""
+        """The first tokens of a user grant (authorization code): the session `family_id`."""
         refreshable = self._refreshable(grant.client, grant.scope)
         family, refresh_token = await self._refresh.start_family(
+            family_id=family_id,
             user_id=grant.user.id,
             client_id=grant.client.id,
             scope=" ".join(grant.scope),
@@ -125,7 +126,10 @@ class TokenIssuance:
         }
 
     def _refreshable(self, client: Client, scope: list[str]) -> bool:
-        return client.allows_grant("refresh_token") and (OFFLINE in scope or ONLINE in scope)
+        # `online_access` asks for a refresh token that dies when the user's session does; a
+        # grant here is not tied to a browser session, so it gets none rather than one that
+        # outlives the user's sign-out (the app signs in again when its access token expires).
+        return client.allows_grant("refresh_token") and OFFLINE in scope
 
     def _user_tokens(self, grant: UserGrant, session_id: str, jkt: str | None) -> dict[str, Any]:
         access_token, claims = self._issuer.issue(

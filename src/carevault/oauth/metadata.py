@@ -59,6 +59,8 @@ def authorization_server_metadata(request: Request) -> dict[str, Any]:
         "introspection_endpoint_auth_methods_supported": auth_methods[:2],
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": True,
+        "request_parameter_supported": False,
+        "request_uri_parameter_supported": False,
         "dpop_signing_alg_values_supported": algorithms,
     }
     AuthorizationServerMetadata(body).validate()
@@ -125,7 +127,6 @@ async def smart_configuration(request: Request) -> JSONResponse:
             "client-confidential-symmetric",
             "context-standalone-patient",
             "permission-offline",
-            "permission-online",
             "permission-patient",
             "permission-user",
             "permission-v1",

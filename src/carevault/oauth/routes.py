@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import structlog
 from authlib.oauth2.rfc6749 import AccessDeniedError, InvalidRequestError, OAuth2Error
@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from carevault.access.decision import Action
+from carevault.audit.events import SecurityEvent
 from carevault.edge.problems import ProblemError
 from carevault.fhir.store import StoreError
 from carevault.identity.authentication import (
@@ -46,6 +47,7 @@ from carevault.oauth.server import Authorization, DpopRequired
 from carevault.oauth.server import Request as OAuthRequest
 from carevault.oauth.server import Response as OAuthResponse
 from carevault.tokens.bearer import authenticate, authenticate_resource
+from carevault.tokens.revocation import RevocationUnavailable
 
 log = structlog.get_logger("carevault.oauth")
 router = APIRouter(prefix="/oauth", tags=["oauth"])
@@ -57,6 +59,7 @@ _BAD_REQUEST = (
     "This sign-in request cannot be completed: the application or its return address is not "
     "registered here, or the request is malformed."
 )
+MAX_PICKER_PATIENTS = 200
 _FORM_BODY = {"required": True, "content": {_FORM: {"schema": {"type": "object"}}}}
 
 
@@ -196,32 +199,46 @@ async def _continue(
         oauth_request, grant = await _validated(request, query)
     except OAuth2Error as err:
         return _refusal(request, oauth_request, err)
-    if not _smart_audience_ok(request, oauth_request):
-        err = InvalidRequestError("aud must be this server's FHIR base URL.")
+
+    def refuse(err: OAuth2Error) -> Response:
         err.redirect_uri = grant.redirect_uri
         err.state = oauth_request.payload.state
         return _refusal(request, oauth_request, err)
+
+    if not _smart_audience_ok(request, oauth_request):
+        return refuse(InvalidRequestError("aud must be this server's FHIR base URL."))
+    data = oauth_request.payload.data
+    prompts = set(data.get("prompt", "").split())
+    try:
+        max_age = int(data["max_age"]) if "max_age" in data else None
+    except ValueError:
+        return refuse(InvalidRequestError("max_age must be a number of seconds."))
+    if "none" in prompts and len(prompts) > 1:
+        return refuse(InvalidRequestError("prompt=none goes with no other prompt."))
     client = oauth_request.client.client
     session = await services.browser_sessions.of_request(request.scope)
-    if session is None or session.state not in (ACTIVE, MFA_PENDING):
+    user = None
+    if session is not None and session.state == ACTIVE:
+        user = await services.users.by_id(session.user_id)
+    if user is None or not user.enabled or _login_again(session, prompts, max_age, services):
+        # OpenID Connect Core §3.1.2.1: prompt=none never shows a page
+        if "none" in prompts:
+            return refuse(_OidcError("login_required"))
+        if session is not None and session.state == MFA_PENDING:
+            return pages.mfa_page(raw, session.csrf_token, PAGE_METHODS)
         return pages.login_page(client.name, raw, session.csrf_token if session else None)
-    if session.state == MFA_PENDING:
-        return pages.mfa_page(raw, session.csrf_token, PAGE_METHODS)
-    user = await services.users.by_id(session.user_id)
-    if user is None or not user.enabled:
-        return pages.login_page(client.name, raw, session.csrf_token)
     scopes = oauth_request.granted_scope
     picker = await _patient_choices(request, user, scopes)
     if isinstance(picker, Response):
-        err = AccessDeniedError("No patient context is available for this user.")
-        err.redirect_uri = grant.redirect_uri
-        err.state = oauth_request.payload.state
-        return _refusal(request, oauth_request, err)
+        return refuse(AccessDeniedError("No patient context is available for this user."))
     approved = await _provider(request).consents.approved(user.id, client.id)
-    if picker is None and set(scopes) <= approved:
+    remembered = picker is None and set(scopes) <= approved and _identity_assured(client)
+    if remembered and "consent" not in prompts:
         approval = _approval(session, user, _own_patient(user, scopes))
         server = _provider(request).server
         return _respond(await server.run(lambda: server.authorize(oauth_request, grant, approval)))
+    if "none" in prompts:
+        return refuse(_OidcError("consent_required"))
     return pages.consent_page(
         client.name,
         [describe(s) for s in scopes],
@@ -230,6 +247,42 @@ async def _continue(
         picker,
         error,
     )
+
+
+class _OidcError(OAuth2Error):  # type: ignore[misc]
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+def _login_again(session: Any, prompts: set[str], max_age: int | None, services: Any) -> bool:
+    """prompt=login, or a sign-in older than max_age: the user signs in again. (After that
+    sign-in the request comes back without prompt=login: see `_after_sign_in`.)"""
+    if "login" in prompts:
+        return True
+    if max_age is None:
+        return False
+    auth_time = session.auth_time or int(session.created_at)
+    return bool(services.clock() - auth_time > max_age)
+
+
+def _identity_assured(client: Any) -> bool:
+    """Whether a remembered approval may be used without asking (RFC 8252 §8.6): not for a
+    public client whose redirect is a loopback address or private scheme, which any local
+    program could claim; a confidential client, or one returning to an https URL, is itself."""
+    if not client.public:
+        return True
+    return all(uri.startswith("https://") for uri in client.redirect_uris)
+
+
+def _after_sign_in(raw: str) -> str:
+    """The authorization request to continue with once the user signed in: without
+    prompt=login, which that sign-in satisfied."""
+    pairs = [
+        (name, " ".join(p for p in value.split() if p != "login") if name == "prompt" else value)
+        for name, value in parse_qsl(raw, keep_blank_values=True, max_num_fields=_MAX_FIELDS)
+    ]
+    return urlencode([(n, v) for n, v in pairs if not (n == "prompt" and not v)])
 
 
 # The methods the pages offer: a security key needs script, so it is used on the portal.
@@ -265,9 +318,28 @@ async def _patient_choices(
         return None if user.patient_id else pages.error_page(_BAD_REQUEST)
     requester = await _requester(request, user)
     choices = []
-    for patient_id in sorted(requester.care_patients)[:200]:
-        choices.append((patient_id, await _patient_label(request, patient_id)))
+    for patient_id in sorted(requester.care_patients)[:MAX_PICKER_PATIENTS]:
+        body = await _readable_patient(request, requester, patient_id)
+        if body is not None:
+            choices.append((patient_id, _patient_label(patient_id, body)))
     return choices
+
+
+async def _readable_patient(
+    request: Request, requester: Any, patient_id: str
+) -> dict[str, Any] | None:
+    """The Patient record if the user may read it now without break-glass (the policy's
+    relationships, labels and the patient's consent all apply), else None."""
+    try:
+        stored = await request.app.state.services.store.read("Patient", patient_id)
+    except StoreError:
+        return None
+    if stored.body is None:
+        return None
+    decision, _ = await request.app.state.services.access.decide_on(
+        requester, Action.read, "Patient", stored.body
+    )
+    return stored.body if decision.permit and not decision.break_glass else None
 
 
 async def _requester(request: Request, user: Any) -> Any:
@@ -286,32 +358,13 @@ async def _requester(request: Request, user: Any) -> Any:
     return await services.access.requester(principal, None)
 
 
-async def _patient_label(request: Request, patient_id: str) -> str:
+def _patient_label(patient_id: str, body: dict[str, Any]) -> str:
     """A patient's name and birth date as the picker shows them to the practitioner."""
-    try:
-        stored = await request.app.state.services.store.read("Patient", patient_id)
-    except StoreError:
-        return patient_id
-    body = stored.body or {}
     names = body.get("name") or []
     name = names[0] if names and isinstance(names[0], dict) else {}
     text = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip()
     birth = body.get("birthDate")
     return f"{text or patient_id}{f' ({birth})' if birth else ''}"
-
-
-async def _may_read_patient(request: Request, user: Any, patient_id: str) -> bool:
-    try:
-        stored = await request.app.state.services.store.read("Patient", patient_id)
-    except StoreError:
-        return False
-    if stored.body is None:
-        return False
-    requester = await _requester(request, user)
-    decision, _ = await request.app.state.services.access.decide_on(
-        requester, Action.read, "Patient", stored.body
-    )
-    return bool(decision.permit)
 
 
 async def _posted_request(request: Request) -> tuple[dict[str, str], str, list[tuple[str, str]]]:
@@ -368,7 +421,9 @@ async def authorize_login(request: Request) -> Response:
     if isinstance(second, MfaRequired):
         response: Response = pages.mfa_page(raw, session.csrf_token, second.methods)
     else:
-        response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)
+        response = RedirectResponse(
+            f"/oauth/authorize?{_after_sign_in(raw)}", status_code=303, headers=NO_STORE
+        )
     set_session_cookie(response, value)
     return response
 
@@ -398,7 +453,9 @@ async def authorize_mfa(request: Request) -> Response:
         active, value = await finish(services, ctx, session, user, verified, proof.method)
     except SessionGone:
         return await _continue(request, raw, query)
-    response = RedirectResponse(f"/oauth/authorize?{raw}", status_code=303, headers=NO_STORE)
+    response = RedirectResponse(
+        f"/oauth/authorize?{_after_sign_in(raw)}", status_code=303, headers=NO_STORE
+    )
     set_session_cookie(response, value)
     return response
 
@@ -432,11 +489,21 @@ async def authorize_consent(request: Request) -> Response:
     patient = _own_patient(user, scopes)
     if LAUNCH_PATIENT in scopes and Role.patient not in user.roles:
         patient = fields.get("patient") or None
-        if patient is None or not await _may_read_patient(request, user, patient):
+        requester = await _requester(request, user)
+        if patient is None or await _readable_patient(request, requester, patient) is None:
             return await _continue(request, raw, query, "Choose a patient you care for.")
     await _provider(request).consents.remember(user.id, client.id, scopes)
-    await server.record(
-        "consent_granted", client, user.id, context(request), scope=" ".join(scopes)
+    await request.app.state.services.events.record(
+        SecurityEvent(
+            "consent_granted",
+            "success",
+            user_id=user.id,
+            client_id=client.id,
+            source_address=context(request).address,
+            request_id=context(request).request_id,
+            patient_id=patient,  # the launch patient: on that patient's access report
+            details={"scope": " ".join(scopes)},
+        )
     )
     approval = _approval(session, user, patient)
     return _respond(await server.run(lambda: server.authorize(oauth_request, grant, approval)))
@@ -503,7 +570,7 @@ async def _answer(
         result = await server.run(lambda: endpoint(oauth_request))
     except OAuth2Error as err:
         return _error_json(err)
-    except ReplayCacheUnavailable:
+    except (ReplayCacheUnavailable, RevocationUnavailable):
         raise ProblemError(503, headers={"Retry-After": "1"}) from None
     return _respond(result, headers)
 
@@ -602,13 +669,18 @@ async def revoke_consent(
     is revoked now (its sessions end)."""
     services = request.app.state.services
     provider = _provider(request)
-    if len(client_id) > 64 or not await provider.consents.revoke(principal.user_id, client_id):
+    approved = await provider.consents.approved(principal.user_id, client_id[:64])
+    if len(client_id) > 64 or not approved:
         raise ProblemError(404)
-    sids = await services.refresh.revoke_user_families(
-        principal.user_id, "consent_revoked", client_id
-    )
-    for sid in sids:
-        await services.sessions.end_family(sid)
+    # Tokens first, the approval last: if revocation cannot be recorded now (503), nothing
+    # is lost and the user's retry does it all again.
+    try:
+        for sid in await services.refresh.unexpired_families(principal.user_id, client_id):
+            await services.sessions.end_family(sid)
+    except RevocationUnavailable:
+        raise ProblemError(503, headers={"Retry-After": "1"}) from None
+    await services.refresh.revoke_user_families(principal.user_id, "consent_revoked", client_id)
+    await provider.consents.revoke(principal.user_id, client_id)
     await provider.server.record(
         "consent_revoked", None, principal.user_id, context(request), client_id=client_id
     )

@@ -40,7 +40,7 @@ _CONTEXT_WORDS = {
     FHIR_USER: "Know which person record (Patient or Practitioner) is yours",
     "profile": "See your user name",
     OFFLINE: "Keep access after you close the app, until you revoke it",
-    ONLINE: "Keep access while you stay signed in",
+    ONLINE: "Keep access only while you use it (it asks again later)",
     "launch": "Know the context the app was launched in",
     LAUNCH_PATIENT: "Know which patient is selected",
     "launch/encounter": "Know which encounter is selected",

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.from_thread
@@ -143,7 +144,13 @@ class ClientModel(ClientMixin):  # type: ignore[misc]
         return None if granted is None else " ".join(granted)
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        return redirect_uri in self.client.redirect_uris  # exact match, no patterns
+        """Exact match, no patterns; except that a loopback redirect may use any port (RFC
+        8252 §7.3: a native app listens on whichever port the system gives it)."""
+        if redirect_uri in self.client.redirect_uris:
+            return True
+        return _without_loopback_port(redirect_uri) in {
+            _without_loopback_port(uri) for uri in self.client.redirect_uris
+        } - {None}
 
     def check_client_secret(self, client_secret: str) -> bool:
         return self.check_secret(self.client, client_secret)
@@ -227,10 +234,19 @@ class CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
     request: Request
 
     def validate_requested_scope(self) -> None:
-        """Every scope must be one this client may be given (normalized; v1 names accepted)."""
+        """Every scope must be one this client may be given (normalized; v1 names accepted),
+        and none a back-end service's (`system/` is for client credentials only). Runs once the
+        client and redirect URI are trusted, so its errors go back to the client."""
+        data = self.request.payload.data
+        if "request" in data or "request_uri" in data:
+            raise RequestObjectNotSupported()
+        for name, limit in (("nonce", 512), ("dpop_jkt", 64), ("state", 1024)):
+            value = data.get(name)
+            if value is not None and (len(value) > limit or not value.isprintable()):
+                raise InvalidRequestError(f"Malformed '{name}'.")
         scope = self.request.payload.scope
         granted = grantable(scope, self.request.client.client.allowed_scopes()) if scope else None
-        if not granted:
+        if not granted or any(s.startswith("system/") for s in granted):
             raise InvalidScopeError("A requested scope is not allowed for this client.")
         self.request.granted_scope = granted
 
@@ -243,8 +259,9 @@ class CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
             lambda: self.server.codes.issue(
                 client_id=request.client.client.id,
                 user_id=approval.user.id,
-                redirect_uri=request.payload.redirect_uri
-                or request.client.get_default_redirect_uri(),
+                # "" when the request named none: then the token request may not either
+                # (RFC 6749 §4.1.3)
+                redirect_uri=request.payload.redirect_uri or "",
                 scope=" ".join(request.granted_scope),
                 code_challenge=payload["code_challenge"],
                 nonce=payload.get("nonce"),
@@ -472,9 +489,8 @@ class Introspection(IntrospectionEndpoint):  # type: ignore[misc]
             return body
         family = token.family
         assert family is not None
-        return {
+        return {  # no token_type: RFC 7662's is the type of an access token
             "active": True,
-            "token_type": "refresh_token",
             "client_id": family.client_id,
             "scope": family.scope,
             "sub": family.user_id,
@@ -615,8 +631,7 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
     async def start_grant(
         self, grant: UserGrant, code: AuthorizationCode, jkt: str | None, ctx: RequestContext
     ) -> dict[str, Any]:
-        body, family = await self.issuance.start(grant, jkt=jkt, ctx=ctx)
-        await self.codes.started(code, family.id)
+        body, family = await self.issuance.start(grant, code.family_id, jkt=jkt, ctx=ctx)
         await self.record(
             "token_issued",
             grant.client,
@@ -714,6 +729,26 @@ class OAuthServer(AuthorizationServer):  # type: ignore[misc]
                 details=details,
             )
         )
+
+
+def _without_loopback_port(uri: str) -> str | None:
+    """An http loopback URI with its port removed; None for any other URI."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        return None
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "::1"):
+        return None
+    host = "[::1]" if parts.hostname == "::1" else parts.hostname
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+class RequestObjectNotSupported(OAuth2Error):  # type: ignore[misc]
+    """OpenID Connect Core §6: request objects are not supported (yet: pushed authorization
+    requests, RFC 9126, would arrive as a `request_uri` this server issued)."""
+
+    error = "request_not_supported"
 
 
 def _secret_basic(query_client: Any, request: Request) -> ClientModel | None:

@@ -110,10 +110,11 @@ class RefreshTokenService:
         device: str | None = None,
         patient: str | None = None,
         dpop_jkt: str | None = None,
+        family_id: str | None = None,
     ) -> tuple[Family, str]:
         now = self._clock()
         family = Family(
-            id=str(uuid.uuid4()),
+            id=family_id or str(uuid.uuid4()),
             user_id=user_id,
             client_id=client_id,
             scope=scope,
@@ -324,6 +325,24 @@ class RefreshTokenService:
                     .values(revoked_at=self._clock(), revoked_reason=reason)
                 )
         return ids
+
+    async def unexpired_families(self, user_id: str, client_id: str) -> list[str]:
+        """The ids of a user's families with one client that have not reached their absolute
+        lifetime, revoked or not (denying their access tokens again is harmless)."""
+        async with self._engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        select(refresh_families.c.id).where(
+                            and_(
+                                refresh_families.c.user_id == user_id,
+                                refresh_families.c.client_id == client_id,
+                                refresh_families.c.expires_at > self._clock(),
+                            )
+                        )
+                    )
+                ).scalars()
+            )
 
     async def family_of(self, token: str) -> str | None:
         async with self._engine.connect() as conn:
