@@ -210,3 +210,38 @@ async def test_redis_data_loss_while_running_does_not_resurrect_revoked_tokens(
     finally:
         await client.aclose()
     assert (await h.me(grant["access_token"])).status_code == 401
+
+
+async def test_a_denial_redis_did_not_take_reaches_every_instance(
+    settings_factory, harness_factory, tmp_path, monkeypatch
+):
+    """The database took a denial, Redis did not (a blip): the revoking instance answers
+    nothing until it has made every instance re-read the database, and then the other
+    instance refuses the token too, though Redis never got the key."""
+    settings_a = settings_factory(redis_url=REDIS_URL)
+    settings_b = _second_instance_settings(settings_a, tmp_path / f"b-{uuid.uuid4().hex[:8]}")
+    a = await harness_factory(settings_a)
+    b = await harness_factory(settings_b)
+    await a.add_user("redis.blip")
+    tokens = await a.login("redis.blip")
+    claims = a.services.verifier.verify(tokens["access_token"])
+    revocations_a = a.services.revocations
+
+    async def redis_down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("blip")
+
+    monkeypatch.setattr(revocations_a, "_publish", _failing_publish)
+    monkeypatch.setattr(revocations_a._redis, "delete", redis_down)
+    with pytest.raises(RevocationUnavailable):
+        await revocations_a.revoke_sessions([claims.sid], claims.exp + 60)
+    # while Redis stays unreachable for it, instance a denies every check
+    with pytest.raises(RevocationUnavailable):
+        await revocations_a.is_revoked(claims)
+    monkeypatch.undo()
+    # Redis answers again: a's next check makes every instance reload from the database
+    assert await revocations_a.is_revoked(claims) is True
+    assert (await b.me(tokens["access_token"])).status_code == 401
+
+
+async def _failing_publish(rows: Any) -> None:
+    raise RevocationUnavailable

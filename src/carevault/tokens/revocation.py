@@ -179,6 +179,9 @@ class RedisRevocationList:
             redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
         )
         self._reload_lock = asyncio.Lock()
+        # A denial is in the database but Redis did not take it: until every worker has been
+        # made to re-read the database, this worker answers nothing (see `_forget_loaded`).
+        self._unpublished = False
 
     def _key(self, kind: str, value: str) -> str:
         return f"{self.PREFIX}{kind}:{value}"
@@ -239,7 +242,23 @@ class RedisRevocationList:
         except Exception as err:
             raise RevocationUnavailable from err
 
+    async def _forget_loaded(self) -> None:
+        """Remove the sentinel, so that every worker loads the denials from the database (the
+        durable record) before its next answer; a denial whose publication failed is then
+        honoured everywhere. Best effort: on failure the flag stays and this worker retries
+        before each answer, denying (503) meanwhile."""
+        try:
+            await self._redis.delete(self.SENTINEL)
+        except Exception:
+            log.warning("revocation_publish_pending")
+            return
+        self._unpublished = False
+
     async def is_revoked(self, claims: AccessClaims) -> bool:
+        if self._unpublished:
+            await self._forget_loaded()
+            if self._unpublished:
+                raise RevocationUnavailable
         keys = (
             self._key("jti", claims.jti),
             self._key("sid", claims.sid),
@@ -270,7 +289,15 @@ class RedisRevocationList:
         async with write_transaction(self._engine) as conn:
             await conn.execute(delete(revocations).where(revocations.c.expires_at <= now))
             await conn.execute(insert(revocations), rows)
-        await self._publish(rows)
+        try:
+            await self._publish(rows)
+        except RevocationUnavailable:
+            # Recorded but not published: other workers would accept the token until Redis
+            # lost its data. Make them all re-read the database instead, now or at this
+            # worker's next check.
+            self._unpublished = True
+            await self._forget_loaded()
+            raise
 
     async def revoke_token(self, jti: str, expires_at: float) -> None:
         await self._record(
