@@ -464,6 +464,18 @@ async def test_revocation_and_introspection(world: OAuthWorld) -> None:
     assert (
         await world.http.get("/fhir/Observation", headers=bearer(token["access_token"]))
     ).status_code == 401
+    # another client cannot revoke the token, and is told nothing about it
+    victim_code, victim_verifier = await code_for(
+        world, "patient-app", "patA", "patient/Observation.rs offline_access"
+    )
+    victim = (await exchange(world, "patient-app", victim_code, victim_verifier)).json()
+    foreign = await world.http.post(
+        "/oauth/revoke", data=authenticated(token=victim["refresh_token"])
+    )
+    assert foreign.status_code == 200
+    assert (
+        await world.http.get("/fhir/Observation", headers=bearer(victim["access_token"]))
+    ).status_code == 200
     # an unknown token: 200 for revocation, inactive for introspection
     assert (
         await world.http.post("/oauth/revoke", data=authenticated(token="nonsense"))

@@ -452,6 +452,13 @@ class Revocation(RevocationEndpoint):  # type: ignore[misc]
     CLIENT_AUTH_METHODS = TOKEN_AUTH_METHODS
     server: OAuthServer
 
+    def authenticate_token(self, request: Request, client: ClientModel) -> KnownToken | None:
+        """Another client's token is left alone and answered like an unknown one (200), so
+        the endpoint tells no one whether a token exists."""
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        return token if token is not None and token.check_client(client) else None
+
     def query_token(self, token_string: str, token_type_hint: str | None) -> KnownToken | None:
         return _sync(self.server.find_token, token_string, token_type_hint)
 
