@@ -512,7 +512,7 @@ async def authorize_consent(request: Request) -> Response:
 # --- the token endpoint and its companions -------------------------------------------------
 
 
-async def _dpop_thumbprint(request: Request, access_token: str | None = None) -> str | None:
+async def _dpop_thumbprint(request: Request) -> str | None:
     """The key a token request proved with DPoP, or None without a proof (raises DpopError)."""
     values = request.headers.getlist("dpop")
     if not values:
@@ -522,7 +522,6 @@ async def _dpop_thumbprint(request: Request, access_token: str | None = None) ->
         values,
         method=request.method,
         url=f"{services.settings.issuer}{request.url.path}",
-        access_token=access_token,
         require_nonce=services.settings.dpop_nonce_required,
     )
     return proof.jkt  # type: ignore[no-any-return]

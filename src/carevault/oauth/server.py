@@ -256,21 +256,20 @@ class CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
         approval: Authorization = request.user
         payload = request.payload.data
         return _sync(
-            lambda: self.server.codes.issue(
-                client_id=request.client.client.id,
-                user_id=approval.user.id,
-                # "" when the request named none: then the token request may not either
-                # (RFC 6749 §4.1.3)
-                redirect_uri=request.payload.redirect_uri or "",
-                scope=" ".join(request.granted_scope),
-                code_challenge=payload["code_challenge"],
-                nonce=payload.get("nonce"),
-                patient=approval.patient,
-                dpop_jkt=payload.get("dpop_jkt"),
-                amr=approval.amr,
-                acr=approval.acr,
-                auth_time=approval.auth_time,
-            )
+            self.server.codes.issue,
+            client_id=request.client.client.id,
+            user_id=approval.user.id,
+            # "" when the request named none: then the token request may not either
+            # (RFC 6749 §4.1.3)
+            redirect_uri=request.payload.redirect_uri or "",
+            scope=" ".join(request.granted_scope),
+            code_challenge=payload["code_challenge"],
+            nonce=payload.get("nonce"),
+            patient=approval.patient,
+            dpop_jkt=payload.get("dpop_jkt"),
+            amr=approval.amr,
+            acr=approval.acr,
+            auth_time=approval.auth_time,
         )
 
     def save_authorization_code(self, code: str, request: Request) -> None:
