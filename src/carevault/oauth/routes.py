@@ -420,11 +420,17 @@ async def authorize_login(request: Request) -> Response:
     session, value = await begin(services, ctx, user, second)
     if isinstance(second, MfaRequired):
         response: Response = pages.mfa_page(raw, session.csrf_token, second.methods)
-    else:
-        response = RedirectResponse(
-            f"/oauth/authorize?{_after_sign_in(raw)}", status_code=303, headers=NO_STORE
-        )
-    set_session_cookie(response, value)
+        set_session_cookie(response, value)
+        return response
+    return _back_to_authorize(raw, value)
+
+
+def _back_to_authorize(raw: str, cookie: str) -> Response:
+    """Signed in: on to the authorization request, with the new session's cookie."""
+    response = RedirectResponse(
+        f"/oauth/authorize?{_after_sign_in(raw)}", status_code=303, headers=NO_STORE
+    )
+    set_session_cookie(response, cookie)
     return response
 
 
@@ -453,11 +459,7 @@ async def authorize_mfa(request: Request) -> Response:
         active, value = await finish(services, ctx, session, user, verified, proof.method)
     except SessionGone:
         return await _continue(request, raw, query)
-    response = RedirectResponse(
-        f"/oauth/authorize?{_after_sign_in(raw)}", status_code=303, headers=NO_STORE
-    )
-    set_session_cookie(response, value)
-    return response
+    return _back_to_authorize(raw, value)
 
 
 @router.post(
