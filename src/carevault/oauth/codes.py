@@ -9,7 +9,6 @@ tokens issued from it (RFC 9700 §4.2.4).
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 import uuid
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.db.engine import write_transaction
 from carevault.db.tables import oauth_codes
+from carevault.tokens.refresh import hash_token
 
 CODE_BYTES = 32
 CODE_TTL_SECONDS = 60
@@ -65,10 +65,6 @@ class Redemption:
     replayed_user: str | None = None
 
 
-def _hash(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
-
-
 class AuthorizationCodes:
     def __init__(self, engine: AsyncEngine, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
@@ -96,7 +92,7 @@ class AuthorizationCodes:
             await conn.execute(delete(oauth_codes).where(oauth_codes.c.expires_at < now - 86400))
             await conn.execute(
                 insert(oauth_codes).values(
-                    code_hash=_hash(code),
+                    code_hash=hash_token(code),
                     client_id=client_id,
                     user_id=user_id,
                     redirect_uri=redirect_uri,
@@ -118,7 +114,7 @@ class AuthorizationCodes:
         """Mark the code used and return it, if it is this client's, unused and unexpired."""
         if not code or len(code) > MAX_CODE_CHARS:
             return Redemption(None)
-        code_hash = _hash(code)
+        code_hash = hash_token(code)
         async with write_transaction(self._engine) as conn:
             now = self._clock()
             # The session id is written with `used_at`, so a replay, however soon, finds the
