@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from carevault import __version__
 from carevault.access.routes import router as access_router
@@ -16,8 +17,12 @@ from carevault.audit.report import router as access_report_router
 from carevault.audit.routes import router as audit_router
 from carevault.audit.writer import AuditUnavailable
 from carevault.config import Settings
-from carevault.edge import problems
+from carevault.edge import openapi, problems
+from carevault.edge.headers import SecurityHeaders
 from carevault.edge.limits import RequestLimits
+from carevault.edge.metrics import router as metrics_router
+from carevault.edge.rate_limit import RateLimit
+from carevault.edge.request_context import RequestContext
 from carevault.fhir.authorization import AccessDenied
 from carevault.fhir.bundle_routes import router as fhir_bundle_router
 from carevault.fhir.routes import FhirError, access_denied_response, error_response
@@ -80,6 +85,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.oauth = oauth
     problems.install(app)
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(jwks_router)
     app.include_router(auth_router)
     app.include_router(mfa_router)
@@ -111,4 +117,38 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         trusted_proxies=settings.trusted_proxies,
     )
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
+    # The edge, outermost last: every answer (a 413, a 429, a preflight) gets the request id,
+    # the log line, the metrics and the security headers.
+    app.add_middleware(RateLimit, settings=settings, services=services)
+    # CORS: a listed origin only, never "*"; credentials for listed origins alone.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "DPoP",
+            "If-Match",
+            "If-None-Match",
+            "Prefer",
+            "X-CSRF-Token",
+            "X-Request-ID",
+        ],
+        expose_headers=[
+            "ETag",
+            "Location",
+            "Retry-After",
+            "RateLimit",
+            "RateLimit-Policy",
+            "X-Request-ID",
+            "WWW-Authenticate",
+            "DPoP-Nonce",
+        ],
+        allow_credentials=True,
+        max_age=settings.cors_max_age_seconds,
+    )
+    app.add_middleware(SecurityHeaders, settings=settings)
+    app.add_middleware(RequestContext, settings=settings)
+    openapi.install(app)
     return app

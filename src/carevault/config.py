@@ -156,11 +156,43 @@ class Settings(BaseSettings):
     session_idle_seconds: int = Field(15 * 60, ge=60)
     session_absolute_seconds: int = Field(12 * 3600, ge=300)
 
+    # --- The HTTP edge (edge/) ----------------------------------------------------------
+    log_level: str = "INFO"
+    # Browser origins allowed to call the API from script (CORS); none by default, never "*".
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_max_age_seconds: int = Field(600, ge=0, le=7200)  # how long a preflight is cached
+    # Rate limits (edge/rate_limit.py) in the `limits` notation ("N/second|minute|hour"),
+    # moving windows. Stored in this process's memory, or in Redis (shared by every worker and
+    # host) when `rate_limit_storage_url` or else `redis_url` is set.
+    rate_limit_enabled: bool = True
+    rate_limit_storage_url: str | None = None
+    rate_limit_per_address: str = "1200/minute"
+    rate_limit_per_principal: str = "1200/minute"
+    rate_limit_auth_per_address: str = "60/minute"  # /auth/* and /oauth/*
+    # Request limits (edge/limits.py), checked while the request streams in.
+    max_json_depth: int = Field(32, ge=2, le=512)
+    max_json_array_items: int = Field(10_000, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    request_timeout_seconds: float = Field(30.0, gt=0)
+    keep_alive_timeout_seconds: int = Field(5, ge=1, le=300)  # idle connections are closed
+    # Prometheus exposition at /metrics: only to these peer addresses, or with this token.
+    metrics_allowed_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"]
+    )
+    metrics_token: SecretStr | None = None
+    # TLS client certificates (mTLS): the CA bundle that signs service clients' certificates.
+    # Set, a certificate is asked for (optional) and verified; it is not required.
+    tls_client_ca: Path | None = None
+    # SIGTERM: in-flight requests get this long to finish before the server stops anyway.
+    shutdown_timeout_seconds: float = Field(10.0, ge=0, le=300)
+
     @field_validator(
         "trusted_proxies",
         "fhir_update_create_users",
         "mfa_required_roles",
         "webauthn_origins",
+        "cors_origins",
+        "metrics_allowed_addresses",
         mode="before",
     )
     @classmethod
