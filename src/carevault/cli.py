@@ -294,21 +294,36 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
-    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate chain (PEM).")] = None,
     tls_key: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(help="CA bundle (PEM) for optional client certificates (mTLS)."),
+    ] = None,
 ) -> None:
-    """Apply migrations and serve HTTP(S)."""
-    import uvicorn
+    """Apply migrations and serve HTTP(S); SIGTERM stops gracefully (in-flight requests finish,
+    the audit trail is flushed) and exits 0."""
+    from carevault.edge.server import run, uvicorn_config
+    from carevault.edge.tls import TlsConfigurationError, server_context
 
     for name, value in (
         ("HOST", host),
         ("PORT", port),
         ("TLS_CERT", tls_cert),
         ("TLS_KEY", tls_key),
+        ("TLS_CLIENT_CA", tls_client_ca),
     ):
         if value is not None:
             os.environ[f"CAREVAULT_{name}"] = str(value)  # so that worker processes agree
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValueError as err:
+        raise _fail(str(err), 2) from None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:  # fail here, with a message, rather than in every worker
+            server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        except TlsConfigurationError as err:
+            raise _fail(str(err), 2) from None
     _initialise(settings)
     demo_count = _run(settings, lambda s: s.users.count_demo())
     try:
@@ -325,20 +340,55 @@ def serve(
         f"{scheme}://{settings.host}:{settings.port}/healthz",
         highlight=False,
     )
-    uvicorn.run(
-        "carevault.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        access_log=False,  # URLs can carry search values; issue-8 logging replaces this
-        server_header=False,
-        proxy_headers=False,
-        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
+    run(uvicorn_config(settings, workers))
+
+
+@app.command("dev-cert")
+def dev_cert(
+    out: Annotated[Path, typer.Option(help="Directory for the files.")] = Path("./var/tls"),
+    hosts: Annotated[
+        str, typer.Option(help="Comma-separated names and addresses the server answers as.")
+    ] = ",".join(("localhost", "127.0.0.1", "::1")),
+    client: Annotated[
+        str | None, typer.Option(help="Also make a client certificate with this name (mTLS).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Make a local development CA and a server certificate signed by it (never for
+    production: the CA key sits next to the certificates)."""
+    from carevault.edge.tls import DevFiles, write_dev_certificates
+
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not names:
+        raise _fail("--hosts needs at least one name or address")
+    if client is not None and (not client or "/" in client or client.startswith(".")):
+        raise _fail("--client must be a plain name")
+    files = DevFiles(out, client)
+    try:
+        write_dev_certificates(files, names, force=force)
+    except FileExistsError as err:
+        raise _fail(f"{err} exists; pass --force to replace the development certificates") from None
+    lines = [
+        f"development CA:     {files.ca_cert} (key {files.ca_key})",
+        f"server certificate: {files.server_cert} (key {files.server_key}) for {', '.join(names)}",
+    ]
+    if files.client_cert is not None:
+        lines.append(f"client certificate: {files.client_cert} (key {files.client_key})")
+    host = names[0] if ":" not in names[0] else f"[{names[0]}]"
+    lines += [
+        "",
+        "Serve HTTPS with:",
+        f"  carevault serve --tls-cert {files.server_cert} --tls-key {files.server_key}"
+        + (f" --tls-client-ca {files.ca_cert}" if files.client_cert else ""),
+        "and trust the CA in clients (not system-wide):",
+        f"  curl --cacert {files.ca_cert} https://{host}:8000/healthz",
+    ]
+    if files.client_cert is not None:
+        lines.append(
+            f"  curl --cacert {files.ca_cert} --cert {files.client_cert} "
+            f"--key {files.client_key} https://{host}:8000/healthz"
+        )
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 @user_app.command("add")

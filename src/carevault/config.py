@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 from enum import StrEnum
 from pathlib import Path
@@ -201,6 +202,11 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        return [cors_origin(origin) for origin in value]
+
     @field_validator("mfa_required_roles")
     @classmethod
     def _known_roles(cls, value: list[str]) -> list[str]:
@@ -222,7 +228,21 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
         return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {item!r} is not an IP address or network (CIDR)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _vault_apart(self) -> Settings:
@@ -269,6 +289,29 @@ class Settings(BaseSettings):
         return self.tls_cert is not None
 
 
+# An origin as a browser serializes it (RFC 6454 §6.2): scheme, host and port only.
+_ORIGIN = re.compile(r"(https?)://([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def cors_origin(value: str) -> str:
+    """A CORS origin exactly as browsers send it in `Origin`: lower case, the default port
+    left out. Anything else (a wildcard, a path, a trailing slash, credentials) is refused:
+    the API sends credentials to these origins, so each must be one site, spelled out."""
+    match = _ORIGIN.fullmatch(value.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"cors_origins: {value!r} is not an origin; list each one as scheme://host[:port] "
+            "(http or https, no wildcard, no path, no trailing slash)"
+        )
+    scheme, host, port = match.groups()
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"cors_origins: {value!r} has an invalid port")
+    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
 def to_async_url(url: str) -> str:
     """Accept the usual spellings of a database URL and select the async driver for them."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
@@ -286,6 +329,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_private(host: str) -> bool:
+    """A single private (RFC 1918, RFC 4193 ...) or loopback address; never a wildcard bind
+    such as 0.0.0.0 or ::, which also listens on public interfaces."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return is_loopback(host)
+    return address.is_loopback or (address.is_private and not address.is_unspecified)
 
 
 def secret_files(settings: Settings) -> list[Path]:
@@ -314,11 +367,14 @@ def check_production(settings: Settings, *, bind_host: str, demo_accounts: int) 
     if settings.environment is not Environment.production:
         return
     problems: list[str] = []
-    if not is_loopback(bind_host) and not settings.tls_enabled:
+    if not settings.tls_enabled and not (
+        is_loopback(bind_host) or (settings.trusted_proxies and is_private(bind_host))
+    ):
         problems.append(
             f"binding to {bind_host} without TLS. Fix: set CAREVAULT_TLS_CERT and "
-            "CAREVAULT_TLS_KEY (or pass --tls-cert/--tls-key), or bind to 127.0.0.1 behind a "
-            "TLS-terminating proxy"
+            "CAREVAULT_TLS_KEY (or pass --tls-cert/--tls-key), or, behind a TLS-terminating "
+            "proxy, bind to 127.0.0.1 or to a private address and list the proxy in "
+            "CAREVAULT_TRUSTED_PROXIES"
         )
     if settings.debug:
         problems.append("debug is on. Fix: unset CAREVAULT_DEBUG (or set it to false)")
