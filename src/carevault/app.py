@@ -7,7 +7,6 @@ import hashlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.middleware.cors import CORSMiddleware
 
 from carevault import __version__
 from carevault.access.routes import router as access_router
@@ -18,6 +17,7 @@ from carevault.audit.routes import router as audit_router
 from carevault.audit.writer import AuditUnavailable
 from carevault.config import Settings
 from carevault.edge import openapi, problems
+from carevault.edge.cors import ListedOriginsCORS
 from carevault.edge.headers import SecurityHeaders
 from carevault.edge.limits import RequestLimits
 from carevault.edge.metrics import router as metrics_router
@@ -116,13 +116,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         secret=services.secrets.subject_hash,
         trusted_proxies=settings.trusted_proxies,
     )
-    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLimits, settings=settings)
     # The edge, outermost last: every answer (a 413, a 429, a preflight) gets the request id,
     # the log line, the metrics and the security headers.
     app.add_middleware(RateLimit, settings=settings, services=services)
-    # CORS: a listed origin only, never "*"; credentials for listed origins alone.
+    # CORS: a listed origin only, never "*"; credentials for listed origins alone (edge/cors.py).
     app.add_middleware(
-        CORSMiddleware,
+        ListedOriginsCORS,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=[
