@@ -10,6 +10,7 @@ from typing import Any
 
 from carevault.audit.entry import AuditEntry, Outcome
 from carevault.audit.writer import AuditWriter
+from carevault.edge.metrics import count_auth_failure
 
 _OUTCOMES = {"success": Outcome.permit, "failure": Outcome.deny, "denied": Outcome.deny}
 # An alert is a security event worth a look; most are refusals, these are not.
@@ -65,4 +66,5 @@ class SecurityEventLog:
         self._writer = writer
 
     async def record(self, event: SecurityEvent) -> None:
+        count_auth_failure(event.event, event.outcome)
         await self._writer.write([event.entry()])

@@ -1,6 +1,8 @@
 """Audit before answering: a response on the record server's paths (`/fhir`, `/audit`) leaves
 only after its request's entries are committed. If they cannot be, the client gets 503 and
-none of the response (fail closed). Also gives every request its id (`X-Request-ID`).
+none of the response (fail closed). Entries carry the request's id, which the outermost
+middleware (edge/request_context.py) made, put in the scope's state and echoes in
+`X-Request-ID`.
 
 The response is held at its start message: carevault's record routes build whole responses,
 so by then every record the request touched has been decided and recorded.
@@ -51,13 +53,14 @@ class AuditTrail:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        rid = accept_request_id(headers.get("x-request-id"))
         state = scope.setdefault("state", {})
-        state[REQUEST_ID_KEY] = rid
+        rid = state.get(REQUEST_ID_KEY)
+        if rid is None:  # not behind RequestContext (a test's bare stack)
+            rid = state[REQUEST_ID_KEY] = accept_request_id(headers.get("x-request-id"))
         path: str = scope["path"]
         interaction = _interaction(scope["method"], path)
         if interaction is None:
-            await self.app(scope, receive, _with_request_id(send, rid))
+            await self.app(scope, receive, send)
             return
         audit = self._request_audit(scope, headers, rid, interaction, path)
         state[STATE_KEY] = audit
@@ -66,7 +69,7 @@ class AuditTrail:
             try:
                 await self.writer.write([audit.started()])
             except AuditUnavailable:
-                await _send_unavailable(send, rid, fhir)
+                await _send_unavailable(send, fhir)
                 return
         failed = False
         started = False
@@ -83,12 +86,8 @@ class AuditTrail:
                     await self.writer.write(audit.finish(message["status"], response_headers))
                 except AuditUnavailable:
                     failed = True
-                    await _send_unavailable(send, rid, fhir)
+                    await _send_unavailable(send, fhir)
                     return
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", rid.encode()),
-                ]
             elif failed:
                 return  # the original body never leaves
             await send(message)
@@ -165,15 +164,6 @@ _AUDIT_ACTIONS = {
 }
 
 
-def _with_request_id(send: Send, rid: str) -> Send:
-    async def sender(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-        await send(message)
-
-    return sender
-
-
 async def unavailable_response(request: Request, _err: Exception) -> Response:
     """For `AuditUnavailable` raised inside a handler (a security event that could not be
     recorded): the request fails, 503, whatever path it was on."""
@@ -207,9 +197,8 @@ def _unavailable(fhir: bool) -> Response:
     )
 
 
-async def _send_unavailable(send: Send, rid: str, fhir: bool) -> None:
+async def _send_unavailable(send: Send, fhir: bool) -> None:
     response = _unavailable(fhir)
-    response.headers["x-request-id"] = rid
     await send(
         {
             "type": "http.response.start",

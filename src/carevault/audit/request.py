@@ -1,17 +1,17 @@
 """What one request did to records, collected while it runs and committed before it answers.
 
-The middleware (`audit/middleware.py`) gives every request an id and, on the record server's
-paths, a `RequestAudit`. The authorization door (`fhir/authorization.py`) adds an entry for
-each record it lets the caller act on and for each refusal; when the response is about to
-leave, the middleware stamps every entry with the final status and adds one entry for the
-request itself where the interaction touched no single record (a search, a history, a bundle,
-a request refused before any record was looked at), so no request is ever left out.
+Every request has an id (made by edge/request_context.py, the outermost middleware, and kept
+in the scope's state); the middleware (`audit/middleware.py`) gives one on the record server's
+paths a `RequestAudit` carrying it. The authorization door (`fhir/authorization.py`) adds an
+entry for each record it lets the caller act on and for each refusal; when the response is
+about to leave, the middleware stamps every entry with the final status and adds one entry
+for the request itself where the interaction touched no single record (a search, a history,
+a bundle, a request refused before any record was looked at), so no request is ever left
+out.
 """
 
 from __future__ import annotations
 
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -19,23 +19,15 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.requests import Request
 
 from carevault.audit.entry import AuditEntry, Outcome, keyed_hash
+from carevault.edge.request_context import REQUEST_ID_KEY as REQUEST_ID_KEY
+from carevault.edge.request_context import accept_request_id as accept_request_id
 
 STATE_KEY = "audit"
-REQUEST_ID_KEY = "request_id"
-# A client's request id is kept only when it is a UUID: anything freer could carry a name
-# into the audit trail and the logs.
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Interactions whose one entry is the record they touched; others always get a request entry.
 # Of these, the writes are also recorded as started (`<action>.start`) before they run: a
 # write that cannot be recorded is refused before it changes anything.
 _SINGLE_RECORD = frozenset({"read", "vread", "create", "update", "delete"})
 WRITES = frozenset({"fhir.create", "fhir.update", "fhir.delete", "fhir.bundle"})
-
-
-def accept_request_id(header: str | None) -> str:
-    if header and _UUID.fullmatch(header):
-        return header.lower()
-    return str(uuid.uuid4())
 
 
 def request_id(request: Request) -> str | None:

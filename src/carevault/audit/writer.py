@@ -21,6 +21,7 @@ from carevault.access.alerts import AlertSinks
 from carevault.audit.alerts import AlertRules, alert_entry
 from carevault.audit.entry import AuditEntry
 from carevault.audit.log import AuditLog, ChainBroken
+from carevault.edge.metrics import AUDIT_WRITES
 
 log = structlog.get_logger("carevault.audit")
 
@@ -73,7 +74,9 @@ class AuditWriter:
             try:
                 self._size = await self.trail.append([e for entries, _ in batch for e in entries])
                 self.batches += 1
+                AUDIT_WRITES.labels(outcome="ok").inc(count)
             except Exception as err:  # noqa: BLE001 - any failure means: not durable, deny
+                AUDIT_WRITES.labels(outcome="failed").inc(count)
                 log.error("audit_write_failed", error=type(err).__name__)
                 for _, done in batch:
                     if not done.done():

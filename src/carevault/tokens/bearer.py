@@ -17,6 +17,7 @@ from __future__ import annotations
 import structlog
 from fastapi import Request
 
+from carevault.edge.metrics import AUTH_FAILURES
 from carevault.edge.problems import ProblemError
 from carevault.identity.authentication import FIRST_PARTY_CLIENT, first_party_scope
 from carevault.identity.mfa.policy import ENROLL_SCOPE
@@ -40,6 +41,8 @@ def _revocation_unavailable() -> ProblemError:
 
 
 def _unauthorized(error: str | None, scheme: str = "bearer") -> ProblemError:
+    if error:  # a credential was presented and refused (none at all is not a failure)
+        AUTH_FAILURES.labels(kind="token").inc()
     realm = DPOP_REALM if scheme == "dpop" else REALM
     challenge = f'{realm}, error="{error}"' if error else realm
     return ProblemError(401, "Authentication is required.", headers={"WWW-Authenticate": challenge})
@@ -156,6 +159,7 @@ async def _check_binding(request: Request, scheme: str, token: str, claims: Acce
         )
     except DpopError as err:
         log.info("dpop_rejected", reason=err.description)
+        AUTH_FAILURES.labels(kind="token").inc()
         raise ProblemError(
             401,
             "Authentication is required.",
