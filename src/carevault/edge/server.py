@@ -127,8 +127,11 @@ def _ssl_context(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) 
     return server_context(config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs)
 
 
-def uvicorn_config(settings: Settings, workers: int = 1, app: str = APP) -> uvicorn.Config:
-    """The uvicorn configuration `carevault serve` runs (tests run other apps with it)."""
+def uvicorn_config(
+    settings: Settings, workers: int = 1, app: str | Callable[[], Any] = APP
+) -> uvicorn.Config:
+    """The uvicorn configuration `carevault serve` runs. `app` is the factory (an import
+    string, which `workers` > 1 needs); tests pass their own to serve a diagnostic route."""
     tls = settings.tls_cert is not None and settings.tls_key is not None
     return uvicorn.Config(
         app,
