@@ -84,6 +84,9 @@ OAUTH_PROTOCOL = frozenset({"/oauth/token", "/oauth/revoke", "/oauth/introspect"
 # The authorization endpoint and its sign-in pages: HTML for people, redirects to clients.
 OAUTH_PAGES = re.compile(r"^/oauth/authorize(/|$)")
 
+# FHIR content outside /fhir: the audit trail as AuditEvents (its errors are problems).
+FHIR_ELSEWHERE = frozenset({"/audit/AuditEvent"})
+
 # What each handler raises beyond the rules, by (method, path): status -> media types
 # (None: the operation's own error media type). Kept honest by tests/e2e/test_fuzz.py, which
 # fails on any status an operation answers and does not declare.
@@ -326,7 +329,7 @@ class Operation:
 
     @property
     def success_media(self) -> str | None:
-        if self.fhir:
+        if self.fhir or self.path in FHIR_ELSEWHERE:
             return FHIR_JSON
         if OAUTH_PAGES.match(self.path):
             return HTML
