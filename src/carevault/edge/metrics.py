@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from carevault.config import Settings
 from carevault.edge.client_address import client_address
@@ -162,9 +163,17 @@ async def metrics(request: Request) -> Response:
     )
 
 
-# Every method routes here (a plain route, no method list): a refused request answers 404
-# whatever its method, where a method-bound route would betray itself with a 405.
-_ROUTE = Route("/metrics", metrics, include_in_schema=False)
+class _MetricsApp:
+    """The route as a plain ASGI app: Starlette routes every method to one (a function
+    endpoint would get GET and HEAD only), so a refused request answers 404 whatever its
+    method, where a method-bound route would betray itself with a 405."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await metrics(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+_ROUTE = Route("/metrics", _MetricsApp(), include_in_schema=False)
 router.routes.append(_ROUTE)
 
 
