@@ -16,7 +16,8 @@ documents (FHIR's, OperationOutcomes; OAuth's protocol endpoints, RFC 6749 §5.2
 - `components.securitySchemes` and a `security` requirement on every operation (`[]` for
   the public ones).
 
-Rules (which status, for which operation):
+Rules (which status, for which operation; the edge's refusals are OperationOutcomes under
+/fhir, problem documents elsewhere; authentication's and CSRF's are problem documents):
 
 | status | operations | answered by |
 | --- | --- | --- |
@@ -24,9 +25,9 @@ Rules (which status, for which operation):
 | 401 | protected: no, a bad, expired or revoked credential | tokens/bearer.py |
 | 403 | protected (token not for this API, enrollment-only); unsafe methods (CSRF) | bearer, csrf |
 | 404 | a path parameter names something; FHIR: an unknown type or id | handler |
-| 413, 415 | POST, PUT, PATCH (body size; a body that is not JSON or an allowed form) | limits.py |
+| 400, 408, 413, 415 | POST, PUT, PATCH (JSON shape, slow body, size, type) | limits.py |
 | 422 | a body or a parameter FastAPI validates, or the handler's (table) | problems.py |
-| 429 | every operation (rate limits apply everywhere) | rate_limit.py |
+| 429, 431 | every operation (rate limits, header size apply everywhere) | rate_limit, limits |
 | 503 | protected (revocation cannot be checked), audited paths (/fhir, /audit: fail closed) | |
 
 405 is not declared: an operation of this document never answers it; a method the path does
@@ -174,6 +175,7 @@ REASONS = {
     401: "Unauthorized: no, a bad, expired or revoked credential; or a step-up is required",
     403: "Forbidden: not allowed, a token not for this API, or a missing CSRF token",
     404: "Not Found (or not visible to the caller)",
+    408: "Request Timeout: the body did not arrive in time",
     409: "Conflict",
     410: "Gone: deleted",
     412: "Precondition Failed (If-Match or If-None-Exist)",
@@ -182,6 +184,7 @@ REASONS = {
     422: "Unprocessable Content: the request is not valid",
     428: "Precondition Required: this server requires If-Match",
     429: "Too Many Requests: rate limited (see Retry-After)",
+    431: "Request Header Fields Too Large",
     503: "Service Unavailable: the audit trail or the revocation list cannot be reached",
 }
 
@@ -344,7 +347,10 @@ class Operation:
             found.setdefault(status, set()).update(own if media is None else media)
 
         problem = (PROBLEM_JSON,)
-        add(429, problem)
+        # The edge's own refusals (limits.py, rate_limit.py): OperationOutcomes under /fhir.
+        edge = (FHIR_JSON,) if self.fhir else problem
+        add(429, edge)
+        add(431, edge)  # request headers over max_header_bytes
         for key, response in declared.items():
             if key.isdigit() and int(key) >= 400 and not _fastapi_422(response):
                 add(int(key), None)
@@ -355,8 +361,10 @@ class Operation:
         if self.method in UNSAFE_METHODS:
             add(403, problem)  # CSRF: a live session cookie without its token
         if self.method in WRITE_METHODS:
-            add(413, problem)
-            add(415, problem)
+            add(400, edge)  # JSON nested too deeply, a list too long
+            add(408, edge)  # the body did not arrive in time
+            add(413, edge)
+            add(415, edge)
         if self.validated:
             add(422, problem)
         if self.json_body:
