@@ -1,8 +1,11 @@
 """`python -m bench`: run a scenario set, print a table, write bench/results/<UTC>.json.
 
-Scenario set "auth" (the default) is the HTTP benchmark (baseline `GET /bench/static` against
-`GET /auth/me` with a bearer token, on the real server in a subprocess, load from wrk in another
-process) and the JWT micro benchmark (full verification against a raw signature check).
+Scenario set "suite" (the default, issue 8, `bench/suite.py`) measures the real server on SQLite
+and PostgreSQL with 1 and 2 workers on a seeded data set: baseline, auth, FHIR read / searches /
+create, login and reads during a login storm, each as a ratio to the baseline of the same run,
+and writes a PNG chart next to the JSON. The other sets are run by name: "auth" (the HTTP
+benchmark of `GET /auth/me` against `GET /bench/static` plus the JWT micro benchmark), "http",
+"micro", "fhir", "access" and "audit".
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HTTP_RPS_TARGET = 0.7  # auth req/s >= 0.7 x baseline req/s
 MICRO_TARGET = 1.5  # full verification <= 1.5 x raw signature check
 SCENARIO_SETS = {
+    "suite": ("suite",),
     "auth": ("http", "micro"),
     "http": ("http",),
     "micro": ("micro",),
@@ -63,9 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "scenarios",
         nargs="?",
-        default="auth",
+        default="suite",
         choices=sorted(SCENARIO_SETS),
-        help="scenario set: auth = http + micro; fhir = FHIR REST on a seeded data set; "
+        help="scenario set: suite (default) = the whole server on SQLite and PostgreSQL with 1 "
+        "and 2 workers (baseline, auth, FHIR read/search/create, login, login storm); "
+        "auth = http + micro; fhir = FHIR REST on a seeded data set; "
         "access = cost of the access decision point (physician vs service account); "
         "audit = audit cost per read (vs a no-op writer), append throughput, verify speed",
     )
@@ -77,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stores",
         default=None,
-        help="fhir: comma-separated stores, sqlite and/or postgresql (default sqlite, plus "
-        "postgresql when --pg or $CAREVAULT_TEST_DATABASE_URL is set); a store that does not "
-        "answer is skipped with the reason shown",
+        help="fhir, suite: comma-separated stores, sqlite and/or postgresql (suite: default "
+        "both; fhir: default sqlite, plus postgresql when --pg or $CAREVAULT_TEST_DATABASE_URL "
+        "is set); a PostgreSQL that does not answer is skipped with the reason shown",
     )
     parser.add_argument(
         "--pg",
@@ -93,6 +99,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-sqlite",
         action="store_true",
         help="fhir: PostgreSQL only (same as --stores postgresql)",
+    )
+    parser.add_argument(
+        "--patients",
+        type=int,
+        default=None,
+        help="suite: patients seeded, each with 5 Observations (default 10000, quick 1000)",
+    )
+    parser.add_argument(
+        "--server-workers",
+        default="1,2",
+        help="suite: comma-separated uvicorn worker counts, measured in turn (default 1,2)",
+    )
+    parser.add_argument(
+        "--storm-connections",
+        type=int,
+        default=32,
+        help="suite: connections of the login load during read-during-login-storm (default 32)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        choices=("off", "high"),
+        default="off",
+        help="suite: the server's rate limits: off (default; every request comes from "
+        "127.0.0.1) or on with limits of 10,000,000/minute (measures the limiter's cost)",
     )
     parser.add_argument(
         "--size",
@@ -212,11 +242,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # fhir: 4 store/size pairs x 7 scenarios, access: 8 scenarios per store: shorter by default
     fhir = args.scenarios in ("fhir", "access", "audit")
+    suite = args.scenarios == "suite"
     args.duration = args.duration or (3.0 if args.quick else 8.0 if fhir else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     args.iterations = args.iterations or (500 if args.quick else 3000)
     args.repeat = args.repeat or (3 if args.quick else 5)
-    args.rounds = args.rounds or (1 if args.quick else 2 if fhir else 3)
+    args.rounds = args.rounds or (1 if args.quick else 2 if fhir or suite else 3)
+    args.patients = args.patients or (1000 if args.quick else 10_000)
+    try:
+        args.server_workers = [int(x) for x in args.server_workers.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--server-workers takes comma-separated integers, e.g. 1,2")
+    if not args.server_workers or min(args.server_workers) < 1 or args.patients < 1:
+        parser.error("--server-workers and --patients must be at least 1")
+    if args.patients < 20 or args.storm_connections < 1:
+        parser.error("--patients must be at least 20, --storm-connections at least 1")
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:
         args.sizes = [int(x.replace("_", "")) for x in args.sizes.split(",") if x.strip()]
@@ -225,7 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.sizes or min(args.sizes) < 15:
         parser.error("--sizes must be at least 15")
     env_pg = os.environ.get("CAREVAULT_TEST_DATABASE_URL") or None
-    if args.stores is None:
+    if args.stores is None and suite:
+        args.stores = ["sqlite", "postgresql"]  # PostgreSQL skipped, reason shown, if absent
+    elif args.stores is None:
         args.stores = ["sqlite"] + (["postgresql"] if (args.pg or env_pg) else [])
     else:
         args.stores = [x.strip().lower() for x in args.stores.split(",") if x.strip()]
@@ -551,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     pin = not args.no_pin and cpus >= 2
 
     runner: Any = None
+    if "suite" in parts:
+        from bench.suite import suite_main
+
+        return suite_main(args, started, cpus, pin, console, machine_info, Steps)
     if "fhir" in parts:
         return fhir_main(args, started, cpus, pin)
     if "access" in parts:

@@ -253,6 +253,61 @@ def bulk_unsupported(store: Any) -> str | None:
     return f"ResourceStore has no {', '.join(missing)}" if missing else None
 
 
+DEK_BULK_PIECES = ("_cache", "_engine", "_custody", "_monotonic", "_clock", "_generation")
+
+
+async def _create_deks(envelope: Any, scopes: list[str]) -> int:
+    """Create the data keys of the scopes that have none yet in ONE vault transaction (the
+    envelope's `_create` uses one per scope: half of the seeding time), built as `_create`
+    builds them (a new tink AES-256-GCM keyset, wrapped by the current KEK primary with the
+    scope as associated data), and put them in the envelope's cache as `_dek` would. Seeding
+    processes own disjoint patients, so there is no creation race to resolve. Returns how many
+    were created (0 when the envelope lacks a piece this mirrors: then `encrypt` creates them
+    one by one, as in production)."""
+    import tink
+    from sqlalchemy import select as sa_select
+    from tink import aead
+
+    from carevault.crypto import envelope as envelope_module
+    from carevault.db.tables import data_keys
+
+    template = getattr(envelope_module, "DEK_TEMPLATE", None)
+    wrap = getattr(envelope_module, "_wrap", None)
+    if template is None or wrap is None or not all(hasattr(envelope, a) for a in DEK_BULK_PIECES):
+        return 0
+    if envelope._generation != (envelope._signal.read() if envelope._signal is not None else 0):
+        return 0  # a destroy was signalled: let `_dek` clear its cache first
+    now = envelope._monotonic()
+    wanted = [s for s in dict.fromkeys(scopes) if envelope._cache.get(s, now) is None]
+    if not wanted:
+        return 0
+    async with read_connection(envelope._engine) as conn:
+        rows = await conn.execute(sa_select(data_keys.c.scope).where(data_keys.c.scope.in_(wanted)))
+        existing = {r.scope for r in rows}
+    kek = envelope._custody.current_kek()
+    created, rows_out = {}, []
+    for scope in wanted:
+        if scope in existing:
+            continue  # `_dek` loads and unwraps it
+        handle = tink.new_keyset_handle(template)
+        created[scope] = handle.primitive(aead.Aead)
+        rows_out.append(
+            {
+                "scope": scope,
+                "wrapped": wrap(handle, kek, scope),
+                "kek_key_id": kek.primary_id,
+                "created_at": envelope._clock(),
+                "destroyed_at": None,
+            }
+        )
+    if rows_out:
+        async with write_transaction(envelope._engine) as conn:
+            await conn.execute(insert(data_keys), rows_out)
+        for scope, primitive in created.items():
+            envelope._cache.put(scope, primitive, now)
+    return len(rows_out)
+
+
 async def _write_bulk(services: Any, bodies: list[dict[str, Any]], now: float) -> None:
     """Create `bodies` (new ids) the way `ResourceStore.write_many` does, rows built by the
     store's own code (`_stamp`, `patients_of`, `_scope`, `_index_rows`) and encrypted by its
@@ -266,11 +321,14 @@ async def _write_bulk(services: Any, bodies: list[dict[str, Any]], now: float) -
     compartments: list[dict[str, Any]] = []
     keys: list[dict[str, Any]] = []
     dates: list[dict[str, Any]] = []
+    prepared = []
     for body in bodies:
         rtype, rid = body["resourceType"], body["id"]
         stamped = store._stamp(body, rid, 1, now)
         patients = store.patients_of(stamped)
-        scope = store._scope(rtype, patients)
+        prepared.append((rtype, rid, stamped, patients, store._scope(rtype, patients)))
+    await _create_deks(envelope, [p[4] for p in prepared])
+    for rtype, rid, stamped, patients, scope in prepared:
         ciphertext = await envelope.encrypt(
             scope, orjson.dumps(stamped), associated_data(rtype, rid, 1)
         )
@@ -321,6 +379,8 @@ async def seed(
     method: str = "bulk",
     batch_groups: int = 25,
     advance: Callable[[int], None] | None = None,
+    maker: Callable[[int], PatientGroup] | None = None,
+    validate_every: int = 10,
 ) -> SeedResult:
     """Write patient groups `start_group`, `start_group + step`, ... (below `stop_group`, by
     default all of a data set of about `n`) into the store, `batch_groups` patients per
@@ -329,11 +389,15 @@ async def seed(
     method "write_many": through `ResourceStore.write_many`, the path of HTTP and Bundle writes.
     method "bulk" (default, ~5x faster): `_write_bulk`, the same rows built by the store's code
     (tested equal to write_many's in tests/test_bench_smoke.py). Either way every body is
-    encrypted under its patient's own data key (created on first use, as in production),
-    compartment rows and blind indexes are real. Bodies of the first VALIDATE_ALL_GROUPS groups
-    and of every 10th after are checked with `validate_resource` (the data set is generated in
-    normal form; a body that is not stops the run).
+    encrypted under its patient's own data key (bulk: the keys of a transaction's new patients
+    are created together in one vault transaction, `_create_deks`; write_many: on first use, as
+    in production), compartment rows and blind indexes are real. Bodies of the first
+    VALIDATE_ALL_GROUPS groups and of every `validate_every`-th after are checked with
+    `validate_resource` (the data set is generated in normal form; a body that is not stops the
+    run). `maker(index)` builds group `index` (default `make_group`; the "suite" set passes its
+    own data set's).
     """
+    make = maker or make_group
     if method not in SEED_METHODS:
         raise ValueError(f"seed method must be one of {SEED_METHODS}")
     fallback = bulk_unsupported(services.store) if method == "bulk" else None
@@ -362,10 +426,10 @@ async def seed(
         batch = []
 
     for count, index in enumerate(range(start_group, stop, step)):
-        group = make_group(index)
+        group = make(index)
         patient_ids.append(group.patient_id)
         families.append(group.family)
-        if index < VALIDATE_ALL_GROUPS or index % 10 == 0:
+        if index < VALIDATE_ALL_GROUPS or index % validate_every == 0:
             batch.extend(_validated(group))
         else:
             batch.extend(group.resources)
@@ -621,6 +685,8 @@ def _seed_worker(
     step: int,
     method: str,
     queue: Any,
+    maker: Callable[[int], PatientGroup] | None = None,
+    validate_every: int = 10,
 ) -> None:
     """One seeding process (spawned): its own `build_services` on the same database."""
     import traceback
@@ -640,6 +706,8 @@ def _seed_worker(
                 step=step,
                 method=method,
                 advance=lambda k: queue.put(("tick", k)),
+                maker=maker,
+                validate_every=validate_every,
             )
         finally:
             await services.close()
@@ -659,15 +727,20 @@ def seed_processes(
     workers: int = 2,
     method: str = "bulk",
     advance: Callable[[int], None] | None = None,
+    stop_group: int | None = None,
+    maker: Callable[[int], PatientGroup] | None = None,
+    validate_every: int = 10,
 ) -> tuple[int, float, dict[str, Any]]:
     """Seed groups `start_group` .. of a data set of about `n` with `workers` processes (group
     i goes to process i mod workers: validation, index extraction and encryption are CPU-bound
     and run in parallel; SQLite serialises the short write transactions). Returns (resources
-    written, seconds, what `seed` reported: the method used)."""
+    written, seconds, what `seed` reported: the method used). `stop_group` (default: the groups
+    of a data set of about `n`) and `maker` (a module-level function, it goes to spawned
+    processes) are for data sets other than this module's."""
     import multiprocessing
     import queue as queue_module
 
-    stop_group = group_count(n)
+    stop_group = group_count(n) if stop_group is None else stop_group
     started = time.perf_counter()
     if stop_group <= start_group:
         return 0, 0.0, {"method": method}
@@ -676,7 +749,17 @@ def seed_processes(
     processes = [
         context.Process(
             target=_seed_worker,
-            args=(settings_kwargs, n, start_group + w, stop_group, workers, method, messages),
+            args=(
+                settings_kwargs,
+                n,
+                start_group + w,
+                stop_group,
+                workers,
+                method,
+                messages,
+                maker,
+                validate_every,
+            ),
             daemon=True,
         )
         for w in range(max(1, workers))

@@ -75,6 +75,30 @@ class LoadError(RuntimeError):
     pass
 
 
+class RunningLoad:
+    """A load generator process started by `start()`: `wait()` returns its `LoadResult`, so
+    that two loads can run at once (the login storm under a read load)."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[str],
+        seconds: float,
+        parse: Callable[[str, str, int], LoadResult],
+    ) -> None:
+        self.process = process
+        self.seconds = seconds
+        self._parse = parse
+
+    def wait(self, tick: Callable[[float], None] | None = None) -> LoadResult:
+        stdout, stderr = _wait(self.process, self.seconds, tick)
+        return self._parse(stdout, stderr, self.process.returncode)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()  # our own child
+            self.process.communicate()
+
+
 def wrk_version(binary: str) -> str:
     out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
     match = re.search(r"wrk\s+(\S+)", out.stdout + out.stderr)
@@ -156,6 +180,17 @@ class WrkRunner:
     ) -> LoadResult:
         """Load `url` for `seconds`. `script` (Lua, e.g. a `request()` that rotates paths) runs
         after the reporting script; `script_env` is added to wrk's environment for it."""
+        return self.start(url, seconds, authorization, script, script_env).wait(tick)
+
+    def start(
+        self,
+        url: str,
+        seconds: float,
+        authorization: str | None = None,
+        script: str | None = None,
+        script_env: dict[str, str] | None = None,
+    ) -> RunningLoad:
+        """`run` without waiting: the wrk process is running when this returns."""
         env = {**os.environ, "BENCH_AUTHORIZATION": authorization or "", **(script_env or {})}
         script_path = self._script
         if script is not None:
@@ -183,12 +218,13 @@ class WrkRunner:
             env=env,
             preexec_fn=_pin(self.cpu),
         )
-        stdout, stderr = _wait(process, seconds, tick)
+        return RunningLoad(process, seconds, lambda out, err, rc: self._parse(url, out, err, rc))
+
+    def _parse(self, url: str, stdout: str, stderr: str, returncode: int) -> LoadResult:
         line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-        if process.returncode != 0 or line is None:
+        if returncode != 0 or line is None:
             raise LoadError(
-                f"wrk failed ({process.returncode}): {stderr.strip()[-500:]} "
-                f"{stdout.strip()[-500:]}"
+                f"wrk failed ({returncode}): {stderr.strip()[-500:]} {stdout.strip()[-500:]}"
             )
         data = json.loads(line.removeprefix("BENCH_JSON "))
         return LoadResult(
@@ -208,7 +244,11 @@ class WrkRunner:
 
 
 class PythonLoadRunner:
-    """`python -m bench.loadgen` in its own process (its CPU use competes with the server)."""
+    """`python -m bench.loadgen` in its own process (its CPU use competes with the server).
+
+    Lua scripts do not apply; `script_env` does: the load generator reads the same variables as
+    `bench.suite.SUITE_SCRIPT` (BENCH_PATHS_FILE, BENCH_BODIES_FILE, BENCH_METHOD,
+    BENCH_CONTENT_TYPE)."""
 
     name = "python-loadgen"
 
@@ -224,9 +264,22 @@ class PythonLoadRunner:
         seconds: float,
         authorization: str | None = None,
         tick: Callable[[float], None] | None = None,
+        script: str | None = None,
+        script_env: dict[str, str] | None = None,
     ) -> LoadResult:
+        return self.start(url, seconds, authorization, script, script_env).wait(tick)
+
+    def start(
+        self,
+        url: str,
+        seconds: float,
+        authorization: str | None = None,
+        script: str | None = None,
+        script_env: dict[str, str] | None = None,
+    ) -> RunningLoad:
         env = {
             **os.environ,
+            **(script_env or {}),
             "BENCH_AUTHORIZATION": authorization or "",
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
@@ -251,9 +304,11 @@ class PythonLoadRunner:
             env=env,
             preexec_fn=_pin(self.cpu),
         )
-        stdout, stderr = _wait(process, seconds, tick)
-        if process.returncode != 0 or not stdout.strip():
-            raise LoadError(f"bench.loadgen failed ({process.returncode}): {stderr.strip()[-500:]}")
+        return RunningLoad(process, seconds, lambda out, err, rc: self._parse(url, out, err, rc))
+
+    def _parse(self, url: str, stdout: str, stderr: str, returncode: int) -> LoadResult:
+        if returncode != 0 or not stdout.strip():
+            raise LoadError(f"bench.loadgen failed ({returncode}): {stderr.strip()[-500:]}")
         data = json.loads(stdout.strip().splitlines()[-1])
         return LoadResult(
             tool=self.name,

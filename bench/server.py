@@ -113,6 +113,8 @@ class BenchServer:
     extra_pythonpath: tuple[str, ...] = ()
     database_url: str | None = None  # PostgreSQL (sync URL); None = SQLite in the data dir
     role: str = "physician"  # of the benchmark user (the fhir set needs every patient: service)
+    # Added to the server's environment last (e.g. rate limits kept on with high limits).
+    extra_env: dict[str, str] = field(default_factory=dict)
     data_dir: Path = field(init=False)
     port: int = field(init=False)
     token: str = field(init=False, default="")
@@ -149,6 +151,10 @@ class BenchServer:
                 # Benchmark accounts log in with a password alone: the runs measure requests,
                 # not the second factor (MFA is on for staff roles by default).
                 "CAREVAULT_MFA_REQUIRED_ROLES": "",
+                # Every request of a run comes from 127.0.0.1: the per-address limits
+                # (1200/minute, 60/minute on /auth/*) would cut the load to a trickle and
+                # measure the limiter's 429s. Off unless a set asks otherwise (`extra_env`).
+                "CAREVAULT_RATE_LIMIT_ENABLED": "false",
                 STATIC_BODY_ENV: str(self.static_body_file),
                 "PYTHONPATH": os.pathsep.join(
                     p
@@ -164,6 +170,7 @@ class BenchServer:
         )
         if self.database_url:
             env["CAREVAULT_DATABASE_URL"] = self.database_url
+        env.update(self.extra_env)
         return env
 
     def _cli(self, *args: str, stdin: bytes | None = None) -> bytes:
