@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.python import asgi
@@ -38,6 +39,8 @@ from carevault.runtime import build_services
 from tests.conftest import STRONG_PASSWORD
 
 FUZZ_EXAMPLES = int(os.environ.get("CAREVAULT_FUZZ_EXAMPLES", "8"))
+# Valid requests (every answer declared), and invalid ones (refused with a declared 4xx).
+MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -93,7 +96,9 @@ def _caller(path: str) -> str:
 
 
 def _fuzz(operation: Any, token: str) -> None:
-    @given(case=operation.as_strategy(GenerationMode.POSITIVE))
+    strategies = [operation.as_strategy(mode) for mode in MODES]
+
+    @given(case=st.one_of(strategies))
     @settings(
         max_examples=FUZZ_EXAMPLES,
         deadline=None,
