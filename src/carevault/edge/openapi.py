@@ -512,6 +512,23 @@ def _document_operation(op: dict[str, Any], facts: Operation) -> None:
     op["security"] = facts.security
 
 
+_PATIENT = {
+    "resourceType": "Patient",
+    "name": [{"family": "Example", "given": ["Pat"]}],
+    "gender": "unknown",
+    "birthDate": "1970-01-01",
+}
+_FHIR_EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/fhir/{resource_type}"): _PATIENT,
+    ("put", "/fhir/{resource_type}/{resource_id}"): {**_PATIENT, "id": "example"},
+    ("post", "/fhir"): {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"request": {"method": "GET", "url": "Patient?family=Example"}}],
+    },
+}
+
+
 def _fhir_request(op: dict[str, Any], facts: Operation) -> None:
     """What FastAPI cannot see of a FHIR request (fhir/routes.py reads bodies itself, so that
     every error is an OperationOutcome): the resource types and ids paths take, and bodies."""
@@ -523,15 +540,19 @@ def _fhir_request(op: dict[str, Any], facts: Operation) -> None:
             continue
         if parameter["name"] == "resource_type":
             parameter["schema"] = {"type": "string", "enum": sorted(SUPPORTED_TYPES)}
+            parameter["example"] = "Patient"
         elif parameter["name"] in ("resource_id", "patient_id"):
             parameter["schema"] = {"type": "string", "pattern": ID_PATTERN.pattern}
+            parameter["example"] = "example"
         elif parameter["name"] == "version":
             parameter["schema"] = {"type": "string", "pattern": "^[0-9]{1,9}$"}
+            parameter["example"] = "1"
     if facts.method in ("post", "put") and not facts.path.endswith("/_search"):
-        op["requestBody"] = {
-            "required": True,
-            "content": {FHIR_JSON: {"schema": _ref("FhirResource")}},
-        }
+        example = _FHIR_EXAMPLES.get((facts.method, facts.path))
+        media: dict[str, Any] = {"schema": _ref("FhirResource")}
+        if example is not None:
+            media["example"] = example
+        op["requestBody"] = {"required": True, "content": {FHIR_JSON: media}}
     elif facts.path.endswith("/_search"):
         op["requestBody"] = {
             "required": False,
