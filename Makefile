@@ -25,8 +25,12 @@ test: $(STAMP)
 	@eval "$$($(BIN)/python tools/probe_services.py)" && \
 		$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# The issue-8 suite by default (SQLite, and PostgreSQL when the probe finds it: skipped with the
+# reason otherwise; 1 and 2 workers; ~25 minutes); BENCH_ARGS="--quick" for a ~3 minute smoke,
+# BENCH_ARGS="fhir" (or auth, access, audit) for another scenario set.
 bench: $(STAMP)
-	$(BIN)/python -m bench $(BENCH_ARGS)
+	@eval "$$($(BIN)/python tools/probe_services.py)" && \
+		$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools

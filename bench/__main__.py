@@ -118,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="suite: connections of the login load during read-during-login-storm (default 32)",
     )
     parser.add_argument(
+        "--login-accounts",
+        type=int,
+        default=64,
+        help="suite: accounts that login and the login storm rotate over (default 64; the "
+        "login throttle allows 5 attempts in flight per account)",
+    )
+    parser.add_argument(
         "--rate-limit",
         choices=("off", "high"),
         default="off",
@@ -255,8 +262,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--server-workers takes comma-separated integers, e.g. 1,2")
     if not args.server_workers or min(args.server_workers) < 1 or args.patients < 1:
         parser.error("--server-workers and --patients must be at least 1")
-    if args.patients < 20 or args.storm_connections < 1:
-        parser.error("--patients must be at least 20, --storm-connections at least 1")
+    if args.patients < 20 or args.storm_connections < 1 or args.login_accounts < 1:
+        parser.error(
+            "--patients must be at least 20, --storm-connections and --login-accounts at least 1"
+        )
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     try:
         args.sizes = [int(x.replace("_", "")) for x in args.sizes.split(",") if x.strip()]

@@ -337,7 +337,9 @@ def login_usernames(count: int = LOGIN_ACCOUNTS) -> list[str]:
     return [f"bench.login{i:03d}" for i in range(count)]
 
 
-def add_login_accounts(settings_kwargs: dict[str, Any], password: str) -> list[str]:
+def add_login_accounts(
+    settings_kwargs: dict[str, Any], password: str, count: int = LOGIN_ACCOUNTS
+) -> list[str]:
     """The accounts `login` rotates over, created in-process by `accounts.add_user` (what
     `carevault user add` calls; one Argon2 hash each, much faster than one CLI run each)."""
     import asyncio
@@ -346,7 +348,7 @@ def add_login_accounts(settings_kwargs: dict[str, Any], password: str) -> list[s
     from carevault.identity.roles import Role
     from carevault.runtime import build_services
 
-    names = login_usernames()
+    names = login_usernames(count)
 
     async def run() -> None:
         services = build_services(Settings(**settings_kwargs))
@@ -721,14 +723,16 @@ def run_store(
     )
     seeded: dict[str, Any] = {}
     try:
-        steps.begin(f"{store}: carevault init + user add, {LOGIN_ACCOUNTS} login accounts", None)
+        steps.begin(
+            f"{store}: carevault init + user add, {args.login_accounts} login accounts", None
+        )
         password = server.prepare()
         settings_kwargs = {
             "data_dir": server.data_dir,
             "database_url": database_url,
             "signing_algorithm": server.algorithm,
         }
-        names = add_login_accounts(settings_kwargs, password)
+        names = add_login_accounts(settings_kwargs, password, args.login_accounts)
         logins = [orjson.dumps({"username": n, "password": password}) for n in names]
         steps.done()
         total = args.patients * RESOURCES_PER_PATIENT
@@ -953,6 +957,7 @@ def report(
             "warmup_s": args.warmup,
             "connections": args.connections,
             "storm_connections": args.storm_connections,
+            "login_accounts": args.login_accounts,
             "storm_lead_s": STORM_LEAD_S,
             "threads": args.threads,
             "rounds": args.rounds,
@@ -1140,7 +1145,7 @@ def suite_main(
         if storm is not None:
             console.print(
                 f"{run.label} login storm: {storm.rps:,.0f} logins/s over "
-                f"{args.storm_connections} connections and {LOGIN_ACCOUNTS} accounts, p99 "
+                f"{args.storm_connections} connections and {args.login_accounts} accounts, p99 "
                 f"{_ms(storm.latency_us['p99'])} ms, {storm.error_count} errors",
                 highlight=False,
             )

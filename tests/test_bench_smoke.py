@@ -542,3 +542,138 @@ async def test_audit_seeded_trail_is_the_products_and_verifies(
     cli = cli_verify({"data_dir": settings.data_dir, "database_url": settings.database_url})
     assert cli["ok"], cli["stdout_tail"] + cli["stderr_tail"]
     assert cli["reported_entries_per_second"]
+
+
+# --- the "suite" set (issue 8, the default): data set, load files, the harness end to end ----
+
+
+def test_suite_is_the_default_scenario_set() -> None:
+    from bench.__main__ import SCENARIO_SETS, parse_args
+
+    assert SCENARIO_SETS["suite"] == ("suite",)
+    args = parse_args([])
+    assert args.scenarios == "suite"
+    assert args.stores == ["sqlite", "postgresql"]  # PostgreSQL skipped with a reason if absent
+    assert (args.server_workers, args.patients, args.duration) == ([1, 2], 10_000, 10.0)
+    assert (args.warmup, args.rounds, args.rate_limit) == (2.0, 2, "off")
+    quick = parse_args(["--quick"])
+    assert (quick.patients, quick.duration, quick.warmup, quick.rounds) == (1000, 3.0, 1.0, 1)
+    assert parse_args(["auth", "--stores", "sqlite"]).stores == ["sqlite"]  # the others stay
+
+
+def test_suite_data_set_is_deterministic_valid_and_realistic() -> None:
+    import orjson
+
+    from bench.suite import (
+        OBSERVATIONS_PER_PATIENT,
+        create_body,
+        family_name,
+        patient_group,
+    )
+    from carevault.fhir.validation import validate_resource
+
+    assert [patient_group(i) for i in range(3)] == [patient_group(i) for i in range(3)]
+    names = [family_name(i) for i in range(10_000)]
+    assert len(set(names)) == len(names)  # Patient?name=<family> has exactly one hit
+    assert len({len(n) for n in names}) == 1  # so no name is a prefix of another
+    for i in (0, 1, 777):
+        group = patient_group(i)
+        patient = group.resources[0]
+        assert patient["id"] == group.patient_id and group.family == names[i]
+        assert 1000 <= len(orjson.dumps(patient)) <= 1200  # ~1.1 KiB, like the Medplum reference
+        assert len(group.resources) == 1 + OBSERVATIONS_PER_PATIENT
+        for body in group.resources:
+            assert validate_resource(body, body["resourceType"]) == body  # normal form
+        for obs in group.resources[1:]:
+            assert obs["subject"] == {"reference": f"Patient/{group.patient_id}"}
+    new = orjson.loads(create_body(10_000))
+    assert "id" not in new and validate_resource(new, "Patient") == new
+
+
+def test_loadgen_rotates_paths_and_bodies(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.loadgen import build_requests
+
+    paths = tmp_path / "paths.txt"
+    paths.write_text("/fhir/Patient/a\n/fhir/Patient/b\n")
+    monkeypatch.setenv("BENCH_PATHS_FILE", str(paths))
+    requests = build_requests("http://127.0.0.1:9/x", "Bearer t")
+    assert [r.split(b" ")[1] for r in requests] == [b"/fhir/Patient/a", b"/fhir/Patient/b"]
+    assert all(b"Authorization: Bearer t\r\n" in r for r in requests)
+    monkeypatch.delenv("BENCH_PATHS_FILE")
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_text('{"a":1}\n{"b":22}\n')
+    monkeypatch.setenv("BENCH_BODIES_FILE", str(bodies))
+    monkeypatch.setenv("BENCH_METHOD", "POST")
+    monkeypatch.setenv("BENCH_CONTENT_TYPE", "application/json")
+    requests = build_requests("http://127.0.0.1:9/auth/login", "")
+    assert requests[1].startswith(b"POST /auth/login HTTP/1.1\r\n")
+    assert requests[1].endswith(b'Content-Length: 8\r\n\r\n{"b":22}')
+    assert b"Content-Type: application/json\r\n" in requests[0]
+    assert b"Authorization" not in requests[0]
+
+
+def test_suite_skips_a_postgresql_that_does_not_answer() -> None:
+    from bench.__main__ import parse_args
+    from bench.suite import stores_to_run
+
+    said: list[str] = []
+    args = parse_args(["--pg", "postgresql://nobody@127.0.0.1:1/none"])
+    stores, skipped = stores_to_run(args, said.append)
+    assert stores == [("sqlite", None)]
+    assert "127.0.0.1:1/none" in skipped["postgresql"] and "SKIPPED postgresql" in said[0]
+
+
+def test_suite_runs_end_to_end(tmp_path: Any) -> None:
+    """The whole harness, briefly, on SQLite with the Python load generator (no wrk, no apt):
+    init, login accounts, seeding, the server, every scenario with the login storm, the JSON
+    and the chart. Nothing about time: only that every scenario answered, without errors."""
+    import json
+
+    from bench.__main__ import main
+    from bench.suite import SCENARIOS
+
+    code = main(
+        [
+            "suite",
+            "--stores",
+            "sqlite",
+            "--server-workers",
+            "1",
+            "--patients",
+            "20",
+            "--seed-workers",
+            "1",
+            "--login-accounts",
+            "4",
+            "--connections",
+            "2",
+            "--storm-connections",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--loadgen",
+            "python",
+            "--no-pin",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    [path] = tmp_path.glob("*.json")
+    report = json.loads(path.read_text())
+    assert report["complete"] and report["scenario_set"] == "suite"
+    assert (tmp_path / report["chart"]).stat().st_size > 0
+    [run] = report["results"]
+    assert (run["store"], run["workers"], run["patients"]) == ("sqlite", 1, 20)
+    assert list(run["scenarios"]) == list(SCENARIOS)
+    for name, scenario in run["scenarios"].items():
+        assert scenario["requests"] > 0, name
+        assert scenario["error_count"] == 0, name
+    storm = run["scenarios"]["read-during-login-storm"]["storm_logins"]
+    assert storm["requests"] > 0 and storm["error_count"] == 0
+    assert run["server"]["checks"]["search_name_entries"] == [1] * 10
+    assert run["server"]["checks"]["search_patient_entries"] == 5
+    assert 1000 < run["server"]["patient_body_bytes"] < 1300
+    assert set(run["scenarios"]["fhir-read"]["vs_medplum"]) >= {"rps_ratio", "p99_lower"}
