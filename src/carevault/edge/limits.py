@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -35,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from carevault.config import Settings
+from carevault.fhir.outcome import operation_outcome
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -109,15 +111,11 @@ def refusal_response(
     if close:
         headers["Connection"] = "close"
     if is_fhir_path(scope.get("path", "")):
-        from carevault.fhir.outcome import operation_outcome
-
         body: Any = operation_outcome(
             [{"severity": "error", "code": fhir_code, "diagnostics": detail}]
         )
         media_type = "application/fhir+json"
     else:
-        from http import HTTPStatus
-
         body = {
             "type": "about:blank",
             "title": HTTPStatus(status).phrase,
