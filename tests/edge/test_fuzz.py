@@ -38,7 +38,7 @@ from carevault.identity.roles import Role
 from carevault.runtime import build_services
 from tests.conftest import STRONG_PASSWORD
 
-FUZZ_EXAMPLES = int(os.environ.get("CAREVAULT_FUZZ_EXAMPLES", "8"))
+FUZZ_EXAMPLES = int(os.environ.get("CAREVAULT_FUZZ_EXAMPLES", "10"))
 # Valid requests (every answer declared), and invalid ones (refused with a declared 4xx).
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 CHECKS = [
