@@ -272,3 +272,42 @@ async def test_several_workers_add_up(
         )
         == 2
     )
+
+
+async def test_rate_limited_requests_are_counted_by_limit_class(
+    settings_factory: Any, harness_factory: Any
+) -> None:
+    h = await harness_factory(settings_factory(rate_limit_auth_per_address="2/minute"))
+    _, before = await scrape(h.client)
+    statuses = [
+        (await h.client.post("/auth/login", json={"username": "x", "password": "y"})).status_code
+        for _ in range(5)
+    ]
+    _, after = await scrape(h.client)
+    refused = statuses.count(429)
+    assert refused >= 1, statuses
+    limited = "carevault_rate_limited_total"
+    classes = {
+        dict(labels)["limit"]: after[(name, labels)] for (name, labels) in after if name == limited
+    }
+    assert set(classes) <= {"address", "principal", "auth"}
+    assert sum(delta(before, after, limited, limit=c) for c in classes) == refused
+    assert (
+        delta(
+            before,
+            after,
+            "carevault_http_requests_total",
+            method="POST",
+            route=metrics.UNMATCHED,
+            status="429",
+        )
+        + delta(
+            before,
+            after,
+            "carevault_http_requests_total",
+            method="POST",
+            route="/auth/login",
+            status="429",
+        )
+        == refused
+    )
