@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI
 
 from carevault.edge import openapi
 from carevault.edge.problems import PROBLEM_JSON
+from carevault.edge.rate_limit import EXEMPT_PATHS
 from carevault.tokens.bearer import authenticate, authenticate_resource
 
 FHIR_JSON = "application/fhir+json"
@@ -100,8 +101,12 @@ async def test_every_operation_declares_429_and_typed_error_bodies(edge: Any) ->
         where = f"{method.upper()} {path}"
         responses = op["responses"]
         edge = FHIR_JSON if _fhir(path) else PROBLEM_JSON
-        assert responses["429"]["content"] == {edge: {"schema": SCHEMA_OF[edge]}}
-        assert "Retry-After" in responses["429"]["headers"], where
+        if path in EXEMPT_PATHS:  # health checks: never rate limited
+            assert "429" not in responses, where
+        else:
+            assert responses["429"]["content"] == {edge: {"schema": SCHEMA_OF[edge]}}
+            assert "Retry-After" in responses["429"]["headers"], where
+            assert edge in responses["503"]["content"], where
         for status, response in responses.items():
             assert response.get("description"), (where, status)
             if int(status) < 400:
@@ -261,4 +266,4 @@ def test_protection_is_read_from_the_dependencies() -> None:
     assert paths["/new/public"]["get"]["security"] == []
     assert "401" in paths["/new/resource"]["post"]["responses"]
     assert {"413", "415", "429"} <= set(paths["/new/resource"]["post"]["responses"])
-    assert set(paths["/new/public"]["get"]["responses"]) == {"200", "429", "431"}
+    assert set(paths["/new/public"]["get"]["responses"]) == {"200", "429", "431", "503"}

@@ -27,8 +27,10 @@ Rules (which status, for which operation; the edge's refusals are OperationOutco
 | 404 | a path parameter names something; FHIR: an unknown type or id | handler |
 | 400, 408, 413, 415 | POST, PUT, PATCH (JSON shape, slow body, size, type) | limits.py |
 | 422 | a body or a parameter FastAPI validates, or the handler's (table) | problems.py |
-| 429, 431 | every operation (rate limits, header size apply everywhere) | rate_limit, limits |
-| 503 | protected (revocation cannot be checked), audited paths (/fhir, /audit: fail closed) | |
+| 429 | every operation but the health checks (rate_limit.EXEMPT_PATHS) | rate_limit.py |
+| 431 | every operation (request headers too large) | limits.py |
+| 503 | where rate limits apply (their store cannot be asked), protected (revocation cannot be |
+|     | checked), audited paths (/fhir, /audit: fail closed) | |
 
 405 is not declared: an operation of this document never answers it; a method the path does
 not have does (an operation that is not in the document). 500 is not declared either: no
@@ -51,6 +53,7 @@ from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from carevault.edge.problems import PROBLEM_JSON
+from carevault.edge.rate_limit import EXEMPT_PATHS as RATE_LIMIT_EXEMPT
 from carevault.identity.web.sessions import COOKIE as SESSION_COOKIE
 from carevault.oauth.metadata import scopes_supported
 from carevault.tokens import bearer
@@ -349,7 +352,9 @@ class Operation:
         problem = (PROBLEM_JSON,)
         # The edge's own refusals (limits.py, rate_limit.py): OperationOutcomes under /fhir.
         edge = (FHIR_JSON,) if self.fhir else problem
-        add(429, edge)
+        if self.path not in RATE_LIMIT_EXEMPT:
+            add(429, edge)
+            add(503, edge)  # the rate-limit store cannot be asked: fail closed
         add(431, edge)  # request headers over max_header_bytes
         for key, response in declared.items():
             if key.isdigit() and int(key) >= 400 and not _fastapi_422(response):
