@@ -1,8 +1,9 @@
 """Run the real server in a subprocess for the HTTP benchmark.
 
-`python -m bench.server --workers N` is what the harness starts: it calls `uvicorn.run` with the
-options `carevault serve` uses (no access log, no Server header, no proxy headers, log level
-warning, 10 s graceful shutdown, structlog configured the same way) but with the app factory
+`python -m bench.server --workers N` is what the harness starts: it runs uvicorn exactly as
+`carevault serve` does (`carevault.edge.server.uvicorn_config` and `run`: the httptools protocol
+with its head bound, no access log, no Server header, no proxy headers, keep-alive and graceful
+shutdown from the settings, structlog configured the same way) but with the app factory
 `bench.app:create_bench_app`. Host, port and data directory come from `CAREVAULT_*` variables,
 as for `carevault serve`.
 
@@ -55,7 +56,16 @@ def serve_main(argv: list[str] | None = None) -> None:
 
     settings = Settings()
     configure()
-    # The same options as `carevault serve` (src/carevault/cli.py), bench factory instead.
+    try:
+        from carevault.edge.server import run, uvicorn_config
+    except ImportError:
+        pass
+    else:
+        # Exactly what `carevault serve` runs (its protocol, timeouts, shutdown), with the
+        # bench factory (the product app plus the baseline route) instead of create_app.
+        run(uvicorn_config(settings, args.workers, app=args.factory))
+        return
+    # Before carevault.edge.server existed: the options `carevault serve` passed then.
     uvicorn.run(
         args.factory,
         factory=True,

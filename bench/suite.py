@@ -261,6 +261,7 @@ VALIDATE_EVERY = 100
 # concurrent logins with 401. A storm of logins is many people logging in.
 LOGIN_ACCOUNTS = 64
 LOGIN_ROLE = "physician"  # a person's account (MFA is off for the run: see bench/server.py)
+SERVER_START_TIMEOUT_S = 300  # two workers importing the app on a loaded 2-core machine: ~50 s
 NAME_CHECKS = 10  # name searches checked to have exactly one hit before the load
 
 # Reference figures, NOT measured in this run: Medplum 5.1 (packages/server), one Node.js
@@ -528,7 +529,7 @@ def measure_server(
     login_runner = storm_runner = None
     try:
         steps.begin(f"{label}: start the server, log in", None)
-        server.start(timeout=120)
+        server.start(timeout=SERVER_START_TIMEOUT_S)
         server.login(password)
         auth = {"Authorization": server.auth_header}
         status, _, patient_bytes = _http(
@@ -697,11 +698,15 @@ def run_store(
     pg_url: str | None,
     pin: bool,
     on_run: Any = None,
+    on_failure: Any = None,
 ) -> dict[str, Any]:
     """One store: a fresh database (PostgreSQL: a fresh schema, dropped afterwards), seeded
-    once, then measured with each worker count in turn on the same data."""
+    once, then measured with each worker count in turn on the same data. A server that does
+    not start or a load generator that fails is reported to `on_failure(label, message)` and
+    the next worker count runs."""
     from bench.fhir import create_pg_schema, drop_pg_schema, seed_processes
-    from bench.server import BenchServer
+    from bench.load import LoadError
+    from bench.server import BenchServer, ServerError
 
     schema = database_url = None
     if pg_url:
@@ -769,9 +774,15 @@ def run_store(
         loads = None
         for workers in args.server_workers:
             server.workers = workers
-            run, loads = measure_server(
-                args, runner, steps, server, password, store, groups, loads, logins
-            )
+            try:
+                run, loads = measure_server(
+                    args, runner, steps, server, password, store, groups, loads, logins
+                )
+            except (ServerError, LoadError) as err:
+                if on_failure is None:
+                    raise
+                on_failure(f"{store} w{workers}", f"{type(err).__name__}: {err}"[:3000])
+                continue
             run.info["seed"] = seeded
             if on_run is not None:
                 on_run(run)
@@ -1089,6 +1100,7 @@ def suite_main(
         highlight=False,
     )
     runs: list[ServerRun] = []
+    failures: dict[str, str] = {}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = started.strftime("%Y%m%dT%H%M%SZ")
     path = args.output_dir / f"{stem}.json"
@@ -1097,10 +1109,18 @@ def suite_main(
     def write(complete: bool, error: str | None = None, chart_path: Path | None = None) -> None:
         """The JSON so far: rewritten after every server, so a failure keeps what ran."""
         data = report(args, started, machine, stores, skipped, runs, complete, error, chart_path)
+        data["failures"] = failures
+        if failures:
+            data["passed"] = False
         path.write_text(json.dumps(data, indent=2) + "\n")
 
     def on_run(run: ServerRun) -> None:
         runs.append(run)
+        write(False)
+
+    def on_failure(label: str, message: str) -> None:
+        failures[label] = message
+        console.print(f"[red]{label} FAILED: {message[:600]}[/red]")
         write(False)
 
     wall = time.monotonic()
@@ -1116,7 +1136,9 @@ def suite_main(
         ) as progress:
             steps = steps_class(progress, steps_per_store(args) * len(stores))
             for store, pg_url in stores:
-                run_store(args, runner, steps, store, pg_url, pin, on_run=on_run)
+                run_store(
+                    args, runner, steps, store, pg_url, pin, on_run=on_run, on_failure=on_failure
+                )
             steps.finish()
     except BaseException as err:
         machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -1151,7 +1173,9 @@ def suite_main(
             )
     for store, reason in skipped.items():
         console.print(f"[yellow]{store} skipped: {reason}[/yellow]")
-    passed = bool(runs) and all(run.passed for run in runs)
+    passed = bool(runs) and not failures and all(run.passed for run in runs)
+    for label, message in failures.items():
+        console.print(f"[red]{label} failed: {message[:300]}[/red]")
     load = machine["loadavg_at_start"]
     console.print(
         f"load average at start {load}, at end {machine['loadavg_at_end']} ({cpus} CPUs); "
