@@ -39,6 +39,7 @@ from carevault.edge.tls import server_context, tls_extension
 
 PROTOCOL = "carevault.edge.server:HttpProtocol"
 APP = "carevault.app:create_app"
+WORKER_HEALTHCHECK_SECONDS = 30
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -151,6 +152,10 @@ def uvicorn_config(
         timeout_keep_alive=settings.keep_alive_timeout_seconds,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,  # type: ignore[arg-type]
+        # The supervisor pings each worker from the moment it is spawned and kills one that
+        # does not answer within this; uvicorn's 5 s is shorter than a worker's start-up
+        # (a fresh interpreter importing uvicorn) on a busy host, which then never comes up.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         ssl_certfile=str(settings.tls_cert) if tls else None,
         ssl_keyfile=str(settings.tls_key) if tls else None,
         ssl_ca_certs=str(settings.tls_client_ca) if tls and settings.tls_client_ca else None,
