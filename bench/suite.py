@@ -557,6 +557,7 @@ def measure_server(
                 lead = STORM_LEAD_S if name == "read-during-login-storm" else 0.0
                 total = lead + args.warmup + args.duration
                 steps.begin(f"{label}: {name} (round {round_no + 1}/{args.rounds})", total)
+                waited = wait_quiet(server)
                 storm = None
                 if lead:
                     logins = loads["login"]
@@ -592,6 +593,7 @@ def measure_server(
                         storm.kill()
                     raise
                 measured[name] = Measured(result, storm.wait() if storm is not None else None)
+                measured[name].load.extra["waited_for_quiet_s"] = round(waited, 2)
                 steps.done()
             rounds.append(measured)
         info = {
@@ -628,6 +630,42 @@ def measure_server(
         info,
     )
     return run, loads
+
+
+def _server_cpu_seconds(server: Any) -> float | None:
+    """CPU seconds (every thread) of the server process and its worker processes."""
+    from bench.access import _cpu_seconds
+
+    process = getattr(server, "_process", None)
+    if process is None:
+        return None
+    pids = [process.pid]
+    try:
+        for task in Path(f"/proc/{process.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    times = [_cpu_seconds(pid) for pid in pids]
+    return sum(t for t in times if t is not None) if times[0] is not None else None
+
+
+def wait_quiet(server: Any, window: float = 0.3, limit: float = 30.0) -> float:
+    """Wait until the server (all its workers) used under 10% of a CPU for two windows in a
+    row, so that requests a finished load process left queued (logins behind the hash pool)
+    are not answered during the next scenario; returns the seconds waited."""
+    started = time.monotonic()
+    last = _server_cpu_seconds(server)
+    if last is None:
+        return 0.0
+    quiet = 0
+    while quiet < 2 and time.monotonic() - started < limit:
+        time.sleep(window)
+        now = _server_cpu_seconds(server)
+        if now is None:
+            break
+        quiet = quiet + 1 if now - last < 0.1 * window else 0
+        last = now
+    return time.monotonic() - started
 
 
 def _sleep(seconds: float, tick: Any) -> None:
