@@ -185,6 +185,16 @@ async def test_protected_operations_answer_401_without_credentials(edge: Any) ->
     assert called >= 45
 
 
+async def test_public_reads_answer_without_credentials(edge: Any) -> None:
+    """The other side: what the document calls public (`security: []`) needs no credential."""
+    doc = edge.app.openapi()
+    public = [(m, p) for m, p, op in _operations(doc) if not op["security"] and m == "get"]
+    assert len(public) >= 9
+    for method, path in public:
+        response = await edge.client.get(_concrete(path))
+        assert response.status_code not in (401, 403), (method, path, response.status_code)
+
+
 async def test_writes_declare_and_answer_413_and_415(edge: Any) -> None:
     doc = edge.app.openapi()
     limit = edge.services.settings.max_body_bytes
