@@ -118,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="suite: connections of the login load during read-during-login-storm (default 32)",
     )
     parser.add_argument(
+        "--pin-server",
+        action="store_true",
+        help="suite: pin the 1-worker server to CPU 0 (default: only the load generators are "
+        "pinned, to CPU 1; a pinned server shares one core with its database and hash threads "
+        "and with whatever else runs there)",
+    )
+    parser.add_argument(
         "--login-accounts",
         type=int,
         default=64,

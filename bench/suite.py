@@ -758,7 +758,7 @@ def run_store(
             "CAREVAULT_RATE_LIMIT_AUTH_PER_ADDRESS": "10000000/minute",
         }
     server = BenchServer(
-        cpu=0 if pin else None,
+        cpu=0 if pin and args.pin_server else None,
         keep=args.keep,
         database_url=database_url,
         role="service",
@@ -1017,6 +1017,7 @@ def report(
             if args.rate_limit == "off"
             else "on, 10,000,000/minute per address, principal and auth address",
             "pinned": machine.get("pinned"),
+            "server_pinned_to_cpu0": bool(machine.get("pinned") and args.pin_server),
             "quick": args.quick,
             "server": {"factory": "bench.app:create_bench_app", "host": "127.0.0.1"},
             "requests": REQUESTS,
@@ -1133,7 +1134,8 @@ def suite_main(
         f"[bold]carevault bench[/bold] suite: {args.patients:,} patients, stores "
         f"{[s for s, _ in stores]}, workers {args.server_workers}, {args.duration:g} s of load "
         f"after {args.warmup:g} s of warm-up, {args.rounds} round(s); {machine['cpu_count']} "
-        f"CPUs, load generator {runner.name}, pinned: {pin}, load average "
+        f"CPUs, load generator {runner.name} (on CPU 1: {pin}), server on CPU 0: "
+        f"{pin and args.pin_server}, load average "
         f"{machine['loadavg_at_start']}",
         highlight=False,
     )
