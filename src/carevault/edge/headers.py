@@ -55,9 +55,7 @@ _DEFAULTS: tuple[tuple[bytes, bytes], ...] = (
 _DROPPED = frozenset({b"server", b"x-powered-by"})
 
 
-def secure_headers(
-    headers: list[tuple[bytes, bytes]], *, hsts: bool
-) -> list[tuple[bytes, bytes]]:
+def secure_headers(headers: list[tuple[bytes, bytes]], *, hsts: bool) -> list[tuple[bytes, bytes]]:
     """The response's headers with ours added (see the module docstring for which win)."""
     fixed = {name for name, _ in _FIXED}
     if hsts:
