@@ -22,8 +22,9 @@ path or the query string), status, duration and request id. Not the client's add
 the principal: both are personal data (GDPR art. 4(1)), and the request id already joins a
 line to the audit trail, which records who and from where under its own access rules.
 
-`carevault serve` applies `uvicorn_log_config(level)` (uvicorn runs it in every worker process
-before the app is imported); `configure(level)` applies the same configuration directly.
+`carevault serve` gives uvicorn `log_config=uvicorn_log_config(settings.log_level)`: uvicorn
+applies it in every worker process before the app is imported, so a worker spawned fresh logs
+exactly like the parent. `configure(level)` applies the same configuration directly.
 """
 
 from __future__ import annotations
