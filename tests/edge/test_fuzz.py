@@ -9,7 +9,10 @@ POST /auth/logout and POST /auth/logout-all (their 401 and 204 are tested in tes
 
 Rate limits are raised far above what the run sends: with the defaults the /auth and /oauth
 limit (60 a minute) would turn most cases into 429s; the middleware still runs on every call.
-`FUZZ_EXAMPLES` bounds the run (about a minute on two cores; see the report in issue 8).
+Each operation gets `FUZZ_EXAMPLES` examples (10; CAREVAULT_FUZZ_EXAMPLES for a longer hunt), valid
+and invalid ones: about 15 s of calls a store on two shared cores, 45 s for both stores with
+their set-up. 80 examples (about 9 minutes) and a run with schemathesis's own invented
+credentials (random Authorization headers and session cookies) found nothing more.
 """
 
 from __future__ import annotations
