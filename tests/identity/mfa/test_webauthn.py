@@ -484,6 +484,7 @@ async def lenient(harness_factory: Any, settings_factory: Any, mfa_clock: FakeCl
         login_max_failures=100,
         login_backoff_base_seconds=0,
         login_max_failures_per_address=1000,
+        rate_limit_auth_per_address="1000/minute",
     )
     return await harness_factory(settings, mfa_clock)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from carevault.db.tables import browser_sessions
@@ -31,7 +32,16 @@ async def test_idle_timeout(web: Any, browsers: Any, web_clock: Any) -> None:
     assert await _ended_reason(web.services) == "idle_timeout"
 
 
-async def test_absolute_timeout_however_busy(web: Any, browsers: Any, web_clock: Any) -> None:
+@pytest.fixture
+async def busy_web(harness_factory: Any, settings_factory: Any, web_clock: Any) -> Any:
+    """`web` with room for 12 hours of requests on the server's clock, sent within seconds of
+    real time (the rate limits count real time)."""
+    settings = settings_factory(rate_limit_auth_per_address="1000/minute")
+    return await harness_factory(settings, web_clock)
+
+
+async def test_absolute_timeout_however_busy(busy_web: Any, browsers: Any, web_clock: Any) -> None:
+    web = busy_web
     await web.add_user("pat.busy", Role.patient)
     browser = await browsers(web.app)
     await browser.login("pat.busy")
