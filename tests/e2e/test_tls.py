@@ -417,6 +417,25 @@ def test_a_head_over_max_header_bytes_gets_431(in_process: InProcess, pki: Pki) 
     assert big.startswith(b"HTTP/1.1 431"), big[:200]
 
 
+def test_a_body_in_the_same_read_as_the_head_is_not_counted(
+    in_process: InProcess, pki: Pki
+) -> None:
+    # One write: a small head and a 64 KiB body, read by the server in chunks far larger than
+    # the 4 KiB bound. Only the head counts.
+    body = b'{"username": "' + b"a" * 65536 + b'", "password": "x"}'
+    with connect(in_process.port, client_context(pki)) as tls:
+        tls.sendall(
+            b"POST /auth/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status = answer.split(b"\r\n", 1)[0]
+    assert status.startswith(b"HTTP/1.1 4") and b"431" not in status, answer[:300]
+
+
 def test_a_head_that_never_ends_is_cut_at_the_bound(in_process: InProcess, pki: Pki) -> None:
     # A header value that never ends, sent in pieces until just past the bound: without the
     # bound the server would wait for the rest (and buffer whatever came), and recv times out.

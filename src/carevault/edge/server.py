@@ -48,10 +48,11 @@ class HttpProtocol(HttpToolsProtocol):
     def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self._max_head = config.h11_max_incomplete_event_size or 16 * 1024
-        self._head_bytes = 0  # received while the head is incomplete
+        self._head_bytes = 0  # received in chunks that left the head incomplete
         self._parsed_head = 0  # the head as the parser reported it
         self._in_head = True  # between messages, bytes received belong to the next head
         self._head_too_large = False
+        self._completed = False  # a message ended within the chunk being parsed
         self._tls: dict[str, Any] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -62,16 +63,22 @@ class HttpProtocol(HttpToolsProtocol):
             self._tls = tls_extension(ssl_object)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
-            # Every byte received while the head is incomplete is head: count before parsing,
-            # so that a head that never ends is refused once it passes the bound.
+        self._completed = False
+        super().data_received(data)
+        if self._in_head and not self._completed and not self.transport.is_closing():
+            # The head is still incomplete after this chunk, so all of the chunk was head
+            # (a chunk that also ended a message is not counted: at most one chunk under).
+            # This bounds a head that never ends, whose header value httptools buffers.
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._refuse_head()
-                return
-        super().data_received(data)
-        if self._head_too_large and not self.transport.is_closing():
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers any parser error, ours included (_count_head), with a 400.
+        if self._head_too_large:
             self._refuse_head()
+        else:
+            super().send_400_response(msg)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -95,12 +102,13 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_head = True
+        self._completed = True
         self._head_bytes = self._parsed_head = 0
         super().on_message_complete()
 
     def _count_head(self, size: int) -> None:
         # Exact count from the parser's callbacks: a head that arrives whole in one read is
-        # measured here (data_received sees it only as one chunk that may also hold a body).
+        # measured here (data_received sees that read as one chunk that may hold a body too).
         self._parsed_head += size
         if self._parsed_head > self._max_head:
             self._head_too_large = True
