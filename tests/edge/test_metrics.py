@@ -245,7 +245,10 @@ def _files(directory: Path) -> list[Path]:
 async def test_several_workers_add_up(
     settings: Any, harness_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)  # put back as it was afterwards
+    # Whatever prepare_workers sets is undone after the test (monkeypatch restores the state
+    # it saw at its first change: setenv records it, delenv then clears the variable).
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, "unset-below")
+    monkeypatch.delenv(metrics.MULTIPROC_ENV)
     assert metrics.prepare_workers(settings, 1) is None
     assert metrics.MULTIPROC_ENV not in os.environ
 
