@@ -26,7 +26,7 @@ test: $(STAMP)
 		$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The issue-8 suite by default (SQLite, and PostgreSQL when the probe finds it: skipped with the
-# reason otherwise; 1 and 2 workers; ~25 minutes); BENCH_ARGS="--quick" for a ~3 minute smoke,
+# reason otherwise; 1 and 2 workers; ~20-30 minutes); BENCH_ARGS="--quick" for a smoke (3-5 min),
 # BENCH_ARGS="fhir" (or auth, access, audit) for another scenario set.
 bench: $(STAMP)
 	@eval "$$($(BIN)/python tools/probe_services.py)" && \

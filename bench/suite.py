@@ -838,6 +838,15 @@ def _ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
+def _errors(m: Measured) -> str:
+    """The error count, with "timeouts" when every one was wrk's 5 s timeout (a queue, not a
+    failed request: a 4xx/5xx is counted under "status")."""
+    loads = [m.load] + ([m.storm] if m.storm is not None else [])
+    total = m.error_count
+    timeouts = sum(int(x.errors.get("timeout", 0)) for x in loads)
+    return f"{total} timeouts" if total and timeouts == total else str(total)
+
+
 def _verdict(ok: bool) -> str:
     return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
 
@@ -899,7 +908,7 @@ def table(runs: list[ServerRun]) -> Any:
                 f"{load.rps:,.0f}",
                 _ms(load.latency_us["p50"]),
                 _ms(load.latency_us["p99"]),
-                str(m.error_count),
+                _errors(m),
                 f"{run.ratios[name]:.2f}",
                 f"{run.p99_ratios[name]:.2f}",
                 target,
