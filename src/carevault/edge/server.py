@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from carevault.config import Settings
 from carevault.edge.tls import server_context, tls_extension
+from carevault.logs import uvicorn_log_config
 
 PROTOCOL = "carevault.edge.server:HttpProtocol"
 APP = "carevault.app:create_app"
@@ -151,8 +152,11 @@ def uvicorn_config(
         http=PROTOCOL,
         ws="none",  # no WebSocket endpoint exists
         lifespan="on",
-        access_log=False,  # URLs can carry search values; edge/logs.py logs requests
-        log_level="warning",
+        access_log=False,  # URLs can carry search values; carevault.logs logs requests
+        # JSON logs (carevault.logs), applied by uvicorn in each worker before the app loads;
+        # the levels are that configuration's (no log_level override here).
+        log_config=uvicorn_log_config(settings.log_level),
+        log_level=None,
         server_header=False,
         # Forwarded headers are believed only from `trusted_proxies`, by the app
         # (edge/client_address.py); uvicorn's own handling would trust them by default.
