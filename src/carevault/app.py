@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from carevault import __version__
 from carevault.access.routes import router as access_router
@@ -37,7 +37,7 @@ from carevault.identity.web.csrf import CsrfProtection
 from carevault.identity.web.routes import router as session_router
 from carevault.oauth.client_routes import router as client_admin_router
 from carevault.oauth.metadata import router as oauth_metadata_router
-from carevault.oauth.provider import build_oauth
+from carevault.oauth.provider import build_oauth, oauth_offered, warn_if_oauth_unavailable
 from carevault.oauth.routes import router as oauth_router
 from carevault.runtime import Services, build_services
 from carevault.tokens.routes import router as jwks_router
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     settings = settings or Settings()
     services = services or build_services(settings)
     oauth = build_oauth(services, services.clock)
+    warn_if_oauth_unavailable(settings.issuer)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -93,8 +94,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(session_router)
     app.include_router(admin_router)
     app.include_router(client_admin_router)
-    app.include_router(oauth_router)
-    app.include_router(oauth_metadata_router)
+    oauth_only = [Depends(oauth_offered)]
+    app.include_router(oauth_router, dependencies=oauth_only)
+    app.include_router(oauth_metadata_router, dependencies=oauth_only)
     app.include_router(access_router)
     app.include_router(audit_router)
     app.include_router(access_report_router)  # before the /fhir/{type}/... routes

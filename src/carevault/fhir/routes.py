@@ -219,7 +219,7 @@ async def capability_statement(request: Request) -> Response:
         "rest": [
             {
                 "mode": "server",
-                "security": fhir_security(settings.issuer),
+                "security": fhir_security(settings.issuer, cors=bool(settings.cors_origins)),
                 "resource": [
                     {
                         "type": t,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from authlib.common.security import is_secure_transport
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -137,11 +138,14 @@ async def smart_configuration(request: Request) -> JSONResponse:
     return JSONResponse(body, headers=_CACHE)
 
 
-def fhir_security(issuer: str) -> dict[str, Any]:
-    """`CapabilityStatement.rest[0].security` for a SMART server."""
+def fhir_security(issuer: str, cors: bool) -> dict[str, Any]:
+    """`CapabilityStatement.rest[0].security` for a SMART server (none is offered when the
+    issuer is not https: see `oauth.provider.oauth_offered`)."""
+    if not is_secure_transport(issuer + "/"):
+        return {"cors": cors, "description": "Bearer tokens from POST /auth/login."}
     urls = endpoints(issuer)
     return {
-        "cors": False,
+        "cors": cors,
         "service": [
             {
                 "coding": [

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+from authlib.common.security import is_secure_transport
+from fastapi import HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -92,3 +95,19 @@ def build_oauth(services: Any, clock: Callable[[], float] = time.time) -> OAuthP
         issuance=issuance,
         launch=LaunchContexts(engine),
     )
+
+
+def oauth_offered(request: Request) -> None:
+    """OAuth 2.0 needs TLS: authlib refuses every request whose URL (built on the issuer) is
+    http:// and not a loopback name. A server configured with such an issuer offers no OAuth
+    at all, so its endpoints and discovery documents answer 404 rather than fail; start-up
+    logs why (see `warn_if_oauth_unavailable`)."""
+    if not is_secure_transport(request.app.state.services.settings.issuer + "/"):
+        raise HTTPException(status_code=404)
+
+
+def warn_if_oauth_unavailable(issuer: str) -> None:
+    if not is_secure_transport(issuer + "/"):
+        structlog.get_logger("carevault.oauth").warning(
+            "oauth_disabled", reason="issuer_not_https", fix="set CAREVAULT_ISSUER to https"
+        )
