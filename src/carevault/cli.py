@@ -330,9 +330,11 @@ def serve(
         check_production(settings, bind_host=settings.host, demo_accounts=demo_count)
     except UnsafeSettingsError as err:
         raise _fail(str(err), 2) from None
+    from carevault.edge.metrics import prepare_workers
     from carevault.logs import configure
 
-    configure()
+    configure(settings.log_level)
+    prepare_workers(settings, workers)  # several workers: one multiprocess metrics directory
     scheme = "https" if settings.tls_enabled else "http"
     console.print(
         f"carevault serving on {scheme}://{settings.host}:{settings.port} "
