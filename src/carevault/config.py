@@ -171,7 +171,9 @@ class Settings(BaseSettings):
     rate_limit_per_principal: str = "1200/minute"
     rate_limit_auth_per_address: str = "60/minute"  # /auth/* and /oauth/*
     # Request limits (edge/limits.py), checked while the request streams in.
-    max_json_depth: int = Field(32, ge=2, le=512)
+    # As deep as FHIR validation allows (fhir/validation.py MAX_DEPTH): a deep Questionnaire is
+    # legitimate; the limit is against parsers recursing without bound.
+    max_json_depth: int = Field(100, ge=2, le=512)
     max_json_array_items: int = Field(10_000, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=1024)
     request_timeout_seconds: float = Field(30.0, gt=0)
@@ -290,7 +292,9 @@ class Settings(BaseSettings):
 
 
 # An origin as a browser serializes it (RFC 6454 §6.2): scheme, host and port only.
-_ORIGIN = re.compile(r"(https?)://([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+_ORIGIN = re.compile(
+    r"(https?)://([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(\d{1,5}))?"
+)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
