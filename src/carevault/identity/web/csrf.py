@@ -165,4 +165,7 @@ def _form_token(body: bytes) -> tuple[str | None, bytes]:
 def _with_length(scope: Scope, length: int) -> Scope:
     headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
     headers.append((b"content-length", str(length).encode()))
-    return {**scope, "headers": headers}
+    # In place, not a copy: what the router records in the scope (the matched route, read by
+    # the access log and the metrics outside) must reach the outer middlewares.
+    scope["headers"] = headers
+    return scope
