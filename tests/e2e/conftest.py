@@ -1,4 +1,5 @@
-"""Real-server fixtures: `carevault init`, `user add` and `serve` run as subprocesses.
+"""Real-server fixtures: `carevault init`, `user add` and `serve` run as subprocesses (a
+server's `init` and `user add`s share one: see `run_cli_commands`).
 
 `server_factory` starts `carevault serve --workers N` on a free port with its own data directory
 (and, for the `postgresql` case of `store`, a fresh schema), waits until every worker answers
@@ -75,6 +76,48 @@ def run_cli(
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+# `carevault <args>` for each (args, stdin) given, in order, in ONE Python process: the CLI's
+# own typer app, as the console script runs it. Each `carevault` start-up costs seconds of
+# imports (the FHIR models), and a server's set-up needs init and a user or more.
+_CLI_COMMANDS = """
+import json, sys
+from typer.testing import CliRunner
+from carevault.cli import app
+for args, stdin in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(app, args, input=stdin, env={"COLUMNS": "200"})
+    if result.exit_code != 0:
+        print(f"carevault {' '.join(args)} exited {result.exit_code}\\n{result.output}")
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            import traceback
+            traceback.print_exception(result.exception)
+        sys.exit(1)
+"""
+
+
+def run_cli_commands(
+    commands: Sequence[tuple[Sequence[str], str | None]],
+    env: dict[str, str],
+    cwd: Path,
+    timeout: float = 120,
+) -> None:
+    """Run `carevault <args>` (stdin: the string given, if any) for each command, in order, in
+    one subprocess (see _CLI_COMMANDS); the first failure fails the test with its output."""
+    python = str(Path(CAREVAULT).parent / "python")
+    result = subprocess.run(
+        [python, "-c", _CLI_COMMANDS, json.dumps([[list(a), i] for a, i in commands])],
+        env=env,
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"carevault commands failed ({result.returncode})\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
 
 
 def free_port() -> int:
@@ -430,22 +473,11 @@ def server_factory(
             CAREVAULT_DATABASE_URL=database_url,
             **{**PASSWORD_ONLY, **(env or {})},
         )
-        run_cli(["init"], full_env, base)
-        adding = [  # in parallel: each is a Python start-up, mostly waiting on imports
-            subprocess.Popen(
-                [CAREVAULT, "user", "add", name, "--role", role, "--password-stdin"],
-                env=full_env,
-                cwd=base,
-                text=True,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
+        commands = [(["init"], None)] + [
+            (["user", "add", name, "--role", role, "--password-stdin"], STRONG_PASSWORD + "\n")
             for name, role in users
         ]
-        for (name, _), process in zip(users, adding, strict=True):
-            out, err = process.communicate(STRONG_PASSWORD + "\n", timeout=60)
-            assert process.returncode == 0, f"user add {name} failed:\n{out}\n{err}"
+        run_cli_commands(commands, full_env, base)
         return serve_factory(full_env, base, data_dir, database_url, workers)
 
     return start
