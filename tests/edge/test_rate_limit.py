@@ -437,3 +437,23 @@ async def test_redis_holds_no_address_token_or_user_id(settings_factory, harness
     joined = " ".join(keys + values)
     for secret in (marker, "127.0.0.1", token[:40], user.id, "rl.keys"):
         assert secret not in joined
+
+
+async def test_signed_in_requests_leave_the_sign_in_budget_to_sign_ins(limited):
+    """Many clinicians behind one NAT address: their /auth/me and the like are bounded per
+    principal, and do not use up the per-address budget that bounds password guessing."""
+    h = await limited(rate_limit_per_address="50/minute", rate_limit_auth_per_address="3/minute")
+    await h.add_user("rl.nat")
+    token = (await h.login("rl.nat"))["access_token"]  # sign-in 1 of 3
+    for _ in range(6):
+        me = await h.me(token)
+        assert me.status_code == 200
+        assert set(fields(me.headers["ratelimit"])) == {"address", "principal"}
+    wrong = {"username": "rl.nat", "password": "not-the-password-123"}
+    for _ in range(2):  # sign-ins 2 and 3
+        assert (await h.client.post("/auth/login", json=wrong)).status_code == 401
+    assert (await h.client.post("/auth/login", json=wrong)).status_code == 429
+    # A forged token does not lift a request out of the sign-in class.
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    refused = await h.client.get("/auth/me", headers={"Authorization": f"Bearer {forged}"})
+    assert refused.status_code == 429

@@ -8,10 +8,11 @@ headers):
   or X-Forwarded-For only when the peer is one of `trusted_proxies`, so a client cannot rotate
   that header to escape). IPv6 clients are keyed by their /64, the block one subscriber
   usually holds, so that walking through it does not buy a fresh budget per address.
-- ``auth``: requests under /auth/ and /oauth/ (password and second-factor logins, token,
-  authorize, introspection: the endpoints that take guessable secrets) count against this
-  stricter per-address class as well as against ``address``. Per-account lockout lives in
-  identity/throttle; this class bounds guessing across accounts from one address.
+- ``auth``: requests under /auth/ and /oauth/ that carry no verified access token (password
+  and second-factor logins, token, authorize, introspection: the endpoints that take guessable
+  secrets) count against this stricter per-address class as well as against ``address``.
+  Per-account lockout lives in identity/throttle; this class bounds guessing across accounts
+  from one address.
 - ``principal``: requests with `Authorization: Bearer|DPoP <access token>` whose token the
   server verifies (services' verifier: signature with our keys, kid, alg, iss, aud, exp; a
   cache hit for a token seen before, one signature check otherwise), keyed by its `sub`. The
@@ -23,9 +24,10 @@ headers):
   sessions (cookie, no Authorization header) are bounded by the address class: resolving a
   session costs a database read per request.
 
-Order: ``address`` first (then ``auth``), and only a request within those budgets has its token
-verified, so a flood of forged tokens costs at most one signature check per allowed request.
-Each class counts a request it sees even when a later class refuses it.
+Order: ``address`` first, and only a request within that budget has its token verified (then
+``principal``, or ``auth`` for a sign-in request without a verified token), so a flood of
+forged tokens costs at most one signature check per allowed request. Each class counts a
+request it sees even when a later class refuses it.
 
 Not limited: GET /healthz, /readyz and /metrics. Load balancers and orchestrators poll them
 from one address, a refused probe takes a healthy instance out of service, they read nothing
@@ -269,17 +271,17 @@ class RateLimit:
         (then the last outcome is the refusing one)."""
         request = Request(scope)
         address = address_bucket(client_address(request, self.trusted_proxies))
-        steps = [(self.address, address)]
-        if any(_is_under(path, prefix) for prefix in AUTH_PREFIXES):
-            steps.append((self.auth, address))
-        outcomes: list[Outcome] = []
-        for policy, value in steps:
-            outcomes.append(await self._hit(policy, value))
-            if not outcomes[-1].allowed:
-                return outcomes
+        outcomes = [await self._hit(self.address, address)]
+        if not outcomes[-1].allowed:
+            return outcomes
         subject = self._verified_subject(request)
         if subject is not None:
             outcomes.append(await self._hit(self.principal, subject))
+        elif any(_is_under(path, prefix) for prefix in AUTH_PREFIXES):
+            # Only requests without a verified access token: a signed-in user's /auth/me,
+            # refresh or userinfo is bounded by the principal class, and many clinicians
+            # behind one NAT address must not share the sign-in budget for those.
+            outcomes.append(await self._hit(self.auth, address))
         return outcomes
 
     def _verified_subject(self, request: Request) -> str | None:
