@@ -43,7 +43,10 @@ A_FAMILY = "Alphaworldson"
 B_FAMILY = "Betaworldsky"
 
 # Headers that differ between any two responses and so say nothing about a record.
-VOLATILE_HEADERS = frozenset({"date", "x-request-id", "x-correlation-id", "traceparent"})
+# ratelimit: what remains of the caller's budgets, which every request lowers.
+VOLATILE_HEADERS = frozenset(
+    {"date", "x-request-id", "x-correlation-id", "traceparent", "ratelimit"}
+)
 
 
 class ServerError(AssertionError):

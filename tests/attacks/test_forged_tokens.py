@@ -403,10 +403,12 @@ async def _(v: Victim) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-@case("oversized-100-KiB-server-signed")
+@case("oversized-10-KiB-server-signed")
 async def _(v: Victim) -> str:
-    token = v.server_token(v.claims_with(padding="A" * 100 * 1024))
-    assert len(token) > 100 * 1024
+    # Over the token cap (max_token_bytes, 8 KiB), under the edge's header limit (16 KiB, a
+    # 431 tested in tests/edge): the bearer check itself must refuse it.
+    token = v.server_token(v.claims_with(padding="A" * 10 * 1024))
+    assert 10 * 1024 < len(token) < 16 * 1024 - 100
     return token
 
 

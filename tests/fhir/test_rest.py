@@ -179,8 +179,10 @@ async def test_only_permitted_roles_and_only_with_a_token(clinician):
     assert created.json()["resourceType"] == "OperationOutcome"
 
 
-async def test_metadata_lists_types_and_smart_security(clinician):
-    body = (await clinician.client.get("/fhir/metadata")).json()
+async def test_metadata_lists_types_and_smart_security(harness_factory, settings_factory):
+    # SMART is offered with an https issuer (tests/oauth/test_insecure_issuer.py: not without)
+    h = await harness_factory(settings_factory(issuer_url="https://testserver"))
+    body = (await h.client.get("/fhir/metadata")).json()
     assert body["resourceType"] == "CapabilityStatement" and body["fhirVersion"] == "4.0.1"
     types = {r["type"] for r in body["rest"][0]["resource"]}
     assert {"Patient", "Observation", "Claim", "ExplanationOfBenefit", "CarePlan"} <= types
@@ -190,10 +192,10 @@ async def test_metadata_lists_types_and_smart_security(clinician):
     assert uris["url"] == "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
     named = {e["url"]: e["valueUri"] for e in uris["extension"]}
     assert named == {
-        "authorize": "http://testserver/oauth/authorize",
-        "token": "http://testserver/oauth/token",
-        "revoke": "http://testserver/oauth/revoke",
-        "introspect": "http://testserver/oauth/introspect",
+        "authorize": "https://testserver/oauth/authorize",
+        "token": "https://testserver/oauth/token",
+        "revoke": "https://testserver/oauth/revoke",
+        "introspect": "https://testserver/oauth/introspect",
     }
     assert body["kind"] == "instance" and body["implementation"]["description"]
     assert validate_resource(body, "CapabilityStatement")  # a valid resource itself

@@ -614,7 +614,10 @@ def admin_clock() -> FakeClock:
 
 @pytest.fixture
 async def h(harness_factory: Any, settings_factory: Any, admin_clock: FakeClock) -> Any:
-    settings = settings_factory(mfa_required_roles=list(Settings().mfa_required_roles))
+    settings = settings_factory(
+        mfa_required_roles=list(Settings().mfa_required_roles),
+        issuer_url="https://testserver",  # OAuth is offered over https only
+    )
     return await harness_factory(settings, admin_clock)
 
 

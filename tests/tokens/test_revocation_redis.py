@@ -154,7 +154,11 @@ async def test_redis_restart_is_repaired_from_the_database_on_start(
 
 
 async def test_unreachable_redis_fails_closed(settings_factory, harness_factory):
-    h = await harness_factory(settings_factory(redis_url=UNREACHABLE_REDIS))
+    # Rate limits in memory: this is the revocation list's refusal (the rate limiter on the
+    # same dead Redis refuses too: tests/edge/test_rate_limit.py).
+    h = await harness_factory(
+        settings_factory(redis_url=UNREACHABLE_REDIS, rate_limit_storage_url="memory://")
+    )
     await h.add_user("redis.down")
     session = await h.login("redis.down")  # login does not consult the revocation list
     for _ in range(3):
