@@ -29,6 +29,12 @@ def _healthz_count(response: httpx.Response) -> float:
     return 0.0
 
 
+@pytest.fixture
+def store() -> str:
+    """Metrics and logs do not depend on the store: SQLite only (each case costs ~20 s)."""
+    return "sqlite"
+
+
 def test_metrics_add_up_across_workers_and_logs_are_json(
     server_factory: Callable[..., Server],
 ) -> None:
