@@ -26,9 +26,10 @@ def _networks(trusted_proxies: tuple[str, ...]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(item, strict=False) for item in trusted_proxies)
 
 
-def is_trusted(address: str | None, trusted_proxies: Sequence[str]) -> bool:
-    """Whether `address` (a peer or a forwarded hop) is one of our proxies."""
-    if not address or not trusted_proxies:
+def address_in(address: str | None, networks: Sequence[str]) -> bool:
+    """Whether `address` is in one of `networks` (addresses or CIDR networks, validated at
+    start-up); an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    if not address or not networks:
         return False
     try:
         ip = ipaddress.ip_address(address)
@@ -36,7 +37,12 @@ def is_trusted(address: str | None, trusted_proxies: Sequence[str]) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in network for network in _networks(tuple(trusted_proxies)))
+    return any(ip in network for network in _networks(tuple(networks)))
+
+
+def is_trusted(address: str | None, trusted_proxies: Sequence[str]) -> bool:
+    """Whether `address` (a peer or a forwarded hop) is one of our proxies."""
+    return address_in(address, trusted_proxies)
 
 
 def client_address(request: HTTPConnection, trusted_proxies: Sequence[str]) -> str | None:

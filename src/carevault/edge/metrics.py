@@ -41,7 +41,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from carevault.config import Settings
-from carevault.edge.client_address import client_address
+from carevault.edge.client_address import address_in, client_address
 
 router = APIRouter()
 
@@ -112,15 +112,7 @@ def allowed_networks(
 
 
 def _address_allowed(address: str | None, settings: Settings) -> bool:
-    if address is None:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in allowed_networks(tuple(settings.metrics_allowed_addresses)))
+    return address_in(address, settings.metrics_allowed_addresses)
 
 
 def _token_allowed(header: str | None, settings: Settings) -> bool:
