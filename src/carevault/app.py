@@ -86,6 +86,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.oauth = oauth
     problems.install(app)
     app.include_router(health_router)
+    # Routes are matched in order: the record server's, the busiest, first. None of the
+    # others starts with /fhir, so they lose a failed prefix match per FHIR route, no more.
+    app.include_router(access_report_router)  # before the /fhir/{type}/... routes
+    app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
+    app.include_router(fhir_router)
     app.include_router(metrics_router)
     app.include_router(jwks_router)
     app.include_router(auth_router)
@@ -99,9 +104,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(oauth_metadata_router, dependencies=oauth_only)
     app.include_router(access_router)
     app.include_router(audit_router)
-    app.include_router(access_report_router)  # before the /fhir/{type}/... routes
-    app.include_router(fhir_bundle_router)  # POST /fhir, before the /fhir/{type} routes
-    app.include_router(fhir_router)
     app.add_exception_handler(FhirError, error_response)  # type: ignore[arg-type]
     app.add_exception_handler(AccessDenied, access_denied_response)  # type: ignore[arg-type]
     app.add_exception_handler(AuditUnavailable, unavailable_response)

@@ -27,7 +27,7 @@ from carevault.crypto.custody import KeyCustody, ensure_keys, master_key_value
 from carevault.crypto.envelope import EnvelopeCipher
 from carevault.crypto.instance_secrets import InstanceSecrets, load_or_create
 from carevault.crypto.passwords import PasswordHasher
-from carevault.db.engine import create_engine, create_vault_engine
+from carevault.db.engine import create_engine, create_vault_engine, dispose
 from carevault.fhir.compartment import PatientCompartment
 from carevault.fhir.store import ResourceStore
 from carevault.identity.accounts import UserStore
@@ -104,8 +104,8 @@ class Services:
         await self.audit.close()
         await self.alerts.close()
         await self.revocations.close()
-        await self.engine.dispose()
-        await self.vault_engine.dispose()
+        await dispose(self.engine)
+        await dispose(self.vault_engine)
         self.hasher.close()
         self.signal.close()
         self.envelope.close()

@@ -32,16 +32,19 @@ from typing import Any
 
 import tink
 from google.protobuf.message import DecodeError
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tink import aead
 
 from carevault.crypto.custody import KekState, KeyCustody
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import read_connection, run_read, write_transaction
 from carevault.db.tables import data_keys
 from carevault.tokens.signal import ChangeSignal
 
 DEK_TEMPLATE = aead.aead_key_templates.AES256_GCM
+_KEY_ROW = select(data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at).where(
+    data_keys.c.scope == bindparam("scope")
+)
 DEK_AD_PREFIX = b"carevault-dek:"
 MAX_SCOPE_LENGTH = 100  # data_keys.scope is String(100)
 TOMBSTONE_KEK_ID = 0  # kek_key_id of a scope destroyed before it ever had a DEK
@@ -300,13 +303,9 @@ class EnvelopeCipher:
     # -- internals ---------------------------------------------------------------------------
 
     async def _load_row(self, scope: str) -> Any:
-        async with read_connection(self._engine) as conn:
-            result = await conn.execute(
-                select(data_keys.c.wrapped, data_keys.c.kek_key_id, data_keys.c.destroyed_at).where(
-                    data_keys.c.scope == scope
-                )
-            )
-            return result.first()
+        return await run_read(
+            self._engine, lambda conn: conn.execute(_KEY_ROW, {"scope": scope}).first()
+        )
 
     async def _create(self, scope: str) -> aead.Aead:
         handle = tink.new_keyset_handle(DEK_TEMPLATE)

@@ -50,7 +50,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_flat_params
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
 
 from carevault.edge.problems import PROBLEM_JSON
 from carevault.edge.rate_limit import EXEMPT_PATHS as RATE_LIMIT_EXEMPT
@@ -403,11 +403,11 @@ def _calls(dependant: Dependant) -> Iterator[Callable[..., Any]]:
 def operations(app: FastAPI) -> dict[tuple[str, str], Operation]:
     """Every documented operation of `app`, by (method, path)."""
     found: dict[tuple[str, str], Operation] = {}
-    for context in iter_route_contexts(app.routes):
-        if not isinstance(context.original_route, APIRoute) or not context.include_in_schema:
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
-        path: str = context.path_format
-        dependant: Dependant = context.dependant
+        path: str = route.path_format
+        dependant: Dependant = route.dependant
         calls = set(_calls(dependant))
         # A str path parameter matches whatever the path holds: only the others can fail.
         params = [
@@ -415,7 +415,7 @@ def operations(app: FastAPI) -> dict[tuple[str, str], Operation]:
             for p in get_flat_params(dependant)
             if p not in dependant.path_params or p.field_info.annotation is not str
         ]
-        for method in context.methods or ():
+        for method in route.methods or ():
             method = method.lower()
             if calls & FIRST_PARTY_AUTH:
                 security = FIRST_PARTY_SECURITY
@@ -429,8 +429,8 @@ def operations(app: FastAPI) -> dict[tuple[str, str], Operation]:
                 method=method,
                 path=path,
                 security=security,
-                json_body=context.body_field is not None,
-                validated=context.body_field is not None or bool(params),
+                json_body=route.body_field is not None,
+                validated=route.body_field is not None or bool(params),
                 path_params=bool(dependant.path_params),
             )
     return found

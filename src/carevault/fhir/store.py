@@ -22,14 +22,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from carevault.access.generation import ACCESS_FACT_TYPES, AccessGeneration, bump_in
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import read_connection, run_read, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -437,22 +437,8 @@ class ResourceStore:
         self, resource_type: str, resource_id: str
     ) -> tuple[int, bool, str, bool] | None:
         """(version, deleted, scope, erased) of the current version, or None."""
-        async with read_connection(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        fhir_resources.c.version,
-                        fhir_resources.c.deleted,
-                        fhir_resources.c.scope,
-                        fhir_resources.c.erased_at,
-                    ).where(
-                        and_(
-                            fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id == resource_id,
-                        )
-                    )
-                )
-            ).first()
+        key = {"resource_type": resource_type, "id": resource_id}
+        row = await run_read(self._engine, lambda conn: conn.execute(_POINTER, key).first())
         if row is None:
             return None
         return row.version, bool(row.deleted), row.scope, row.erased_at is not None
@@ -469,17 +455,8 @@ class ResourceStore:
             raise IntegrityFailure("integrity") from err
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
-        async with read_connection(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    _current_versions().where(
-                        and_(
-                            fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id == resource_id,
-                        )
-                    )
-                )
-            ).first()
+        key = {"resource_type": resource_type, "id": resource_id}
+        row = await run_read(self._engine, lambda conn: conn.execute(_CURRENT, key).first())
         return await self._materialise(row)
 
     async def read_many(
@@ -489,18 +466,14 @@ class ResourceStore:
         are deleted are left out (read-only; used by search)."""
         if not resource_ids:
             return {}
-        async with read_connection(self._engine) as conn:
-            rows = (
-                await conn.execute(
-                    _current_versions().where(
-                        and_(
-                            fhir_resources.c.resource_type == resource_type,
-                            fhir_resources.c.id.in_(sorted(set(resource_ids))),
-                            fhir_resources.c.deleted.is_(False),
-                        )
-                    )
-                )
-            ).all()
+        statement = _current_versions().where(
+            and_(
+                fhir_resources.c.resource_type == resource_type,
+                fhir_resources.c.id.in_(sorted(set(resource_ids))),
+                fhir_resources.c.deleted.is_(False),
+            )
+        )
+        rows = await run_read(self._engine, lambda conn: conn.execute(statement).all())
         found: dict[str, StoredResource] = {}
         for row in rows:
             if not row.deleted:
@@ -508,18 +481,8 @@ class ResourceStore:
         return found
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
-        async with read_connection(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(fhir_versions).where(
-                        and_(
-                            fhir_versions.c.resource_type == resource_type,
-                            fhir_versions.c.id == resource_id,
-                            fhir_versions.c.version == version,
-                        )
-                    )
-                )
-            ).first()
+        key = {"resource_type": resource_type, "id": resource_id, "version": version}
+        row = await run_read(self._engine, lambda conn: conn.execute(_VERSION, key).first())
         return await self._materialise(row)
 
     async def _materialise(self, row: Any) -> StoredResource:
@@ -602,6 +565,33 @@ def _current_versions() -> Any:
             fhir_resources.c.version == fhir_versions.c.version,
         ),
     )
+
+
+# Built once: the hot reads skip building and cache-keying a statement per request.
+_POINTER = select(
+    fhir_resources.c.version,
+    fhir_resources.c.deleted,
+    fhir_resources.c.scope,
+    fhir_resources.c.erased_at,
+).where(
+    and_(
+        fhir_resources.c.resource_type == bindparam("resource_type"),
+        fhir_resources.c.id == bindparam("id"),
+    )
+)
+_CURRENT = _current_versions().where(
+    and_(
+        fhir_resources.c.resource_type == bindparam("resource_type"),
+        fhir_resources.c.id == bindparam("id"),
+    )
+)
+_VERSION = select(fhir_versions).where(
+    and_(
+        fhir_versions.c.resource_type == bindparam("resource_type"),
+        fhir_versions.c.id == bindparam("id"),
+        fhir_versions.c.version == bindparam("version"),
+    )
+)
 
 
 class _Retry(Exception):
