@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -57,6 +58,21 @@ def configuration_event(settings: Settings, services: Services) -> SecurityEvent
     )
 
 
+_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Move what exists once the first app has started (modules, models, the app, its
+    services: ~420,000 objects) out of the garbage collector's reach, once per process. A full
+    collection traversed all of them: 420 ms pauses, twice per 5,000 FHIR reads, which set
+    the p99."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.collect()
+        gc.freeze()
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or build_services(settings)
@@ -67,6 +83,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
         await services.events.record(configuration_event(settings, services))
+        freeze_startup_objects()
         try:
             yield
         finally:

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from carevault.config import Settings
 
 _WRITE = "carevault_write"
-_READ_THREADS = 8
+_READ_THREADS = int(__import__("os").environ.get("RT", "8"))
 T = TypeVar("T")
 
 
