@@ -1,5 +1,4 @@
-"""`run_read`: the hot reads' one-call path (SQLite: a read-only connection on a worker
-thread; PostgreSQL: an async connection through `run_sync`)."""
+"""`run_read`: the hot reads' one-call path, a read-only connection on a worker thread."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import threading
 
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from carevault.db.engine import run_read, write_transaction
 from carevault.db.tables import users
@@ -35,19 +34,15 @@ async def test_a_read_sees_what_a_write_transaction_committed(services: Services
     assert {r.id for r in after} - {r.id for r in before} == {"u-run-read"}
 
 
-async def test_sqlite_reads_leave_the_event_loop_thread(services: Services) -> None:
-    if services.engine.dialect.name != "sqlite":
-        pytest.skip("the worker-thread path is SQLite's")
+async def test_reads_leave_the_event_loop_thread(services: Services) -> None:
     loop_thread = threading.get_ident()
     ran_on = await run_read(services.engine, lambda conn: threading.get_ident())
     assert ran_on != loop_thread
 
 
-async def test_sqlite_read_connections_refuse_to_write(services: Services) -> None:
-    """A read path that tried to write (a bug, or SQL smuggled into one) cannot: the
-    connection is `query_only`, and nothing is changed."""
-    if services.engine.dialect.name != "sqlite":
-        pytest.skip("query_only is SQLite's")
+async def test_read_connections_refuse_to_write(services: Services) -> None:
+    """A read path that tried to write (a bug, or SQL smuggled into one) cannot: SQLite's
+    connection is `query_only`, PostgreSQL's transactions are read-only; nothing changes."""
 
     def write(conn):  # type: ignore[no-untyped-def]
         conn.execute(text("DELETE FROM users"))
@@ -55,7 +50,7 @@ async def test_sqlite_read_connections_refuse_to_write(services: Services) -> No
     count = await run_read(
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
-    with pytest.raises(OperationalError, match="readonly"):
+    with pytest.raises(DBAPIError, match="readonly|read-only"):
         await run_read(services.engine, write)
     after = await run_read(
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
