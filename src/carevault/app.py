@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -41,6 +40,7 @@ from carevault.oauth.metadata import router as oauth_metadata_router
 from carevault.oauth.provider import build_oauth, oauth_offered, warn_if_oauth_unavailable
 from carevault.oauth.routes import router as oauth_router
 from carevault.runtime import Services, build_services
+from carevault.serving import tune_for_serving
 from carevault.tokens.routes import router as jwks_router
 
 
@@ -58,21 +58,6 @@ def configuration_event(settings: Settings, services: Services) -> SecurityEvent
     )
 
 
-_frozen = False
-
-
-def freeze_startup_objects() -> None:
-    """Move what exists once the first app has started (modules, models, the app, its
-    services: ~420,000 objects) out of the garbage collector's reach, once per process. A full
-    collection traversed all of them: 420 ms pauses, twice per 5,000 FHIR reads, which set
-    the p99."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.collect()
-        gc.freeze()
-
-
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or Settings()
     services = services or build_services(settings)
@@ -83,7 +68,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
         await services.events.record(configuration_event(settings, services))
-        freeze_startup_objects()
+        tune_for_serving()
         try:
             yield
         finally:

@@ -47,6 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     and_,
     case,
     false,
@@ -59,7 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.blind_index import BlindIndex
-from carevault.db.engine import read_connection
+from carevault.db.engine import run_read
 from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
 from carevault.fhir.compartment import parse_relative_reference
 from carevault.fhir.search_params import (
@@ -553,64 +554,62 @@ async def execute(
     read, so that totals and pages count only those; None only for the server's own lookups
     (import), never for a request."""
     where = _where(search) if visible is None else and_(_where(search), visible)
-    async with read_connection(engine) as conn:
-        total = None
-        if search.total != "none":
-            total = (
-                await conn.execute(select(func.count()).select_from(fhir_resources).where(where))
-            ).scalar_one()
-        ids: list[str] = []
-        has_next = False
-        last: tuple[Any, ...] | None = None
-        if search.count > 0:
-            columns = _sort_columns(search)
-            page_where = (
-                where if search.after is None else and_(where, _after(columns, search.after))
+    return await run_read(engine, lambda conn: _run(conn, search, where))
+
+
+def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> SearchResult:
+    """The total, the page and the _include targets, in one read transaction."""
+    total = None
+    if search.total != "none":
+        total = conn.execute(
+            select(func.count()).select_from(fhir_resources).where(where)
+        ).scalar_one()
+    ids: list[str] = []
+    has_next = False
+    last: tuple[Any, ...] | None = None
+    if search.count > 0:
+        columns = _sort_columns(search)
+        page_where = where if search.after is None else and_(where, _after(columns, search.after))
+        rows = conn.execute(
+            select(fhir_resources.c.id, *(c for _, c, _ in columns))
+            .where(page_where)
+            .order_by(*(c.desc() if desc else c.asc() for _, c, desc in columns))
+            .limit(search.count + 1)
+        ).all()
+        has_next = len(rows) > search.count
+        rows = rows[: search.count]
+        ids = [row[0] for row in rows]
+        if rows:
+            last = tuple(rows[-1][1:])
+    includes: list[tuple[str, str]] = []
+    if ids and search.includes:
+        k = fhir_index_keys
+        params = sorted({p for p, _ in search.includes})
+        keys = conn.execute(
+            select(k.c.param, k.c.key)
+            .where(
+                and_(
+                    k.c.resource_type == search.resource_type,
+                    k.c.id.in_(ids),
+                    k.c.param.in_(params),
+                )
             )
-            rows = (
-                await conn.execute(
-                    select(fhir_resources.c.id, *(c for _, c, _ in columns))
-                    .where(page_where)
-                    .order_by(*(c.desc() if desc else c.asc() for _, c, desc in columns))
-                    .limit(search.count + 1)
-                )
-            ).all()
-            has_next = len(rows) > search.count
-            rows = rows[: search.count]
-            ids = [row[0] for row in rows]
-            if rows:
-                last = tuple(rows[-1][1:])
-        includes: list[tuple[str, str]] = []
-        if ids and search.includes:
-            k = fhir_index_keys
-            params = sorted({p for p, _ in search.includes})
-            keys = (
-                await conn.execute(
-                    select(k.c.param, k.c.key)
-                    .where(
-                        and_(
-                            k.c.resource_type == search.resource_type,
-                            k.c.id.in_(ids),
-                            k.c.param.in_(params),
-                        )
-                    )
-                    .order_by(k.c.key)
-                )
-            ).all()
-            wanted = {p: set() for p in params}  # type: dict[str, set[str | None]]
-            for p, target in search.includes:
-                wanted[p].add(target)
-            seen: set[tuple[str, str]] = set()
-            for row in keys:
-                relative = parse_relative_reference(row.key)
-                if relative is None or not _TYPE.fullmatch(relative[0]):
-                    continue
-                targets = wanted[row.param]
-                if None not in targets and relative[0] not in targets:
-                    continue
-                if relative[0] == search.resource_type and relative[1] in ids:
-                    continue
-                if relative not in seen:
-                    seen.add(relative)
-                    includes.append(relative)
+            .order_by(k.c.key)
+        ).all()
+        wanted = {p: set() for p in params}  # type: dict[str, set[str | None]]
+        for p, target in search.includes:
+            wanted[p].add(target)
+        seen: set[tuple[str, str]] = set()
+        for row in keys:
+            relative = parse_relative_reference(row.key)
+            if relative is None or not _TYPE.fullmatch(relative[0]):
+                continue
+            targets = wanted[row.param]
+            if None not in targets and relative[0] not in targets:
+                continue
+            if relative[0] == search.resource_type and relative[1] in ids:
+                continue
+            if relative not in seen:
+                seen.add(relative)
+                includes.append(relative)
     return SearchResult(search, total, ids, has_next, last, includes)
