@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from sqlalchemy import and_, insert, select
 
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import read_connection, reads_engine, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -826,13 +826,18 @@ async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[s
         if not statement.lstrip().upper().startswith(("BEGIN", "EXPLAIN", "SELECT 1")):
             captured.append((statement, parameters))
 
+    # Hot reads run on the read pool's engine (`run_read`), writes and the rest on the async one.
+    watched = (engine.sync_engine, reads_engine(engine))
+
     async def run(name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
         captured.clear()
-        event.listen(engine.sync_engine, "before_cursor_execute", listener)
+        for watched_engine in watched:
+            event.listen(watched_engine, "before_cursor_execute", listener)
         try:
             await action()
         finally:
-            event.remove(engine.sync_engine, "before_cursor_execute", listener)
+            for watched_engine in watched:
+                event.remove(watched_engine, "before_cursor_execute", listener)
         statements = [(s, p) for s, p in captured if "data_keys" not in s]
         out = []
         postgres = engine.dialect.name == "postgresql"

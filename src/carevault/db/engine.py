@@ -139,6 +139,11 @@ def _threaded_reads(engine: AsyncEngine) -> _ThreadedReads:
     return reads
 
 
+def reads_engine(engine: AsyncEngine) -> Engine:
+    """The synchronous engine `run_read` runs on for `engine` (tools that watch statements)."""
+    return _threaded_reads(engine).engine
+
+
 async def run_read(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     """`work(connection)` on a read-only connection, its result returned (rows fetched inside:
     nothing may be read from a cursor after `work` returns), in one call to a worker thread.
