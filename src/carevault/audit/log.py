@@ -34,7 +34,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from carevault.audit import merkle
 from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac, format_time
 from carevault.crypto.custody import AuditKeys
-from carevault.db.engine import dedicated_write_connection, read_connection, write_transaction
+from carevault.db.engine import (
+    dedicated_write_connection,
+    read_connection,
+    write_transaction,
+    writer_turn,
+)
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
 
 _APPEND_ATTEMPTS = 20
@@ -163,7 +168,7 @@ class AuditLog:
         tip read under a lock that keeps every other writer out until it commits (PostgreSQL:
         the table in SHARE ROW EXCLUSIVE mode; SQLite: `BEGIN IMMEDIATE`), so the second try
         always lands."""
-        async with self._append_lock:
+        async with self._append_lock, writer_turn(self._engine, urgent=True):
             for _ in range(_APPEND_ATTEMPTS):
                 if self._writer is None:
                     self._writer = await dedicated_write_connection(self._engine)
