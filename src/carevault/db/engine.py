@@ -11,7 +11,8 @@ Hot reads go through `run_read(engine, work)`: `work` gets a synchronous SQLAlch
 aiosqlite crosses to its thread and back for every cursor step, and SQLAlchemy's asyncio layer
 adds a greenlet switch per driver call: one FHIR read by primary key (`ResourceStore.read`,
 in-process, 10k-patient data set) cost 1.27 ms of event-loop CPU on SQLite that way against
-0.15 ms in one call, and 0.70 ms against 0.20 ms on PostgreSQL. Writes stay on the async engine.
+0.15 ms in one call, and 0.70 ms against 0.20 ms on PostgreSQL. Writes stay on the async engine;
+on SQLite a process's writers take turns (`writer_turn`) before asking for the write lock.
 """
 
 from __future__ import annotations
