@@ -133,6 +133,8 @@ def test_transaction_bundle_with_nested_resources() -> None:
 def test_supported_types_derived_from_the_package() -> None:
     types = supported_types()
     assert validation.SUPPORTED_TYPES is types
+    # the constant list is exactly what the installed models define
+    assert types == validation.derive_resource_types()
     assert len(types) > 140
     for name in (
         "Patient",

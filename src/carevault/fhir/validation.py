@@ -37,7 +37,7 @@ import binascii
 import math
 import re
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from fhir.resources.R4B import fhirtypes, get_fhir_model_class
@@ -47,11 +47,12 @@ from fhir_core.types import FhirBase
 from pydantic import BaseModel, ValidationError
 
 from carevault.config import Settings
+from carevault.fhir.resource_types import RESOURCE_TYPES
 
 if TYPE_CHECKING:
     from fhir_core.fhirabstractmodel import FHIRAbstractModel
 
-    SUPPORTED_TYPES: frozenset[str]
+SUPPORTED_TYPES: Final = RESOURCE_TYPES
 
 Severity = Literal["fatal", "error", "warning", "information"]
 IssueCode = Literal[
@@ -210,12 +211,16 @@ def model_class(resource_type: str) -> type[FHIRAbstractModel] | None:
     return cls
 
 
-@cache
 def supported_types() -> frozenset[str]:
-    """Every concrete resource type the R4B models define (derived from the package: each
-    model registered in `fhirtypes` that is a Resource and is not a base of other resources).
+    """Every concrete resource type the R4B models define (`resource_types.RESOURCE_TYPES`,
+    checked against `derive_resource_types()` by the tests)."""
+    return RESOURCE_TYPES
 
-    Loads every model class once (about two seconds), hence computed on first use."""
+
+def derive_resource_types() -> frozenset[str]:
+    """The concrete resource types, derived from the package: each model registered in
+    `fhirtypes` that is a Resource and is not a base of other resources. Loads every model
+    class (~5 s in a fresh process)."""
     resource_classes: list[type] = []
     for name in dir(fhirtypes):
         factory = getattr(fhirtypes, name)
@@ -236,13 +241,6 @@ def supported_types() -> frozenset[str]:
         if isinstance(base, type) and issubclass(base, Resource)
     }
     return frozenset(cls.get_resource_type() for cls in resource_classes if cls not in abstract)
-
-
-def __getattr__(name: str) -> Any:
-    # SUPPORTED_TYPES is computed on first access: deriving it imports every model.
-    if name == "SUPPORTED_TYPES":
-        return supported_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- pre-scan ----------------------------------------------------------------------------
