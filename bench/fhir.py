@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from sqlalchemy import and_, insert, select
 
-from carevault.db.engine import read_connection, reads_engine, write_transaction
+from carevault.db.engine import read_connection, read_engines, write_transaction
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -826,8 +826,8 @@ async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[s
         if not statement.lstrip().upper().startswith(("BEGIN", "EXPLAIN", "SELECT 1")):
             captured.append((statement, parameters))
 
-    # Hot reads run on the read pool's engine (`run_read`), writes and the rest on the async one.
-    watched = (engine.sync_engine, reads_engine(engine))
+    # Hot reads run on the read engines (`run_read`), writes and the rest on the async one.
+    watched = (engine.sync_engine, *read_engines(engine))
 
     async def run(name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
         captured.clear()

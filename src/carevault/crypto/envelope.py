@@ -304,7 +304,9 @@ class EnvelopeCipher:
 
     async def _load_row(self, scope: str) -> Any:
         return await run_read(
-            self._engine, lambda conn: conn.execute(_KEY_ROW, {"scope": scope}).first()
+            self._engine,
+            lambda conn: conn.execute(_KEY_ROW, {"scope": scope}).first(),
+            by_key=True,
         )
 
     async def _create(self, scope: str) -> aead.Aead:

@@ -438,7 +438,9 @@ class ResourceStore:
     ) -> tuple[int, bool, str, bool] | None:
         """(version, deleted, scope, erased) of the current version, or None."""
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(self._engine, lambda conn: conn.execute(_POINTER, key).first())
+        row = await run_read(
+            self._engine, lambda conn: conn.execute(_POINTER, key).first(), by_key=True
+        )
         if row is None:
             return None
         return row.version, bool(row.deleted), row.scope, row.erased_at is not None
@@ -456,7 +458,9 @@ class ResourceStore:
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(self._engine, lambda conn: conn.execute(_CURRENT, key).first())
+        row = await run_read(
+            self._engine, lambda conn: conn.execute(_CURRENT, key).first(), by_key=True
+        )
         return await self._materialise(row)
 
     async def read_many(
@@ -482,7 +486,9 @@ class ResourceStore:
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id, "version": version}
-        row = await run_read(self._engine, lambda conn: conn.execute(_VERSION, key).first())
+        row = await run_read(
+            self._engine, lambda conn: conn.execute(_VERSION, key).first(), by_key=True
+        )
         return await self._materialise(row)
 
     async def _materialise(self, row: Any) -> StoredResource:
