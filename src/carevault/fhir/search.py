@@ -243,11 +243,17 @@ def _index_key(key: str) -> str:
     return key
 
 
+# Built once (an alias copies every column of its table: 0.2 ms a search); one alias serves
+# any number of the uncorrelated subqueries below, each a SELECT of its own.
+_KEYS = fhir_index_keys.alias("k")
+_DATES = fhir_index_dates.alias("d")
+
+
 def _keys_exist(resource_type: str, param: str, keys: Sequence[str]) -> ColumnElement[bool]:
     # `id IN (uncorrelated subquery)`, not a correlated EXISTS: SQLite plans the correlated form
     # as a walk over every resource of the type (17.7 ms at 4,000 resources) and this one as a
     # lookup on ix_fhir_index_keys_lookup (0.5 ms); PostgreSQL plans both well.
-    k = fhir_index_keys.alias("k")
+    k = _KEYS
     return fhir_resources.c.id.in_(
         select(k.c.id).where(
             and_(
@@ -344,7 +350,7 @@ def _condition(
             except SearchParameterError as err:
                 raise SearchError(str(err)) from None
             return _keys_exist(resource_type, param.code, keys)
-        d = fhir_index_dates.alias("d")
+        d = _DATES
         ranges = [_date_condition(*_parse_date(v), d.c.low, d.c.high) for v in values]
         # Uncorrelated, like _keys_exist: SQLite would otherwise walk every resource.
         return fhir_resources.c.id.in_(
@@ -559,11 +565,6 @@ async def execute(
 
 def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> SearchResult:
     """The total, the page and the _include targets, in one read transaction."""
-    total = None
-    if search.total != "none":
-        total = conn.execute(
-            select(func.count()).select_from(fhir_resources).where(where)
-        ).scalar_one()
     ids: list[str] = []
     has_next = False
     last: tuple[Any, ...] | None = None
@@ -581,6 +582,14 @@ def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> Search
         ids = [row[0] for row in rows]
         if rows:
             last = tuple(rows[-1][1:])
+    total = None
+    if search.total != "none":
+        if search.after is None and search.count > 0 and not has_next:
+            total = len(ids)  # the first page holds every match: counting again tells nothing
+        else:
+            total = conn.execute(
+                select(func.count()).select_from(fhir_resources).where(where)
+            ).scalar_one()
     includes: list[tuple[str, str]] = []
     if ids and search.includes:
         k = fhir_index_keys

@@ -470,14 +470,12 @@ class ResourceStore:
         are deleted are left out (read-only; used by search)."""
         if not resource_ids:
             return {}
-        statement = _current_versions().where(
-            and_(
-                fhir_resources.c.resource_type == resource_type,
-                fhir_resources.c.id.in_(sorted(set(resource_ids))),
-                fhir_resources.c.deleted.is_(False),
-            )
+        key = {"resource_type": resource_type, "ids": sorted(set(resource_ids))}
+        rows = await run_read(
+            self._engine,
+            lambda conn: conn.execute(_CURRENT_MANY, key).all(),
+            by_key=len(key["ids"]) <= _BY_KEY_MANY,
         )
-        rows = await run_read(self._engine, lambda conn: conn.execute(statement).all())
         found: dict[str, StoredResource] = {}
         for row in rows:
             if not row.deleted:
@@ -591,6 +589,16 @@ _CURRENT = _current_versions().where(
         fhir_resources.c.id == bindparam("id"),
     )
 )
+_CURRENT_MANY = _current_versions().where(
+    and_(
+        fhir_resources.c.resource_type == bindparam("resource_type"),
+        fhir_resources.c.id.in_(bindparam("ids", expanding=True)),
+        fhir_resources.c.deleted.is_(False),
+    )
+)
+# A search page's worth of rows by primary key (the default page is 50) is read where a single
+# one is (`run_read(by_key=True)`); a longer list goes to the threads.
+_BY_KEY_MANY = 100
 _VERSION = select(fhir_versions).where(
     and_(
         fhir_versions.c.resource_type == bindparam("resource_type"),
