@@ -1,5 +1,5 @@
-"""`run_read`: the hot reads' one-call path, a read-only connection on a worker thread (on
-SQLite, reads by key on the event loop's own connection)."""
+"""`run_read`: the hot reads' one-call path: a read-only connection on a worker thread, or on
+SQLite first the event loop's own, with a budget."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime as dt
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -21,14 +22,11 @@ from carevault.runtime import Services
 NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
 
 
-@pytest.mark.parametrize("by_key", [False, True], ids=["threads", "by-key"])
-async def test_a_read_sees_what_a_write_transaction_committed(
-    services: Services, by_key: bool
-) -> None:
+async def test_a_read_sees_what_a_write_transaction_committed(services: Services) -> None:
+    """Also: a read on the loop's held connection leaves no transaction open behind it (its
+    old snapshot would hide the write)."""
     engine = services.engine
-    before = await run_read(
-        engine, lambda conn: conn.execute(select(users.c.id)).all(), by_key=by_key
-    )
+    before = await run_read(engine, lambda conn: conn.execute(select(users.c.id)).all())
     async with write_transaction(engine) as conn:
         await conn.execute(
             users.insert().values(
@@ -40,20 +38,11 @@ async def test_a_read_sees_what_a_write_transaction_committed(
                 updated_at=NOW,
             )
         )
-    after = await run_read(
-        engine, lambda conn: conn.execute(select(users.c.id)).all(), by_key=by_key
-    )
+    after = await run_read(engine, lambda conn: conn.execute(select(users.c.id)).all())
     assert {r.id for r in after} - {r.id for r in before} == {"u-run-read"}
 
 
-async def test_reads_leave_the_event_loop_thread(services: Services) -> None:
-    loop_thread = threading.get_ident()
-    ran_on = await run_read(services.engine, lambda conn: threading.get_ident())
-    assert ran_on != loop_thread
-
-
-@pytest.mark.parametrize("by_key", [False, True], ids=["threads", "by-key"])
-async def test_read_connections_refuse_to_write(services: Services, by_key: bool) -> None:
+async def test_read_connections_refuse_to_write(services: Services) -> None:
     """A read path that tried to write (a bug, or SQL smuggled into one) cannot: SQLite's
     connection is `query_only`, PostgreSQL's transactions are read-only; nothing changes."""
 
@@ -64,37 +53,30 @@ async def test_read_connections_refuse_to_write(services: Services, by_key: bool
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
     with pytest.raises(DBAPIError, match="readonly|read-only"):
-        await run_read(services.engine, write, by_key=by_key)
+        await run_read(services.engine, write)
     after = await run_read(
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
     assert after == count
 
 
-async def test_reads_by_key_stay_on_the_loop_on_sqlite_only(services: Services) -> None:
-    """On SQLite a read by key skips the crossing to a thread; PostgreSQL's is a network
+async def test_reads_stay_on_the_loop_on_sqlite_only(services: Services) -> None:
+    """On SQLite a short read skips the crossing to a thread; PostgreSQL's is a network
     round trip, which must never hold the loop up."""
     loop_thread = threading.get_ident()
-    ran_on = await run_read(services.engine, lambda conn: threading.get_ident(), by_key=True)
+    ran_on = await run_read(services.engine, lambda conn: threading.get_ident())
     assert (ran_on == loop_thread) == (services.engine.dialect.name == "sqlite")
 
 
-async def test_a_locked_sqlite_database_sends_reads_by_key_to_the_threads(
-    tmp_path: Path,
-) -> None:
-    """Another process holding the database exclusively (as while it recovers a crashed
-    writer's log) must not stall the event loop: the read by key does not wait on the loop,
-    it waits on a worker thread, and answers once the lock is gone."""
-    path = tmp_path / "locked.db"
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("PRAGMA journal_mode=WAL")
-    holder.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    holder.execute("INSERT INTO t VALUES (7)")
-    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
-    holder.execute("BEGIN EXCLUSIVE")
-    holder.execute("COMMIT")  # exclusive mode: the lock stays until the connection closes
-    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-    released = asyncio.get_running_loop().call_later(0.3, holder.close)
+# Counts to two million in SQLite's virtual machine: ~0.3 s, far over the loop's budget.
+_SLOW = text(
+    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000000) "
+    "SELECT count(*) FROM n"
+)
+
+
+async def _ticking(read: Any) -> tuple[Any, int]:
+    """`await read()`, and how many 10 ms ticks the loop made meanwhile."""
     ticks = 0
 
     async def tick() -> None:
@@ -105,17 +87,70 @@ async def test_a_locked_sqlite_database_sends_reads_by_key_to_the_threads(
 
     ticker = asyncio.create_task(tick())
     try:
-        loop_thread = threading.get_ident()
-        ran_on, found = await run_read(
-            engine,
-            lambda conn: (
-                threading.get_ident(),
-                conn.execute(text("SELECT id FROM t WHERE id = 7")).scalar(),
-            ),
-            by_key=True,
-        )
+        return await read(), ticks
     finally:
         ticker.cancel()
+
+
+async def test_a_long_read_leaves_the_loop_for_a_thread(services: Services) -> None:
+    """A read over the loop's budget is interrupted there and done in full on a thread: the
+    loop runs on meanwhile, and the answer is whole."""
+    loop_thread = threading.get_ident()
+    (ran_on, count), ticks = await _ticking(
+        lambda: run_read(
+            services.engine,
+            lambda conn: (threading.get_ident(), conn.execute(_SLOW).scalar()),
+        )
+    )
+    assert count == 2_000_000
+    assert ran_on != loop_thread
+    assert ticks >= 5
+
+
+async def test_the_threads_read_connections_refuse_to_write_too(services: Services) -> None:
+    """The connection a long read ends up on is as read-only as the loop's."""
+
+    def slow_then_write(conn):  # type: ignore[no-untyped-def]
+        conn.execute(_SLOW).scalar()
+        conn.execute(text("DELETE FROM users"))
+
+    count = await run_read(
+        services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
+    )
+    with pytest.raises(DBAPIError, match="readonly|read-only"):
+        await run_read(services.engine, slow_then_write)
+    after = await run_read(
+        services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
+    )
+    assert after == count
+
+
+async def test_a_locked_sqlite_database_sends_reads_to_the_threads(tmp_path: Path) -> None:
+    """Another process holding the database exclusively (as while it recovers a crashed
+    writer's log) must not stall the event loop: the read does not wait on the loop, it waits
+    on a worker thread, and answers once the lock is gone."""
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    holder.execute("INSERT INTO t VALUES (7)")
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")  # exclusive mode: the lock stays until the connection closes
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    released = asyncio.get_running_loop().call_later(0.3, holder.close)
+    try:
+        loop_thread = threading.get_ident()
+        (ran_on, found), ticks = await _ticking(
+            lambda: run_read(
+                engine,
+                lambda conn: (
+                    threading.get_ident(),
+                    conn.execute(text("SELECT id FROM t WHERE id = 7")).scalar(),
+                ),
+            )
+        )
+    finally:
         released.cancel()
         holder.close()
         await dispose(engine)

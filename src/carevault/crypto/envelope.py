@@ -306,7 +306,6 @@ class EnvelopeCipher:
         return await run_read(
             self._engine,
             lambda conn: conn.execute(_KEY_ROW, {"scope": scope}).first(),
-            by_key=True,
         )
 
     async def _create(self, scope: str) -> aead.Aead:

@@ -14,21 +14,24 @@ in-process, 10k-patient data set) cost 1.27 ms of event-loop CPU on SQLite that 
 0.15 ms in one call, and 0.70 ms against 0.20 ms on PostgreSQL. Writes stay on the async engine;
 on SQLite a process's writers take turns (`writer_turn`) before asking for the write lock.
 
-A read of a few rows by key on SQLite (`run_read(..., by_key=True)`) does not even cross to a
-thread: it runs on the event loop's own connection. The statement itself takes microseconds
-(a WAL reader waits for no writer, and the pages are in the OS cache), while the crossing costs
-a queue put, a thread wake-up, a self-pipe write and two GIL hand-overs, during which the worker
-threads' Python holds the loop up: 1 worker served 980 reads/s through the threads and 1,350-1,420/s
-with the key reads on the loop (wrk -t1 -c32, 1,000 patients). That connection never waits for
-a lock (`busy_timeout=0`); in the rare case it would have to (a crashed writer's WAL being
-recovered), the read goes to the threads as any other.
+On SQLite a read does not even cross to a thread at first: it runs on the event loop's own
+connection, with a budget of `_LOOP_BUDGET_SECONDS`. Its statements take microseconds (a
+resource by id 5 us, a search page by name 14 us: a WAL reader waits for no writer, and the
+pages are in the OS cache), while the crossing costs a queue put, a thread wake-up, a self-pipe
+write and GIL hand-overs, during which the worker threads' Python holds the loop up: 1 worker
+served 980 reads/s through the threads and 1,420/s on the loop (wrk -t1 -c32, 1,000 patients).
+A read that runs over its budget is interrupted (SQLite's progress handler) and done again on
+a thread, where it may take as long as it needs; so is one that finds the database locked (the
+loop's connection never waits: a crashed writer's log being recovered, say).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +50,10 @@ from carevault.config import Settings
 
 _WRITE = "carevault_write"
 _READ_THREADS = 8
+# SQLite: how long a read may run on the event loop before it is interrupted and done again on
+# a thread, and how many virtual-machine steps pass between two looks at the clock.
+_LOOP_BUDGET_SECONDS = 0.001
+_PROGRESS_STEPS = 1000
 _WRITER_WAIT_SECONDS = 30.0  # as SQLite's busy_timeout
 T = TypeVar("T")
 
@@ -113,11 +120,11 @@ def _sqlite_events(
 @dataclass
 class _ThreadedReads:
     """A database's read-only synchronous engine and the threads its reads run on; on SQLite
-    also the engine of the reads by key that run on the calling thread."""
+    also the connections reads try first on the calling thread."""
 
     engine: Engine
     threads: ThreadPoolExecutor
-    by_key: _HeldConnections | None = None
+    on_loop: _LoopReads | None = None
 
     def run(self, work: Callable[[Connection], T]) -> T:
         with self.engine.connect() as conn:
@@ -126,14 +133,21 @@ class _ThreadedReads:
     def close(self) -> None:
         self.threads.shutdown(wait=True)
         self.engine.dispose()
-        if self.by_key is not None:
-            self.by_key.close()
+        if self.on_loop is not None:
+            self.on_loop.close()
 
 
-class _HeldConnections:
-    """A connection per thread that asks, kept open: the event loop's, in practice (a server
-    has one; a test suite starts one per test client). A pool checkout and return cost more
-    than the read by key itself (64 against 28 us)."""
+@dataclass
+class _Held:
+    conn: Connection
+    deadline: float = math.inf  # read by the progress handler
+
+
+class _LoopReads:
+    """SQLite: a read-only connection per thread that asks, kept open (the event loop's, in
+    practice; a test suite starts one loop per test client): a pool checkout and return cost
+    more than a read by id (64 against 28 us). It never waits for a lock, and SQLite's
+    progress handler interrupts a read that runs past its deadline."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -141,22 +155,39 @@ class _HeldConnections:
         self._all: list[Connection] = []
         self._lock = threading.Lock()
 
-    def run(self, work: Callable[[Connection], T]) -> T:
-        conn: Connection | None = getattr(self._mine, "conn", None)
-        if conn is None:
+    def _held(self) -> _Held:
+        held: _Held | None = getattr(self._mine, "held", None)
+        if held is None:
             conn = self.engine.connect()
-            self._mine.conn = conn
+            held = _Held(conn)
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            # Called every _PROGRESS_STEPS virtual-machine steps; a true answer interrupts.
+            driver.set_progress_handler(
+                lambda: time.perf_counter() > held.deadline, _PROGRESS_STEPS
+            )
+            self._mine.held = held
             with self._lock:
                 self._all.append(conn)
+        return held
+
+    def run(self, work: Callable[[Connection], T], budget: float) -> T:
+        held = self._held()
+        conn = held.conn
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        held.deadline = time.perf_counter() + budget
         try:
-            result = work(conn)
-        except BaseException:
-            self._mine.conn = None  # whatever state it is in, the next read starts afresh
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
-        conn.rollback()  # SQLAlchemy's bookkeeping only: the driver is in no transaction
-        return result
+            driver.execute("BEGIN")  # one snapshot for all of `work`'s statements
+            return work(conn)
+        finally:
+            held.deadline = math.inf
+            try:
+                conn.rollback()  # ends the read transaction and SQLAlchemy's bookkeeping
+            except Exception:
+                self._mine.held = None  # unusable: the next read opens another
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def close(self) -> None:
         with self._lock:
@@ -197,24 +228,22 @@ def _read_engine(engine: AsyncEngine) -> Engine:
     )
 
 
-def _by_key_reads(engine: AsyncEngine) -> _HeldConnections | None:
-    """SQLite: read-only connections that never wait for a lock and open no transaction (each
-    statement is its own: a read by key is one statement), one per thread that asks."""
+def _loop_reads(engine: AsyncEngine) -> _LoopReads | None:
     if engine.url.get_backend_name() != "sqlite":
         return None
     sync = create_sync_engine(
         sync_url(engine.url.render_as_string(hide_password=False)),
         connect_args={"isolation_level": None, "timeout": 0, "check_same_thread": False},
-        poolclass=NullPool,  # held by `_HeldConnections`: opened once per thread, closed by it
+        poolclass=NullPool,  # held by `_LoopReads`: opened once per thread, closed by it
     )
     _sqlite_events(
         sync,
         secure_delete=_SECURE_DELETE.get(engine, False),
         query_only=True,
         busy_ms=0,
-        transactions=False,
+        transactions=False,  # `_LoopReads.run` begins them itself, for less
     )
-    return _HeldConnections(sync)
+    return _LoopReads(sync)
 
 
 def _threaded_reads(engine: AsyncEngine) -> _ThreadedReads:
@@ -222,7 +251,7 @@ def _threaded_reads(engine: AsyncEngine) -> _ThreadedReads:
     if reads is None:
         threads = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="db-read")
         reads = _THREADED.setdefault(
-            engine, _ThreadedReads(_read_engine(engine), threads, _by_key_reads(engine))
+            engine, _ThreadedReads(_read_engine(engine), threads, _loop_reads(engine))
         )
     return reads
 
@@ -230,40 +259,37 @@ def _threaded_reads(engine: AsyncEngine) -> _ThreadedReads:
 def read_engines(engine: AsyncEngine) -> tuple[Engine, ...]:
     """The synchronous engines `run_read` runs on for `engine` (tools that watch statements)."""
     reads = _threaded_reads(engine)
-    return (reads.engine,) if reads.by_key is None else (reads.engine, reads.by_key.engine)
+    return (reads.engine,) if reads.on_loop is None else (reads.engine, reads.on_loop.engine)
 
 
-async def run_read(
-    engine: AsyncEngine, work: Callable[[Connection], T], *, by_key: bool = False
-) -> T:
+async def run_read(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     """`work(connection)` on a read-only connection, its result returned (rows fetched inside:
-    nothing may be read from a cursor after `work` returns), in one call to a worker thread.
-    `work` cannot write: SQLite's connection is `query_only`, PostgreSQL's transactions are
-    read-only. On SQLite its statements share one transaction (one snapshot).
-
-    `by_key`: `work` is one statement that reads a few rows through a unique index (a resource
-    by id, a search page's resources, a data key's row). On SQLite it then runs right here, on
-    the calling thread (the module's docstring says why), unless the database is locked at
-    that moment."""
+    nothing may be read from a cursor after `work` returns). `work` cannot write: SQLite's
+    connections are `query_only`, PostgreSQL's transactions are read-only. On SQLite its
+    statements share one transaction (one snapshot), and it runs first right here, on the
+    calling thread (the module's docstring says why); on PostgreSQL, and on SQLite if it ran
+    over its budget or found the database locked, in one call to a worker thread. It may
+    therefore run twice: it must do nothing but read."""
     if engine.url.get_backend_name() == "sqlite" and engine.url.database in (None, "", ":memory:"):
         async with engine.connect() as conn:  # another connection would see another database
             return await conn.run_sync(work)
     reads = _threaded_reads(engine)
-    if by_key and reads.by_key is not None:
+    if reads.on_loop is not None:
         try:
-            return reads.by_key.run(work)
+            return reads.on_loop.run(work, _LOOP_BUDGET_SECONDS)
         except OperationalError as err:
-            if not _locked(err):
+            if not _try_on_thread(err):
                 raise
     return await asyncio.get_running_loop().run_in_executor(reads.threads, reads.run, work)
 
 
-def _locked(err: OperationalError) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED: try again where waiting is harmless."""
+def _try_on_thread(err: OperationalError) -> bool:
+    """SQLITE_BUSY, SQLITE_LOCKED (waiting is harmless on a thread) or SQLITE_INTERRUPT (the
+    budget on the loop ran out)."""
     code = getattr(err.orig, "sqlite_errorcode", None)
     if code is not None:
-        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED, with their extended codes
-    return "locked" in str(err.orig) or "busy" in str(err.orig)
+        return code & 0xFF in (5, 6, 9)  # with their extended codes
+    return any(word in str(err.orig) for word in ("locked", "busy", "interrupted"))
 
 
 async def dispose(engine: AsyncEngine) -> None:

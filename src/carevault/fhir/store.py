@@ -438,9 +438,7 @@ class ResourceStore:
     ) -> tuple[int, bool, str, bool] | None:
         """(version, deleted, scope, erased) of the current version, or None."""
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(
-            self._engine, lambda conn: conn.execute(_POINTER, key).first(), by_key=True
-        )
+        row = await run_read(self._engine, lambda conn: conn.execute(_POINTER, key).first())
         if row is None:
             return None
         return row.version, bool(row.deleted), row.scope, row.erased_at is not None
@@ -458,9 +456,7 @@ class ResourceStore:
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(
-            self._engine, lambda conn: conn.execute(_CURRENT, key).first(), by_key=True
-        )
+        row = await run_read(self._engine, lambda conn: conn.execute(_CURRENT, key).first())
         return await self._materialise(row)
 
     async def read_many(
@@ -474,7 +470,6 @@ class ResourceStore:
         rows = await run_read(
             self._engine,
             lambda conn: conn.execute(_CURRENT_MANY, key).all(),
-            by_key=len(key["ids"]) <= _BY_KEY_MANY,
         )
         found: dict[str, StoredResource] = {}
         for row in rows:
@@ -484,9 +479,7 @@ class ResourceStore:
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id, "version": version}
-        row = await run_read(
-            self._engine, lambda conn: conn.execute(_VERSION, key).first(), by_key=True
-        )
+        row = await run_read(self._engine, lambda conn: conn.execute(_VERSION, key).first())
         return await self._materialise(row)
 
     async def _materialise(self, row: Any) -> StoredResource:
@@ -596,9 +589,6 @@ _CURRENT_MANY = _current_versions().where(
         fhir_resources.c.deleted.is_(False),
     )
 )
-# A search page's worth of rows by primary key (the default page is 50) is read where a single
-# one is (`run_read(by_key=True)`); a longer list goes to the threads.
-_BY_KEY_MANY = 100
 _VERSION = select(fhir_versions).where(
     and_(
         fhir_versions.c.resource_type == bindparam("resource_type"),
