@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from carevault.db.engine import dispose, run_read, write_transaction
+from carevault.db.engine import READS_APPLICATION, dispose, run_read, write_transaction
 from carevault.db.tables import users
 from carevault.runtime import Services
 
@@ -157,3 +157,35 @@ async def test_a_locked_sqlite_database_sends_reads_to_the_threads(tmp_path: Pat
     assert ran_on != loop_thread  # it went to a worker thread ...
     assert found == 7
     assert ticks >= 10  # ... and the loop ran on while it waited (0.3 s: ~30 ticks)
+
+
+async def test_reads_survive_the_server_closing_their_connections(services: Services) -> None:
+    """The read pool pings no connection before use; when PostgreSQL has closed them (a
+    restart, a failover, an idle timeout) the read runs again on a new one instead of
+    failing. Every read connection of the database is closed here, of every test running."""
+    engine = services.engine
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite's connections are files")
+
+    def backend(conn):  # type: ignore[no-untyped-def]
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar()
+
+    before = await run_read(engine, backend)
+    async with engine.connect() as admin:
+        killed = (
+            await admin.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND datname = current_database()"
+                ),
+                {"name": READS_APPLICATION},
+            )
+        ).scalar()
+        await admin.rollback()
+    assert killed and killed >= 1
+    after = await run_read(engine, backend)
+    assert after != before
+    count = await run_read(
+        engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
+    )
+    assert count is not None
