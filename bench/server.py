@@ -325,6 +325,30 @@ class BenchServer:
         except OSError:
             return ""
 
+    def problem_lines(self, limit: int = 100) -> list[str]:
+        """The server log's lines at warning level or above, answers with a 5xx status, and
+        any line that is not JSON (a traceback printed around the logging): what explains a
+        scenario's errors. The first `limit` of them."""
+        found: list[str] = []
+        try:
+            with self._log.open(errors="replace") as lines:
+                for line in lines:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        entry = None
+                    if (
+                        not isinstance(entry, dict)
+                        or entry.get("level") in ("warning", "error", "critical")
+                        or (isinstance(entry.get("status"), int) and entry["status"] >= 500)
+                    ):
+                        found.append(line.rstrip()[:2000])
+                        if len(found) >= limit:
+                            break
+        except OSError:
+            pass
+        return found
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:

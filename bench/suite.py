@@ -607,6 +607,7 @@ def measure_server(
             if extra is not None:
                 extra.close()
         server.stop()
+    info["problems"] = server.problem_lines()
     chosen, picks = choose(rounds)
     ratios, p99_ratios = {}, {}
     for name in SCENARIOS:
