@@ -37,7 +37,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tink import aead
 
 from carevault.crypto.custody import KekState, KeyCustody
-from carevault.db.engine import read_connection, run_read, write_transaction
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import data_keys
 from carevault.tokens.signal import ChangeSignal
 
@@ -303,10 +304,8 @@ class EnvelopeCipher:
     # -- internals ---------------------------------------------------------------------------
 
     async def _load_row(self, scope: str) -> Any:
-        return await run_read(
-            self._engine,
-            lambda conn: conn.execute(_KEY_ROW, {"scope": scope}).first(),
-        )
+        rows = await read_by_key(self._engine, _KEY_ROW, {"scope": scope})
+        return rows[0] if rows else None
 
     async def _create(self, scope: str) -> aead.Aead:
         handle = tink.new_keyset_handle(DEK_TEMPLATE)

@@ -303,7 +303,11 @@ def _try_on_thread(err: OperationalError) -> bool:
 
 
 async def dispose(engine: AsyncEngine) -> None:
-    """Close the engine's pooled connections and those of its read threads."""
+    """Close the engine's pooled connections, those of its read threads and those of its
+    reads by key."""
+    from carevault.db.key_reads import close_key_reads  # it builds on this module
+
+    close_key_reads(engine)
     reads = _THREADED.pop(engine, None)
     if reads is not None:
         await asyncio.to_thread(reads.close)

@@ -30,6 +30,7 @@ from carevault.access.generation import ACCESS_FACT_TYPES, AccessGeneration, bum
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
 from carevault.db.engine import read_connection, run_read, write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -438,9 +439,10 @@ class ResourceStore:
     ) -> tuple[int, bool, str, bool] | None:
         """(version, deleted, scope, erased) of the current version, or None."""
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(self._engine, lambda conn: conn.execute(_POINTER, key).first())
-        if row is None:
+        rows = await read_by_key(self._engine, _POINTER, key)
+        if not rows:
             return None
+        row = rows[0]
         return row.version, bool(row.deleted), row.scope, row.erased_at is not None
 
     async def _decrypt(
@@ -456,8 +458,8 @@ class ResourceStore:
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id}
-        row = await run_read(self._engine, lambda conn: conn.execute(_CURRENT, key).first())
-        return await self._materialise(row)
+        rows = await read_by_key(self._engine, _CURRENT, key)
+        return await self._materialise(rows[0] if rows else None)
 
     async def read_many(
         self, resource_type: str, resource_ids: list[str]
@@ -479,8 +481,8 @@ class ResourceStore:
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource:
         key = {"resource_type": resource_type, "id": resource_id, "version": version}
-        row = await run_read(self._engine, lambda conn: conn.execute(_VERSION, key).first())
-        return await self._materialise(row)
+        rows = await read_by_key(self._engine, _VERSION, key)
+        return await self._materialise(rows[0] if rows else None)
 
     async def _materialise(self, row: Any) -> StoredResource:
         if row is None:
