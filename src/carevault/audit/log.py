@@ -28,13 +28,15 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from carevault.audit import merkle
 from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac, format_time
 from carevault.crypto.custody import AuditKeys
 from carevault.db.engine import (
+    WriteLockWait,
+    database_busy,
     dedicated_write_connection,
     read_connection,
     write_transaction,
@@ -169,7 +171,9 @@ class AuditLog:
         the table in SHARE ROW EXCLUSIVE mode; SQLite: `BEGIN IMMEDIATE`), so the second try
         always lands."""
         async with self._append_lock, writer_turn(self._engine, urgent=True):
-            for _ in range(_APPEND_ATTEMPTS):
+            lock_wait = WriteLockWait()
+            attempts = 0
+            while attempts < _APPEND_ATTEMPTS:
                 if self._writer is None:
                     self._writer = await dedicated_write_connection(self._engine)
                     self._tip = None
@@ -195,6 +199,12 @@ class AuditLog:
                     return self._tip[0]
                 except (IntegrityError, psycopg.IntegrityError, sqlite3.IntegrityError):
                     self._tip = None  # another writer was first: chain onto the new tip
+                    attempts += 1
+                except (OperationalError, sqlite3.OperationalError) as err:
+                    if not database_busy(err):
+                        await self._drop_writer()
+                        raise
+                    await lock_wait.pause(err)  # another process holds SQLite's write lock
                 except BaseException:
                     await self._drop_writer()  # it may be broken: the next append reconnects
                     raise

@@ -1,0 +1,118 @@
+"""Waiting for SQLite's write lock held by another process: polls on the event loop
+(`WriteLockWait`), never SQLite's busy handler, bounded, for transactions and audit appends."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
+
+from carevault.audit.entry import AuditEntry, Outcome
+from carevault.db import engine as db_engine
+from carevault.db.engine import write_transaction
+from carevault.db.tables import audit_entries
+from carevault.runtime import Services
+
+
+def _sqlite(services: Services) -> str:
+    if services.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only: PostgreSQL's writers wait in the server")
+    path = services.engine.url.database
+    assert path
+    return path
+
+
+def _hold_write_lock(path: str) -> sqlite3.Connection:
+    """Another connection, as another worker process would be, holding the write lock."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+async def _ticking(work: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work(), ticks
+    finally:
+        ticker.cancel()
+
+
+async def test_a_transaction_waits_for_another_process_then_commits(services: Services) -> None:
+    holder = _hold_write_lock(_sqlite(services))
+    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
+
+    async def write() -> int:
+        async with write_transaction(services.engine) as conn:
+            await conn.execute(text("CREATE TABLE waited (n INTEGER)"))
+            await conn.execute(text("INSERT INTO waited VALUES (1)"))
+        async with services.engine.connect() as conn:
+            return (await conn.execute(text("SELECT n FROM waited"))).scalar_one()
+
+    try:
+        written, ticks = await _ticking(write)
+    finally:
+        released.cancel()
+        holder.close()
+    assert written == 1
+    assert ticks >= 10  # the loop ran on while the transaction waited (0.3 s: ~30 ticks)
+
+
+async def test_an_audit_append_waits_for_another_process_then_lands(services: Services) -> None:
+    holder = _hold_write_lock(_sqlite(services))
+    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
+    entry = AuditEntry(action="test.write_lock", outcome=Outcome.permit)
+    try:
+        size, _ = await _ticking(lambda: services.audit.append([entry]))
+    finally:
+        released.cancel()
+        holder.close()
+    async with services.engine.connect() as conn:
+        action = (
+            await conn.execute(select(audit_entries.c.action).where(audit_entries.c.seq == size))
+        ).scalar_one()
+    assert action == "test.write_lock"
+
+
+async def test_the_wait_is_bounded_and_writes_nothing(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock never released fails the write as a locked database (fail closed: a request
+    answers an error, an audit append makes its request fail), and nothing of it lands."""
+    holder = _hold_write_lock(_sqlite(services))
+    monkeypatch.setattr(db_engine, "_WRITER_WAIT_SECONDS", 0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="locked|busy"):
+            async with write_transaction(services.engine) as conn:
+                await conn.execute(text("CREATE TABLE never (n INTEGER)"))
+        with pytest.raises(OperationalError, match="locked|busy"):
+            await services.audit.append([AuditEntry(action="test.never", outcome=Outcome.permit)])
+    finally:
+        holder.close()
+    # The bound is ours (0.2 s here, 30 s by default), not SQLite's busy timeout: a coarse
+    # check that the waits were polls on the loop and not a sleep in the busy handler.
+    assert time.monotonic() - started < 10
+    async with services.engine.connect() as conn:
+        tables = (
+            await conn.execute(text("SELECT name FROM sqlite_master WHERE name = 'never'"))
+        ).all()
+        never = (
+            await conn.execute(
+                select(audit_entries.c.seq).where(audit_entries.c.action == "test.never")
+            )
+        ).all()
+    assert tables == [] and never == []
