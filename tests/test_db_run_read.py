@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from carevault.db.engine import dispose, run_read, write_transaction
 from carevault.db.tables import users
 from carevault.runtime import Services
+from tests.loop_ticks import ticking
 
 NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
 
@@ -42,18 +43,25 @@ async def test_a_read_sees_what_a_write_transaction_committed(services: Services
     assert {r.id for r in after} - {r.id for r in before} == {"u-run-read"}
 
 
-async def test_read_connections_refuse_to_write(services: Services) -> None:
+def _write(conn):  # type: ignore[no-untyped-def]
+    conn.execute(text("DELETE FROM users"))
+
+
+def _slow_then_write(conn):  # type: ignore[no-untyped-def]
+    conn.execute(_SLOW).scalar()  # over the loop's budget: SQLite ends up on a thread
+    conn.execute(text("DELETE FROM users"))
+
+
+@pytest.mark.parametrize("work", [_write, _slow_then_write], ids=["short", "long"])
+async def test_read_connections_refuse_to_write(services: Services, work: Any) -> None:
     """A read path that tried to write (a bug, or SQL smuggled into one) cannot: SQLite's
-    connection is `query_only`, PostgreSQL's transactions are read-only; nothing changes."""
-
-    def write(conn):  # type: ignore[no-untyped-def]
-        conn.execute(text("DELETE FROM users"))
-
+    connections (the loop's, and the threads' a long read ends up on) are `query_only`,
+    PostgreSQL's transactions are read-only; nothing changes."""
     count = await run_read(
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
     with pytest.raises(DBAPIError, match="readonly|read-only"):
-        await run_read(services.engine, write)
+        await run_read(services.engine, work)
     after = await run_read(
         services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
@@ -75,28 +83,11 @@ _SLOW = text(
 )
 
 
-async def _ticking(read: Any) -> tuple[Any, int]:
-    """`await read()`, and how many 10 ms ticks the loop made meanwhile."""
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
-        return await read(), ticks
-    finally:
-        ticker.cancel()
-
-
 async def test_a_long_read_leaves_the_loop_for_a_thread(services: Services) -> None:
     """A read over the loop's budget is interrupted there and done in full on a thread: the
     loop runs on meanwhile, and the answer is whole."""
     loop_thread = threading.get_ident()
-    (ran_on, count), ticks = await _ticking(
+    (ran_on, count), ticks = await ticking(
         lambda: run_read(
             services.engine,
             lambda conn: (threading.get_ident(), conn.execute(_SLOW).scalar()),
@@ -105,24 +96,6 @@ async def test_a_long_read_leaves_the_loop_for_a_thread(services: Services) -> N
     assert count == 2_000_000
     assert ran_on != loop_thread
     assert ticks >= 5
-
-
-async def test_the_threads_read_connections_refuse_to_write_too(services: Services) -> None:
-    """The connection a long read ends up on is as read-only as the loop's."""
-
-    def slow_then_write(conn):  # type: ignore[no-untyped-def]
-        conn.execute(_SLOW).scalar()
-        conn.execute(text("DELETE FROM users"))
-
-    count = await run_read(
-        services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
-    )
-    with pytest.raises(DBAPIError, match="readonly|read-only"):
-        await run_read(services.engine, slow_then_write)
-    after = await run_read(
-        services.engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
-    )
-    assert after == count
 
 
 async def test_a_locked_sqlite_database_sends_reads_to_the_threads(tmp_path: Path) -> None:
@@ -141,7 +114,7 @@ async def test_a_locked_sqlite_database_sends_reads_to_the_threads(tmp_path: Pat
     released = asyncio.get_running_loop().call_later(0.3, holder.close)
     try:
         loop_thread = threading.get_ident()
-        (ran_on, found), ticks = await _ticking(
+        (ran_on, found), ticks = await ticking(
             lambda: run_read(
                 engine,
                 lambda conn: (

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -18,6 +16,7 @@ from carevault.db import engine as db_engine
 from carevault.db.engine import write_transaction
 from carevault.db.tables import audit_entries
 from carevault.runtime import Services
+from tests.loop_ticks import ticking
 
 
 def _sqlite(services: Services) -> str:
@@ -35,22 +34,6 @@ def _hold_write_lock(path: str) -> sqlite3.Connection:
     return holder
 
 
-async def _ticking(work: Callable[[], Awaitable[Any]]) -> tuple[Any, int]:
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
-        return await work(), ticks
-    finally:
-        ticker.cancel()
-
-
 async def test_a_transaction_waits_for_another_process_then_commits(services: Services) -> None:
     holder = _hold_write_lock(_sqlite(services))
     released = asyncio.get_running_loop().call_later(0.3, holder.commit)
@@ -63,7 +46,7 @@ async def test_a_transaction_waits_for_another_process_then_commits(services: Se
             return (await conn.execute(text("SELECT n FROM waited"))).scalar_one()
 
     try:
-        written, ticks = await _ticking(write)
+        written, ticks = await ticking(write)
     finally:
         released.cancel()
         holder.close()
@@ -76,7 +59,7 @@ async def test_an_audit_append_waits_for_another_process_then_lands(services: Se
     released = asyncio.get_running_loop().call_later(0.3, holder.commit)
     entry = AuditEntry(action="test.write_lock", outcome=Outcome.permit)
     try:
-        size, _ = await _ticking(lambda: services.audit.append([entry]))
+        size, _ = await ticking(lambda: services.audit.append([entry]))
     finally:
         released.cancel()
         holder.close()
