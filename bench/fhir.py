@@ -817,6 +817,7 @@ async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[s
     (ANALYZE, BUFFERS) on PostgreSQL, EXPLAIN QUERY PLAN on SQLite."""
     from sqlalchemy import event
 
+    from carevault.db import key_reads
     from carevault.fhir.search import execute, parse_search
 
     engine = services.engine
@@ -829,13 +830,22 @@ async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[s
     # Hot reads run on the read engines (`run_read`), writes and the rest on the async one.
     watched = (engine.sync_engine, *read_engines(engine))
 
+    # Reads by key on PostgreSQL go to psycopg directly (db/key_reads.py): watched at its fetch.
+    driver_fetch = key_reads._fetch
+
+    async def watched_fetch(conn: Any, sql: str, params: Any) -> Any:
+        captured.append((sql, params))
+        return await driver_fetch(conn, sql, params)
+
     async def run(name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
         captured.clear()
         for watched_engine in watched:
             event.listen(watched_engine, "before_cursor_execute", listener)
+        key_reads._fetch = watched_fetch
         try:
             await action()
         finally:
+            key_reads._fetch = driver_fetch
             for watched_engine in watched:
                 event.remove(watched_engine, "before_cursor_execute", listener)
         statements = [(s, p) for s, p in captured if "data_keys" not in s]
