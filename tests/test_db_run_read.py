@@ -43,6 +43,13 @@ async def test_a_read_sees_what_a_write_transaction_committed(services: Services
     assert {r.id for r in after} - {r.id for r in before} == {"u-run-read"}
 
 
+async def test_a_read_that_runs_no_statement_leaves_no_snapshot(services: Services) -> None:
+    """The loop's connection begins the read's transaction itself: it must end even when
+    `work` sent nothing through SQLAlchemy, or every later read would see the past."""
+    await run_read(services.engine, lambda conn: None)
+    await test_a_read_sees_what_a_write_transaction_committed(services)
+
+
 def _write(conn):  # type: ignore[no-untyped-def]
     conn.execute(text("DELETE FROM users"))
 

@@ -198,6 +198,8 @@ class _LoopReads:
             held.deadline = math.inf
             try:
                 conn.rollback()  # ends the read transaction and SQLAlchemy's bookkeeping
+                if driver.in_transaction:  # `work` ran nothing through SQLAlchemy
+                    driver.rollback()
             except Exception:
                 self._mine.held = None  # unusable: the next read opens another
                 with contextlib.suppress(Exception):
