@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import ARRAY, String, and_, any_, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -469,10 +469,11 @@ class ResourceStore:
         if not resource_ids:
             return {}
         key = {"resource_type": resource_type, "ids": sorted(set(resource_ids))}
-        rows = await run_read(
-            self._engine,
-            lambda conn: conn.execute(_CURRENT_MANY, key).all(),
-        )
+        if self._engine.dialect.name == "postgresql":
+            # One array parameter: one prepared statement whatever the count, read by key.
+            rows = await read_by_key(self._engine, _CURRENT_ANY, key)
+        else:
+            rows = await run_read(self._engine, lambda conn: conn.execute(_CURRENT_MANY, key).all())
         found: dict[str, StoredResource] = {}
         for row in rows:
             if not row.deleted:
@@ -588,6 +589,13 @@ _CURRENT_MANY = _current_versions().where(
     and_(
         fhir_resources.c.resource_type == bindparam("resource_type"),
         fhir_resources.c.id.in_(bindparam("ids", expanding=True)),
+        fhir_resources.c.deleted.is_(False),
+    )
+)
+_CURRENT_ANY = _current_versions().where(  # PostgreSQL only: `id = ANY(:ids)`
+    and_(
+        fhir_resources.c.resource_type == bindparam("resource_type"),
+        fhir_resources.c.id == any_(bindparam("ids", type_=ARRAY(String))),
         fhir_resources.c.deleted.is_(False),
     )
 )
