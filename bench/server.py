@@ -353,7 +353,9 @@ class BenchServer:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGINT)
+        # SIGTERM, as a supervisor stops it (`edge.server.run` exits cleanly on it); SIGINT would
+        # end with a KeyboardInterrupt traceback in the log, read as a problem.
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
