@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy import create_engine as create_sync_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -232,15 +232,21 @@ def _read_engine(engine: AsyncEngine) -> Engine:
     # PostgreSQL: every statement its own read-only transaction. Autocommit spares the BEGIN
     # and ROLLBACK round trips; under READ COMMITTED each statement takes its own snapshot
     # inside a transaction as well, so a read unit sees nothing less consistent.
-    options = " ".join(
-        part for part in (url.query.get("options"), "-c default_transaction_read_only=on") if part
-    )
     return create_sync_engine(
-        url.set(query={**url.query, "options": options, "application_name": READS_APPLICATION}),
+        read_only_url(url),
         isolation_level="AUTOCOMMIT",
         pool_size=_READ_THREADS,
         max_overflow=0,
     )
+
+
+def read_only_url(url: URL) -> URL:
+    """PostgreSQL: `url` for connections whose every transaction is read-only, named
+    READS_APPLICATION in pg_stat_activity (the read threads' pool, and `key_reads`)."""
+    options = " ".join(
+        part for part in (url.query.get("options"), "-c default_transaction_read_only=on") if part
+    )
+    return url.set(query={**url.query, "options": options, "application_name": READS_APPLICATION})
 
 
 def _loop_reads(engine: AsyncEngine) -> _LoopReads | None:

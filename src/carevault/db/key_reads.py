@@ -33,7 +33,7 @@ from sqlalchemy import Select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from carevault.db.engine import READS_APPLICATION, run_read
+from carevault.db.engine import read_only_url, run_read
 
 _CONNECTIONS = 8
 
@@ -58,24 +58,20 @@ class _DriverPool:
     """psycopg asyncio connections of one event loop."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        url = engine.url
+        url = read_only_url(engine.url)
+        # Passed apart: SQLAlchemy writes the spaces of `options` in the URL as "+", which
+        # libpq does not read back as spaces.
+        self._settings = {name: url.query[name] for name in ("options", "application_name")}
         self._conninfo = url.set(
-            drivername="postgresql", query={k: v for k, v in url.query.items() if k != "options"}
+            drivername="postgresql",
+            query={k: v for k, v in url.query.items() if k not in self._settings},
         ).render_as_string(hide_password=False)
-        self._options = " ".join(
-            part
-            for part in (url.query.get("options"), "-c default_transaction_read_only=on")
-            if isinstance(part, str) and part
-        )
         self._slots = asyncio.Semaphore(_CONNECTIONS)
         self._idle: list[psycopg.AsyncConnection[Any]] = []
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(
-            self._conninfo,
-            autocommit=True,
-            options=self._options,
-            application_name=READS_APPLICATION,
+            self._conninfo, autocommit=True, **self._settings
         )
 
     async def rows(
