@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
+from carevault.db.engine import write_transaction
 from carevault.db.tables import refresh_families
 from tests.audit.trail import audit_documents
 
@@ -23,7 +24,7 @@ BLOCK_PG = [
 
 
 async def _block(engine: Any) -> None:
-    async with engine.begin() as conn:
+    async with write_transaction(engine) as conn:  # waits its turn like every writer
         if conn.dialect.name == "postgresql":
             for statement in BLOCK_PG:
                 await conn.execute(text(statement))
@@ -32,7 +33,7 @@ async def _block(engine: Any) -> None:
 
 
 async def _unblock(engine: Any) -> None:
-    async with engine.begin() as conn:
+    async with write_transaction(engine) as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("DROP TRIGGER test_block_audit ON audit_entries"))
             await conn.execute(text("DROP FUNCTION test_block_audit()"))
