@@ -1,7 +1,8 @@
 """Reads of a row by its key (a resource by id or version, a data key's row): the hottest
 statements of the record server, one round trip each.
 
-`read_by_key(engine, statement, params)` runs a prebuilt SELECT with bound parameters. On
+`read_by_key(engine, statement, params)` runs a prebuilt SELECT with bound parameters (also
+each statement of a search: fhir/search.py builds one per shape of search). On
 SQLite it is `run_read` (on the event loop's own connection, engine.py). On PostgreSQL it runs
 with psycopg's asyncio connection directly, on the event loop: `run_read` would cross to a
 worker thread and back, and that crossing (a queue put, a thread wake-up, a self-pipe write,
@@ -31,6 +32,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import Select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.db.engine import read_only_url, run_read
@@ -47,11 +49,19 @@ async def read_by_key(
     return await _pool(engine).rows(statement, engine.dialect, params)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(statement: Select[Any], dialect: Dialect) -> tuple[str, type]:
-    """(SQL text with psycopg's named placeholders, the row type)."""
-    sql = statement.compile(dialect=dialect).string
-    return sql, namedtuple("Row", list(statement.selected_columns.keys()))  # type: ignore[misc]
+@functools.lru_cache(maxsize=2048)
+def _compiled(statement: Select[Any], dialect: Dialect) -> tuple[str, dict[str, Any], type]:
+    """(SQL text with psycopg's named placeholders, the values the statement holds itself,
+    the row type). A statement names every value it is sent (`bindparam("id")`), or holds
+    values of its own (a search's visibility condition: a literal IN list is rendered as one
+    placeholder per item) alongside parameters given a None default."""
+    try:
+        compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        own = dict(compiled.params)
+    except InvalidRequestError:  # a required parameter: nothing of its own to render
+        compiled, own = statement.compile(dialect=dialect), {}
+    row = namedtuple("Row", list(statement.selected_columns.keys()), rename=True)  # type: ignore[misc]
+    return compiled.string, own, row
 
 
 class _DriverPool:
@@ -77,7 +87,9 @@ class _DriverPool:
     async def rows(
         self, statement: Select[Any], dialect: Dialect, params: Mapping[str, Any]
     ) -> list[Any]:
-        sql, row = _compiled(statement, dialect)
+        sql, own, row = _compiled(statement, dialect)
+        if own:
+            params = {**own, **params}
         async with self._slots:
             reused = bool(self._idle)
             conn = self._idle.pop() if reused else await self._connect()

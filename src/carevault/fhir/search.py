@@ -38,7 +38,8 @@ import hmac
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,15 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
+    ARRAY,
+    BindParameter,
     ColumnElement,
     Connection,
+    Select,
+    String,
     and_,
+    any_,
+    bindparam,
     case,
     false,
     func,
@@ -61,6 +68,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.blind_index import BlindIndex
 from carevault.db.engine import run_read
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
 from carevault.fhir.compartment import parse_relative_reference
 from carevault.fhir.search_params import (
@@ -120,7 +128,17 @@ class Search:
     total: str
     sort: tuple[str, ...]
     includes: tuple[tuple[str, str | None], ...]  # (reference param, target type or None)
-    conditions: list[ColumnElement[bool]] = field(default_factory=list, compare=False)
+    filters: tuple[Filter, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One search parameter's condition, apart from its values: `shape` says what its SQL is
+    (searches of one shape share one statement, see `_plan`), `values` are bound into it in
+    order."""
+
+    shape: tuple[Any, ...]
+    values: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -249,24 +267,27 @@ _KEYS = fhir_index_keys.alias("k")
 _DATES = fhir_index_dates.alias("d")
 
 
-def _keys_exist(resource_type: str, param: str, keys: Sequence[str]) -> ColumnElement[bool]:
+def _keys_exist(
+    resource_type: str, param: str, keys: Sequence[BindParameter[Any]]
+) -> ColumnElement[bool]:
     # `id IN (uncorrelated subquery)`, not a correlated EXISTS: SQLite plans the correlated form
     # as a walk over every resource of the type (17.7 ms at 4,000 resources) and this one as a
     # lookup on ix_fhir_index_keys_lookup (0.5 ms); PostgreSQL plans both well.
     k = _KEYS
     return fhir_resources.c.id.in_(
         select(k.c.id).where(
-            and_(
-                k.c.resource_type == resource_type,
-                k.c.param == param,
-                k.c.key.in_(sorted(set(keys))),
-            )
+            and_(k.c.resource_type == resource_type, k.c.param == param, k.c.key.in_(keys))
         )
     )
 
 
-def _date_condition(prefix: str, low: float, high: float, rl: Any, rh: Any) -> ColumnElement[bool]:
-    """FHIR date prefixes: the search value's range [low, high) against the target's [rl, rh)."""
+_DATE_PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"})
+_NO_APPROXIMATE = "The date prefix 'ap' is not supported"
+
+
+def _date_condition(prefix: str, low: Any, high: Any, rl: Any, rh: Any) -> ColumnElement[bool]:
+    """FHIR date prefixes (`_DATE_PREFIXES`): the search value's range [low, high) against the
+    target's [rl, rh)."""
     within = and_(rl >= low, rh <= high)
     if prefix == "eq":
         return within
@@ -282,14 +303,12 @@ def _date_condition(prefix: str, low: float, high: float, rl: Any, rh: Any) -> C
         return or_(rl < low, within)
     if prefix == "sa":
         return rl >= high
-    if prefix == "eb":
-        return rh <= low
-    raise SearchError("The date prefix 'ap' is not supported", "not-supported")
+    return rh <= low  # eb
 
 
-def _point_condition(prefix: str, low: float, high: float, column: Any) -> ColumnElement[bool]:
+def _point_condition(prefix: str, low: Any, high: Any, column: Any) -> ColumnElement[bool]:
     """Date prefixes against an instant stored as one point (`_lastUpdated`)."""
-    conditions = {
+    return {
         "eq": and_(column >= low, column < high),
         "ne": or_(column < low, column >= high),
         "gt": column >= high,
@@ -298,17 +317,17 @@ def _point_condition(prefix: str, low: float, high: float, column: Any) -> Colum
         "eb": column < low,
         "ge": column >= low,
         "le": column < high,
-    }
-    if prefix not in conditions:
-        raise SearchError("The date prefix 'ap' is not supported", "not-supported")
-    return conditions[prefix]
+    }[prefix]
 
 
 def _parse_date(value: str) -> tuple[str, float, float]:
     try:
-        return parse_date_search(value)
+        prefix, low, high = parse_date_search(value)
     except SearchParameterError:
         raise SearchError(INVALID_VALUE) from None
+    if prefix not in _DATE_PREFIXES:
+        raise SearchError(_NO_APPROXIMATE, "not-supported")
+    return prefix, low, high
 
 
 def _reference_keys(param: SearchParam, value: str, target: str | None) -> list[str]:
@@ -325,43 +344,44 @@ def _reference_keys(param: SearchParam, value: str, target: str | None) -> list[
     return [value]  # absolute or urn: references are indexed as written
 
 
+def _key_filter(param: SearchParam, keys: Sequence[str]) -> Filter:
+    unique = tuple(sorted(set(keys)))
+    return Filter(("keys", param.code, len(unique)), unique)
+
+
+def _dated_filter(kind: str, param: SearchParam, values: list[str]) -> Filter:
+    dates = [_parse_date(v) for v in values]
+    return Filter(
+        (kind, param.code, tuple(prefix for prefix, _, _ in dates)),
+        tuple(bound for _, low, high in dates for bound in (low, high)),
+    )
+
+
 def _condition(
     resource_type: str, param: SearchParam, modifier: str | None, value: str, blind: BlindIndex
-) -> ColumnElement[bool]:
+) -> Filter:
     values = _values(value)
     label = index_label(resource_type, param.code)
     if modifier is not None and not (param.kind == "reference" and modifier in param.targets):
         raise SearchError(MODIFIER_TEXT, "not-supported")
 
     if param.code == "_id":
-        ids = [_unescape(v) for v in values]
+        ids = tuple(sorted({_unescape(v) for v in values}))
         if not all(_ID.fullmatch(i) for i in ids):
             raise SearchError(INVALID_VALUE)
-        return fhir_resources.c.id.in_(sorted(set(ids)))
+        return Filter(("id", len(ids)), ids)
     if param.code == "_lastUpdated":
-        return or_(
-            *(_point_condition(*_parse_date(v), fhir_resources.c.last_updated) for v in values)
-        )
+        return _dated_filter("instant", param, values)
 
     if param.kind == "date":
         if param.phi:
             try:
-                keys = [blind.exact(label, phi_date_search_key(v)) for v in values]
+                return _key_filter(
+                    param, [blind.exact(label, phi_date_search_key(v)) for v in values]
+                )
             except SearchParameterError as err:
                 raise SearchError(str(err)) from None
-            return _keys_exist(resource_type, param.code, keys)
-        d = _DATES
-        ranges = [_date_condition(*_parse_date(v), d.c.low, d.c.high) for v in values]
-        # Uncorrelated, like _keys_exist: SQLite would otherwise walk every resource.
-        return fhir_resources.c.id.in_(
-            select(d.c.id).where(
-                and_(
-                    d.c.resource_type == resource_type,
-                    d.c.param == param.code,
-                    or_(*ranges),
-                )
-            )
-        )
+        return _dated_filter("dates", param, values)
 
     if param.kind == "token":
         try:
@@ -376,12 +396,35 @@ def _condition(
         texts = [_unescape(v) for v in values]
         if not all(blind.normalize(t) for t in texts):
             raise SearchError(INVALID_VALUE)
-        return _keys_exist(resource_type, param.code, [blind.query(label, t) for t in texts])
+        return _key_filter(param, [blind.query(label, t) for t in texts])
     else:  # pragma: no cover - the parameter table only has the four kinds
         raise SearchError(UNKNOWN_PARAM, "not-supported")
     if param.phi:
-        return _keys_exist(resource_type, param.code, [blind.exact(label, k) for k in keys])
-    return _keys_exist(resource_type, param.code, [_index_key(k) for k in keys])
+        return _key_filter(param, [blind.exact(label, k) for k in keys])
+    return _key_filter(param, [_index_key(k) for k in keys])
+
+
+def _clause(
+    resource_type: str, shape: tuple[Any, ...], binds: list[BindParameter[Any]]
+) -> ColumnElement[bool]:
+    """The SQL of a filter of `shape`, its values bound by `binds` (in the filter's order)."""
+    kind = shape[0]
+    if kind == "id":
+        return fhir_resources.c.id.in_(binds)
+    if kind == "keys":
+        return _keys_exist(resource_type, shape[1], binds)
+    # Dated filters: a (low, high) pair of values per prefix.
+    dated = [(p, binds[2 * n], binds[2 * n + 1]) for n, p in enumerate(shape[2])]
+    if kind == "instant":
+        column = fhir_resources.c.last_updated
+        return or_(*(_point_condition(p, low, high, column) for p, low, high in dated))
+    d = _DATES  # uncorrelated, like _keys_exist: SQLite would otherwise walk every resource
+    ranges = [_date_condition(p, low, high, d.c.low, d.c.high) for p, low, high in dated]
+    return fhir_resources.c.id.in_(
+        select(d.c.id).where(
+            and_(d.c.resource_type == resource_type, d.c.param == shape[1], or_(*ranges))
+        )
+    )
 
 
 def parse_search(
@@ -394,7 +437,7 @@ def parse_search(
     if len(pairs) > MAX_PARAMS:
         raise SearchError(INVALID_VALUE)
     supported: Mapping[str, SearchParam] = search_params_for(resource_type)
-    conditions: list[ColumnElement[bool]] = []
+    filters: list[Filter] = []
     canonical: list[tuple[str, str]] = []
     control: dict[str, str] = {}
     for name, value in pairs:
@@ -434,7 +477,7 @@ def parse_search(
             ):
                 raise SearchError("This search parameter is not supported", "not-supported")
             raise SearchError(UNKNOWN_PARAM, "not-supported")
-        conditions.append(
+        filters.append(
             _condition(resource_type, param, modifier if ":" in name else None, value, blind)
         )
         canonical.append((name, value))
@@ -483,7 +526,7 @@ def parse_search(
         total,
         tuple(sort),
         tuple(includes),
-        conditions,
+        tuple(filters),
     )
     if after is not None and len(after) != len(_sort_columns(search)):
         raise SearchError(BAD_CURSOR)
@@ -491,14 +534,6 @@ def parse_search(
 
 
 # --- execution ---------------------------------------------------------------------------
-
-
-def _where(search: Search) -> ColumnElement[bool]:
-    return and_(
-        fhir_resources.c.resource_type == search.resource_type,
-        fhir_resources.c.deleted == false(),
-        *search.conditions,
-    )
 
 
 def _sort_columns(search: Search) -> list[tuple[str, Any, bool]]:
@@ -540,43 +575,124 @@ def _sort_columns(search: Search) -> list[tuple[str, Any, bool]]:
 
 
 def _after(columns: list[tuple[str, Any, bool]], after: tuple[Any, ...]) -> ColumnElement[bool]:
-    """Rows strictly after the keyset position, in the order of `columns`."""
+    """Rows strictly after the keyset position (its values, or None where undated), in the
+    order of `columns`."""
     clauses: list[ColumnElement[bool]] = []
     equal: list[ColumnElement[bool]] = []
-    for (kind, column, descending), value in zip(columns, after, strict=True):
+    for (_, column, descending), value in zip(columns, after, strict=True):
         if value is None:
-            if kind != "nullable":
-                raise SearchError(BAD_CURSOR)
             continue  # undated: the "undated" column before it already pins these rows
         clauses.append(and_(*equal, column < value if descending else column > value))
         equal.append(column == value)
     return or_(*clauses)
 
 
-async def execute(
-    engine: AsyncEngine, search: Search, visible: ColumnElement[bool] | None = None
-) -> SearchResult:
-    """Run the search. `visible` (access/filters.py) limits it to the records the caller may
-    read, so that totals and pages count only those; None only for the server's own lookups
-    (import), never for a request."""
-    where = _where(search) if visible is None else and_(_where(search), visible)
-    return await run_read(engine, lambda conn: _run(conn, search, where))
+@dataclass(frozen=True)
+class _Plan:
+    """The statements of one shape of search (`_plan`), every value a parameter named b<n>."""
+
+    visible: ColumnElement[bool] | None  # the condition it was built with (held: see _plan)
+    page: Select[Any] | None  # None for _count=0
+    count: Select[Any]
 
 
-def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> SearchResult:
-    """The total, the page and the _include targets, in one read transaction."""
-    ids: list[str] = []
-    has_next = False
-    last: tuple[Any, ...] | None = None
+# Searches of one shape (the same type, parameters with as many values each, date prefixes,
+# sort, page size, cursor position kinds and visibility) run the same statement object with other
+# values. SQLAlchemy memoizes the cache key of a statement object, which it otherwise derives
+# again from the whole tree on every execution (a third of a name search's event-loop time), and
+# PostgreSQL gets a text it can prepare once (`key_reads`).
+_PLANS: OrderedDict[tuple[Any, ...], _Plan] = OrderedDict()
+_PLANS_KEPT = 512
+
+
+def _after_shape(search: Search) -> tuple[bool, ...] | None:
+    """Which positions of the cursor are undated (None); BAD_CURSOR where one cannot be."""
+    if search.after is None:
+        return None
+    kinds = [kind for kind, _, _ in _sort_columns(search)]
+    shape = tuple(value is None for value in search.after)
+    if any(undated and kind != "nullable" for undated, kind in zip(shape, kinds, strict=True)):
+        raise SearchError(BAD_CURSOR)
+    return shape
+
+
+def _plan(search: Search, visible: ColumnElement[bool] | None) -> _Plan:
+    after = _after_shape(search)
+    shapes = tuple(f.shape for f in search.filters)
+    # `visible` is one object per visibility (access/filters.py caches them), held by the plan,
+    # so its id cannot name another condition while the plan is kept.
+    key = (search.resource_type, shapes, search.sort, search.count, after, id(visible))
+    plan = _PLANS.get(key)
+    if plan is not None and plan.visible is visible:
+        _PLANS.move_to_end(key)
+        return plan
+    names = (f"b{n}" for n in range(1_000_000))
+    clauses = [
+        _clause(search.resource_type, f.shape, [bindparam(next(names), None) for _ in f.values])
+        for f in search.filters
+    ]
+    where = and_(
+        fhir_resources.c.resource_type == search.resource_type,
+        fhir_resources.c.deleted == false(),
+        *clauses,
+        *(() if visible is None else (visible,)),
+    )
+    page = None
     if search.count > 0:
         columns = _sort_columns(search)
-        page_where = where if search.after is None else and_(where, _after(columns, search.after))
-        rows = conn.execute(
+        page_where = where
+        if after is not None:
+            position = tuple(None if undated else bindparam(next(names), None) for undated in after)
+            page_where = and_(where, _after(columns, position))
+        page = (
             select(fhir_resources.c.id, *(c for _, c, _ in columns))
             .where(page_where)
             .order_by(*(c.desc() if desc else c.asc() for _, c, desc in columns))
             .limit(search.count + 1)
-        ).all()
+        )
+    plan = _Plan(visible, page, select(func.count()).select_from(fhir_resources).where(where))
+    _PLANS[key] = plan
+    if len(_PLANS) > _PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _params(search: Search) -> dict[str, Any]:
+    """The values of `search` by the names `_plan` bound them to."""
+    values = [v for f in search.filters for v in f.values]
+    values += [v for v in search.after or () if v is not None]
+    return {f"b{n}": value for n, value in enumerate(values)}
+
+
+_INCLUDE_KEYS = {
+    "sqlite": select(_KEYS.c.param, _KEYS.c.key).where(
+        and_(
+            _KEYS.c.resource_type == bindparam("resource_type"),
+            _KEYS.c.id.in_(bindparam("ids", expanding=True)),
+            _KEYS.c.param.in_(bindparam("params", expanding=True)),
+        )
+    ),
+    "postgresql": select(_KEYS.c.param, _KEYS.c.key).where(
+        and_(
+            _KEYS.c.resource_type == bindparam("resource_type"),
+            _KEYS.c.id == any_(bindparam("ids", type_=ARRAY(String))),
+            _KEYS.c.param == any_(bindparam("params", type_=ARRAY(String))),
+        )
+    ),
+}
+
+# A search's statements in turn: it yields (statement, parameters) and is sent the rows.
+_Steps = Generator[tuple[Select[Any], Mapping[str, Any]], list[Any], "SearchResult"]
+
+
+def _steps(search: Search, plan: _Plan, dialect: str) -> _Steps:
+    """The page, the total and the _include targets."""
+    params = _params(search)
+    ids: list[str] = []
+    has_next = False
+    last: tuple[Any, ...] | None = None
+    if plan.page is not None:
+        rows = yield plan.page, params
         has_next = len(rows) > search.count
         rows = rows[: search.count]
         ids = [row[0] for row in rows]
@@ -587,33 +703,22 @@ def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> Search
         if search.after is None and search.count > 0 and not has_next:
             total = len(ids)  # the first page holds every match: counting again tells nothing
         else:
-            total = conn.execute(
-                select(func.count()).select_from(fhir_resources).where(where)
-            ).scalar_one()
+            total = (yield plan.count, params)[0][0]
     includes: list[tuple[str, str]] = []
     if ids and search.includes:
-        k = fhir_index_keys
-        params = sorted({p for p, _ in search.includes})
-        keys = conn.execute(
-            select(k.c.param, k.c.key)
-            .where(
-                and_(
-                    k.c.resource_type == search.resource_type,
-                    k.c.id.in_(ids),
-                    k.c.param.in_(params),
-                )
-            )
-            .order_by(k.c.key)
-        ).all()
-        wanted = {p: set() for p in params}  # type: dict[str, set[str | None]]
+        wanted: dict[str, set[str | None]] = {p: set() for p, _ in search.includes}
         for p, target in search.includes:
             wanted[p].add(target)
+        keys = yield (
+            _INCLUDE_KEYS[dialect],
+            {"resource_type": search.resource_type, "ids": ids, "params": sorted(wanted)},
+        )
         seen: set[tuple[str, str]] = set()
-        for row in keys:
-            relative = parse_relative_reference(row.key)
+        for param, key in sorted(keys, key=lambda row: row[1]):
+            relative = parse_relative_reference(key)
             if relative is None or not _TYPE.fullmatch(relative[0]):
                 continue
-            targets = wanted[row.param]
+            targets = wanted[param]
             if None not in targets and relative[0] not in targets:
                 continue
             if relative[0] == search.resource_type and relative[1] in ids:
@@ -622,3 +727,37 @@ def _run(conn: Connection, search: Search, where: ColumnElement[bool]) -> Search
                 seen.add(relative)
                 includes.append(relative)
     return SearchResult(search, total, ids, has_next, last, includes)
+
+
+def _run(conn: Connection, steps: _Steps) -> SearchResult:
+    """Every statement on `conn`: one read transaction (SQLite: one snapshot)."""
+    try:
+        statement, params = next(steps)
+        while True:
+            statement, params = steps.send(conn.execute(statement, params).all())
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _run_by_key(engine: AsyncEngine, steps: _Steps) -> SearchResult:
+    """Every statement on PostgreSQL's driver connections of the event loop (`key_reads`), as
+    reads by key are: each its own snapshot, as on the read threads' autocommit connections."""
+    try:
+        statement, params = next(steps)
+        while True:
+            statement, params = steps.send(await read_by_key(engine, statement, params))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def execute(
+    engine: AsyncEngine, search: Search, visible: ColumnElement[bool] | None = None
+) -> SearchResult:
+    """Run the search. `visible` (access/filters.py) limits it to the records the caller may
+    read, so that totals and pages count only those; None only for the server's own lookups
+    (import), never for a request."""
+    plan = _plan(search, visible)
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        return await _run_by_key(engine, _steps(search, plan, dialect))
+    return await run_read(engine, lambda conn: _run(conn, _steps(search, plan, dialect)))
