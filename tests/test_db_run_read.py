@@ -163,3 +163,33 @@ async def test_reads_survive_the_server_closing_their_connections(services: Serv
         engine, lambda conn: conn.execute(text("SELECT count(*) FROM users")).scalar()
     )
     assert count is not None
+
+
+async def test_a_read_that_starts_past_its_budget_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's progress handler may run during the read's own BEGIN (its step counter
+    accumulates over the cached statement's runs); if the loop's budget is already spent by
+    then (the loop thread waited for the GIL), the read must still go to a thread, not fail
+    with the driver's bare "interrupted" (it was once a 500 under load)."""
+    import carevault.db.engine as db_engine
+
+    monkeypatch.setattr(db_engine, "_PROGRESS_STEPS", 1)  # the handler runs on every step
+    monkeypatch.setattr(db_engine, "_LOOP_BUDGET_SECONDS", -1.0)  # and finds the budget spent
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'spent.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+            await conn.execute(text("INSERT INTO t VALUES (7)"))
+        loop_thread = threading.get_ident()
+        for _ in range(3):  # the held connection stays usable
+            ran_on, found = await run_read(
+                engine,
+                lambda conn: (
+                    threading.get_ident(),
+                    conn.execute(text("SELECT id FROM t WHERE id = 7")).scalar(),
+                ),
+            )
+            assert (ran_on != loop_thread, found) == (True, 7)
+    finally:
+        await dispose(engine)

@@ -190,9 +190,11 @@ class _LoopReads:
         conn = held.conn
         driver = conn.connection.driver_connection
         assert driver is not None
-        held.deadline = time.perf_counter() + budget
         try:
             driver.execute("BEGIN")  # one snapshot for all of `work`'s statements
+            # Only now: the handler also runs during BEGIN (its step count accumulates over the
+            # cached statement's runs), which the driver's bare error would then fail.
+            held.deadline = time.perf_counter() + budget
             return work(conn)
         finally:
             held.deadline = math.inf
