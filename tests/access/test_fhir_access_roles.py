@@ -436,3 +436,37 @@ async def test_invalid_purpose_is_400_operation_outcome(world: World, value: str
         assert response.status_code == 400, (response.request.url, response.text)
         assert response.json()["resourceType"] == "OperationOutcome"
         assert w.ids["A"] not in response.text
+
+
+# --- searches of one shape share a statement ---------------------------------------------------
+
+
+async def test_a_shared_search_statement_never_carries_one_callers_visibility_to_another(
+    world: World,
+) -> None:
+    """Searches of one shape run one prepared statement (fhir/search.py `_plan`), each
+    caller's visibility part of what picks it: callers who see different patients, searching
+    alike in turn, each find and count only their own, and a CareTeam change is seen at
+    once."""
+    w = world
+
+    async def found(who: str, family: str) -> list[str]:
+        bundle = await w.search(who, f"/fhir/Patient?name={family}&_total=accurate")
+        # The total is the SQL's own count: records the statement let through and the
+        # per-record check then dropped would show here.
+        assert bundle["total"] == len(entry_ids(bundle))
+        return entry_ids(bundle)
+
+    a, b = w.ids["A"], w.ids["B"]
+    for _ in range(2):  # the second round runs on the statements the first one built
+        assert await found("svc", A_FAMILY) == [a]
+        assert await found("drA", A_FAMILY) == [a]
+        assert await found("drA", B_FAMILY) == []
+        assert await found("patB", B_FAMILY) == [b]
+        assert await found("patB", A_FAMILY) == []
+        assert await found("svc", B_FAMILY) == [b]
+        assert await found("drOther", A_FAMILY) == []
+    await w.replace("teamA", care_team_body(a, [w.ids["pracC"]]))
+    assert await found("drA", A_FAMILY) == []
+    await w.replace("teamA", care_team_body(a, [w.ids["pracA"]]))
+    assert await found("drA", A_FAMILY) == [a]

@@ -609,3 +609,33 @@ async def test_open_periods_and_undated_resources_sort_and_page(seeded, clinicia
     await _match(h, "/fhir/Encounter", {"date": "lt2019"}, {open_start})
     await _match(h, "/fhir/Encounter", {"date": "gt2030"}, {open_end})
     await _match(h, "/fhir/Encounter", {"date": "2024"}, {seeded.e1})
+
+
+def test_searches_of_one_shape_share_one_statement():
+    """What makes a search cheap to run again (fhir/search.py `_plan`): other values, one
+    statement; another shape (more values, another date prefix, page size or visibility),
+    another statement. That each search still answers its own values is what the tests
+    above check through HTTP."""
+    import tink
+    from sqlalchemy import false, not_, true
+    from tink import prf
+
+    from carevault.crypto.blind_index import BlindIndex
+    from carevault.fhir.search import _params, _plan, parse_search
+
+    prf.register()
+    handle = tink.new_keyset_handle(prf.prf_key_templates.HMAC_SHA256)
+    blind = BlindIndex(handle.primitive(prf.PrfSet).primary())
+    visible = true()
+
+    def plan(*pairs: tuple[str, str], seen=visible):  # type: ignore[no-untyped-def]
+        return _plan(parse_search("Observation", list(pairs), blind), seen)
+
+    first = plan(("code", "8867-4"), ("date", "ge2024-01-01"))
+    assert plan(("code", "29463-7"), ("date", "ge2019-05")) is first
+    assert plan(("code", "8867-4,29463-7"), ("date", "ge2024-01-01")) is not first
+    assert plan(("code", "8867-4"), ("date", "lt2024-01-01")) is not first
+    assert plan(("code", "8867-4"), ("date", "ge2024-01-01"), ("_count", "7")) is not first
+    assert plan(("code", "8867-4"), ("date", "ge2024-01-01"), seen=not_(false())) is not first
+    values = _params(parse_search("Observation", [("code", "8867-4")], blind))
+    assert list(values) == ["b0"] and values["b0"].endswith("8867-4")
