@@ -830,22 +830,30 @@ async def explain_queries(services: Any, patient_id: str, prefix: str) -> dict[s
     # Hot reads run on the read engines (`run_read`), writes and the rest on the async one.
     watched = (engine.sync_engine, *read_engines(engine))
 
-    # Reads by key on PostgreSQL go to psycopg directly (db/key_reads.py): watched at its fetch.
+    # Reads by key and searches go to the drivers directly (db/key_reads.py): on PostgreSQL
+    # watched at psycopg's fetch ...
     driver_fetch = key_reads._fetch
 
     async def watched_fetch(conn: Any, sql: str, params: Any) -> Any:
         captured.append((sql, params))
         return await driver_fetch(conn, sql, params)
 
+    # ... and on SQLite to the driver's cursor of the read connection, past SQLAlchemy's events.
+    sqlite_rows = key_reads._sqlite_rows
+
+    def watched_rows(dbapi_connection: Any, sql: str, values: tuple[Any, ...]) -> Any:
+        captured.append((sql, values))
+        return sqlite_rows(dbapi_connection, sql, values)
+
     async def run(name: str, action: Callable[[], Any]) -> list[dict[str, Any]]:
         captured.clear()
         for watched_engine in watched:
             event.listen(watched_engine, "before_cursor_execute", listener)
-        key_reads._fetch = watched_fetch
+        key_reads._fetch, key_reads._sqlite_rows = watched_fetch, watched_rows
         try:
             await action()
         finally:
-            key_reads._fetch = driver_fetch
+            key_reads._fetch, key_reads._sqlite_rows = driver_fetch, sqlite_rows
             for watched_engine in watched:
                 event.remove(watched_engine, "before_cursor_execute", listener)
         statements = [(s, p) for s, p in captured if "data_keys" not in s]

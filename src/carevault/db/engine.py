@@ -300,17 +300,18 @@ async def run_read(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
     if reads.on_loop is not None:
         try:
             return reads.on_loop.run(work, _LOOP_BUDGET_SECONDS)
-        except OperationalError as err:
+        except (OperationalError, sqlite3.OperationalError) as err:  # BEGIN is the driver's
             if not _try_on_thread(err):
                 raise
     return await asyncio.get_running_loop().run_in_executor(reads.threads, reads.run, work)
 
 
-def _try_on_thread(err: OperationalError) -> bool:
+def _try_on_thread(err: OperationalError | sqlite3.OperationalError) -> bool:
     """The database was locked (waiting is harmless on a thread) or the budget on the loop ran
     out (SQLITE_INTERRUPT)."""
-    code = getattr(err.orig, "sqlite_errorcode", None)
-    interrupted = code & 0xFF == 9 if code is not None else "interrupted" in str(err.orig)
+    orig = getattr(err, "orig", err)
+    code = getattr(orig, "sqlite_errorcode", None)
+    interrupted = code & 0xFF == 9 if code is not None else "interrupted" in str(orig)
     return interrupted or database_busy(err)
 
 

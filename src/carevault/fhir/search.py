@@ -48,6 +48,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
     ARRAY,
+    JSON,
     BindParameter,
     ColumnElement,
     Connection,
@@ -68,7 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.blind_index import BlindIndex
 from carevault.db.engine import run_read
-from carevault.db.key_reads import read_by_key
+from carevault.db.key_reads import json_each, read_by_key, read_on
 from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
 from carevault.fhir.compartment import parse_relative_reference
 from carevault.fhir.search_params import (
@@ -668,8 +669,8 @@ _INCLUDE_KEYS = {
     "sqlite": select(_KEYS.c.param, _KEYS.c.key).where(
         and_(
             _KEYS.c.resource_type == bindparam("resource_type"),
-            _KEYS.c.id.in_(bindparam("ids", expanding=True)),
-            _KEYS.c.param.in_(bindparam("params", expanding=True)),
+            _KEYS.c.id.in_(json_each(bindparam("ids", type_=JSON))),
+            _KEYS.c.param.in_(json_each(bindparam("params", type_=JSON))),
         )
     ),
     "postgresql": select(_KEYS.c.param, _KEYS.c.key).where(
@@ -734,7 +735,7 @@ def _run(conn: Connection, steps: _Steps) -> SearchResult:
     try:
         statement, params = next(steps)
         while True:
-            statement, params = steps.send(conn.execute(statement, params).all())
+            statement, params = steps.send(read_on(conn, statement, params))
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
 

@@ -22,15 +22,26 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import ARRAY, String, and_, any_, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    String,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from carevault.access.generation import ACCESS_FACT_TYPES, AccessGeneration, bump_in
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
-from carevault.db.engine import read_connection, run_read, write_transaction
-from carevault.db.key_reads import read_by_key
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.key_reads import json_each, read_by_key
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -469,11 +480,9 @@ class ResourceStore:
         if not resource_ids:
             return {}
         key = {"resource_type": resource_type, "ids": sorted(set(resource_ids))}
-        if self._engine.dialect.name == "postgresql":
-            # One array parameter: one prepared statement whatever the count, read by key.
-            rows = await read_by_key(self._engine, _CURRENT_ANY, key)
-        else:
-            rows = await run_read(self._engine, lambda conn: conn.execute(_CURRENT_MANY, key).all())
+        # One array parameter (a JSON one on SQLite): one statement whatever the count.
+        postgresql = self._engine.dialect.name == "postgresql"
+        rows = await read_by_key(self._engine, _CURRENT_ANY if postgresql else _CURRENT_EACH, key)
         found: dict[str, StoredResource] = {}
         for row in rows:
             if not row.deleted:
@@ -585,10 +594,10 @@ _CURRENT = _current_versions().where(
         fhir_resources.c.id == bindparam("id"),
     )
 )
-_CURRENT_MANY = _current_versions().where(
+_CURRENT_EACH = _current_versions().where(  # SQLite only: `id IN json_each(:ids)`
     and_(
         fhir_resources.c.resource_type == bindparam("resource_type"),
-        fhir_resources.c.id.in_(bindparam("ids", expanding=True)),
+        fhir_resources.c.id.in_(json_each(bindparam("ids", type_=JSON))),
         fhir_resources.c.deleted.is_(False),
     )
 )
