@@ -36,6 +36,7 @@ from carevault.fhir.validation import is_supported_type
 log = structlog.get_logger("carevault.audit")
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_WRITTEN_VERSION_HEADERS = frozenset({b"location", b"etag"})
 _UNAVAILABLE_TEXT = "The request cannot be recorded right now; nothing was disclosed. Try again."
 
 
@@ -78,9 +79,11 @@ class AuditTrail:
             nonlocal failed, started
             if message["type"] == "http.response.start":
                 started = True
+                # What an entry takes from the response: a write's new id and version.
                 response_headers = {
-                    k.decode("latin-1").lower(): v.decode("latin-1")
+                    name.decode(): v.decode("latin-1")
                     for k, v in message.get("headers", [])
+                    if (name := k.lower()) in _WRITTEN_VERSION_HEADERS
                 }
                 try:
                     await self.writer.write(audit.finish(message["status"], response_headers))

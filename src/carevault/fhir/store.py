@@ -105,7 +105,7 @@ class StoredResource:
     @property
     def last_modified(self) -> str:
         """RFC 9110 HTTP-date."""
-        return datetime.fromtimestamp(self.last_updated, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+        return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(self.last_updated))
 
 
 @dataclass(frozen=True)
