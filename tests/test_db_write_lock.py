@@ -99,3 +99,36 @@ async def test_the_wait_is_bounded_and_writes_nothing(
             )
         ).all()
     assert tables == [] and never == []
+
+
+async def test_a_writer_outside_write_transaction_still_waits(services: Services) -> None:
+    """Only this module's writers poll: any other transaction (a tool's, a test's
+    `engine.begin()`) waits for the lock in SQLite's busy handler as SQLite's own connections
+    do, instead of failing at once because another process was writing."""
+    holder = _hold_write_lock(_sqlite(services))
+    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
+    try:
+        async with services.engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE waited_plainly (n INTEGER)"))
+    finally:
+        released.cancel()
+        holder.close()
+    async with services.engine.connect() as conn:
+        found = await conn.execute(
+            text("SELECT name FROM sqlite_master WHERE name = 'waited_plainly'")
+        )
+        assert found.scalar_one() == "waited_plainly"
+
+
+async def test_no_pooled_connection_is_left_without_a_busy_timeout(services: Services) -> None:
+    """The audit writer's connection (busy timeout 0) is dropped when the writer closes it,
+    never handed to another user of the pool; a write transaction restores its own."""
+    _sqlite(services)
+    await services.audit.append([AuditEntry(action="test.pool", outcome=Outcome.permit)])
+    async with write_transaction(services.engine) as conn:
+        await conn.execute(text("SELECT 1"))
+    await services.audit.close()
+    for _ in range(12):  # more than the pool keeps: every connection it hands out
+        async with services.engine.connect() as conn:
+            timeout = (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one()
+            assert timeout == 30000

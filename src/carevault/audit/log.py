@@ -36,6 +36,7 @@ from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac,
 from carevault.crypto.custody import AuditKeys
 from carevault.db.engine import (
     WriteLockWait,
+    close_write_connection,
     database_busy,
     dedicated_write_connection,
     read_connection,
@@ -240,7 +241,7 @@ class AuditLog:
         writer, self._writer = self._writer, None
         if writer is not None:
             with contextlib.suppress(Exception):
-                await writer.close()
+                await close_write_connection(writer)
 
     async def close(self) -> None:
         await self._drop_writer()

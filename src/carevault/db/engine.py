@@ -50,6 +50,7 @@ from sqlalchemy.pool import NullPool
 from carevault.config import Settings
 
 _WRITE = "carevault_write"
+_NO_WAIT = "carevault_no_wait"  # SQLite: a connection whose busy timeout is 0 (the audit writer)
 _READ_THREADS = 8
 READS_APPLICATION = "carevault-reads"  # PostgreSQL: the read pool's name in pg_stat_activity
 # SQLite: how long a read may run on the event loop before it is interrupted and done again on
@@ -85,9 +86,11 @@ def _engine(url: str, *, pool_size: int, secure_delete: bool = False) -> AsyncEn
 
 
 def _configure_sqlite(engine: AsyncEngine, secure_delete: bool) -> None:
-    # The connect pragmas may wait (the connect timeout); a write never waits in SQLite's busy
-    # handler afterwards: `WriteLockWait` polls on the loop instead.
-    _sqlite_events(engine.sync_engine, secure_delete=secure_delete, query_only=False, busy_ms=0)
+    # A connection waits for a lock in SQLite's busy handler (in sleeps of up to 100 ms), except
+    # where this module's writers ask for the write lock: they poll on the loop instead
+    # (`WriteLockWait`): `write_transaction`'s BEGIN IMMEDIATE, and the audit writer's
+    # connection (`dedicated_write_connection`).
+    _sqlite_events(engine.sync_engine, secure_delete=secure_delete, query_only=False)
     _SECURE_DELETE[engine] = secure_delete
 
 
@@ -117,8 +120,17 @@ def _sqlite_events(
 
     @event.listens_for(engine, "begin")
     def _begin(conn):  # type: ignore[no-untyped-def]
-        immediate = conn.get_execution_options().get(_WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = conn.get_execution_options()
+        if not options.get(_WRITE, False):
+            conn.exec_driver_sql("BEGIN")
+        elif options.get(_NO_WAIT, False):  # its busy timeout is 0 for good
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:  # refused at once if another process holds the lock: the caller polls
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
 
 
 @dataclass
@@ -457,14 +469,26 @@ async def writer_turn(engine: AsyncEngine, *, urgent: bool = False) -> AsyncIter
 
 
 async def dedicated_write_connection(engine: AsyncEngine) -> AsyncConnection:
-    """A connection kept by one writer (the caller closes it): no pool checkout or liveness
-    ping per write. On PostgreSQL each statement commits by itself (no BEGIN and COMMIT round
-    trips: the writer makes every write one statement); on SQLite its transactions begin with
-    `BEGIN IMMEDIATE`."""
+    """A connection kept by one writer (who closes it with `close_write_connection`): no
+    pool checkout or liveness ping per write. On PostgreSQL each statement commits by itself
+    (no BEGIN and COMMIT round trips: the writer makes every write one statement); on SQLite
+    its transactions begin with `BEGIN IMMEDIATE`."""
     conn = await engine.connect()
     if conn.dialect.name == "sqlite":
-        return await conn.execution_options(**{_WRITE: True})
+        # Its lone INSERTs take the write lock without a BEGIN: refused at once if another
+        # process holds it, so that the writer polls on the loop (`WriteLockWait`).
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.execute("PRAGMA busy_timeout=0")  # type: ignore[union-attr]
+        return await conn.execution_options(**{_WRITE: True, _NO_WAIT: True})
     return await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def close_write_connection(conn: AsyncConnection) -> None:
+    """Close a `dedicated_write_connection`. On SQLite it is dropped, not pooled again: other
+    users of the pool expect to wait for locks."""
+    if conn.dialect.name == "sqlite":
+        await conn.invalidate()
+    await conn.close()
 
 
 @contextlib.asynccontextmanager

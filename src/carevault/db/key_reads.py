@@ -2,8 +2,9 @@
 statements of the record server, one round trip each.
 
 `read_by_key(engine, statement, params)` runs a prebuilt SELECT with bound parameters (also
-each statement of a search: fhir/search.py builds one per shape of search). On
-SQLite it is `run_read` (on the event loop's own connection, engine.py). On PostgreSQL it runs
+each statement of a search: fhir/search.py builds one per shape of search), compiled once for
+the driver, which runs it without SQLAlchemy's execution around it. On SQLite it is `run_read`
+(on the event loop's own connection, engine.py). On PostgreSQL it runs
 with psycopg's asyncio connection directly, on the event loop: `run_read` would cross to a
 worker thread and back, and that crossing (a queue put, a thread wake-up, a self-pipe write,
 GIL hand-overs during which the read threads' Python holds the loop up) cost more than the
