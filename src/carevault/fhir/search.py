@@ -35,6 +35,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import os
 import re
 import time
@@ -627,7 +628,7 @@ def _plan(search: Search, visible: ColumnElement[bool] | None) -> _Plan:
     if plan is not None and plan.visible is visible:
         _PLANS.move_to_end(key)
         return plan
-    names = (f"b{n}" for n in range(1_000_000))
+    names = (f"b{n}" for n in itertools.count())  # in `_params`'s order
     clauses = [
         _clause(search.resource_type, f.shape, [bindparam(next(names), None) for _ in f.values])
         for f in search.filters
