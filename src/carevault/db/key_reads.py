@@ -94,7 +94,10 @@ class _Compiled:
         try:
             raw = _sqlite_rows(conn.connection.dbapi_connection, self.sql, tuple(values))
         except sqlite3.Error as err:  # as SQLAlchemy raises it (run_read, callers expect that)
-            raise DBAPIError.instance(self.sql, values, err, sqlite3.Error) from err
+            # Without the values in its text: they are ids and blind-index keys, never for a log.
+            raise DBAPIError.instance(
+                self.sql, values, err, sqlite3.Error, hide_parameters=True
+            ) from err
         if not any(self.results):
             return [self.row(*r) for r in raw]
         return [
