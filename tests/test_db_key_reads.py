@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from typing import Any
 
 import psycopg
 import pytest
@@ -114,11 +115,26 @@ async def test_a_cancelled_read_does_not_poison_the_pool(services: Services) -> 
     assert pool._slots._value == key_reads._CONNECTIONS  # noqa: SLF001 - no slot leaked
 
 
+_SECRET = {"x": "value-never-in-an-error"}
+
+
+async def _execute_async(services: Services, statement: Any) -> None:
+    async with services.engine.connect() as conn:
+        await conn.execute(statement, _SECRET)
+
+
 async def test_errors_are_not_swallowed(services: Services) -> None:
     """... nor do they carry the values sent (ids, blind-index keys) into their text."""
     bad = select(text("no_such_column")).where(bindparam("x") == bindparam("x"))
     with pytest.raises((DBAPIError, psycopg.Error)) as raised:
         await read_by_key(services.engine, bad, {"x": "value-never-in-an-error"})
     assert "value-never-in-an-error" not in str(raised.value)
+    for run in (  # nor does any engine's error: the async one, and run_read's
+        lambda: _execute_async(services, bad),
+        lambda: run_read(services.engine, lambda conn: conn.execute(bad, _SECRET)),
+    ):
+        with pytest.raises(DBAPIError) as raised:
+            await run()
+        assert "value-never-in-an-error" not in str(raised.value)
     await _add_user(services, "u-fine", "fine")
     assert await read_by_key(services.engine, _BY_NAME, {"username": "fine"})

@@ -73,16 +73,21 @@ def create_vault_engine(settings: Settings) -> AsyncEngine:
 
 
 def _engine(url: str, *, pool_size: int, secure_delete: bool = False) -> AsyncEngine:
+    # Every engine hides a failed statement's parameters from the error's text (names,
+    # identifiers, password hashes go into writes): an error must never carry PHI anywhere.
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url,
             connect_args={"isolation_level": None, "timeout": 30},
             pool_size=min(pool_size, 8),
             max_overflow=8,
+            hide_parameters=True,
         )
         _configure_sqlite(engine, secure_delete)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def _configure_sqlite(engine: AsyncEngine, secure_delete: bool) -> None:
@@ -240,6 +245,7 @@ def _read_engine(engine: AsyncEngine) -> Engine:
             connect_args={"isolation_level": None, "timeout": 30, "check_same_thread": False},
             pool_size=_READ_THREADS,
             max_overflow=0,
+            hide_parameters=True,
         )
         _sqlite_events(sync, secure_delete=_SECURE_DELETE.get(engine, False), query_only=True)
         return sync
@@ -251,6 +257,7 @@ def _read_engine(engine: AsyncEngine) -> Engine:
         isolation_level="AUTOCOMMIT",
         pool_size=_READ_THREADS,
         max_overflow=0,
+        hide_parameters=True,
     )
 
 
@@ -270,6 +277,7 @@ def _loop_reads(engine: AsyncEngine) -> _LoopReads | None:
         sync_url(engine.url.render_as_string(hide_password=False)),
         connect_args={"isolation_level": None, "timeout": 0, "check_same_thread": False},
         poolclass=NullPool,  # held by `_LoopReads`: opened once per thread, closed by it
+        hide_parameters=True,
     )
     _sqlite_events(
         sync,
