@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import read_connection, run_read, write_transaction
 from carevault.db.tables import users
 from carevault.identity.roles import CLINICIAN_ROLES, Role
 
@@ -130,17 +130,13 @@ class UserStore:
         return user
 
     async def by_username(self, username: str) -> User | None:
-        async with read_connection(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(users).where(users.c.username == normalize_username(username))
-                )
-            ).first()
+        query = select(users).where(users.c.username == normalize_username(username))
+        row = await run_read(self._engine, lambda conn: conn.execute(query).first())
         return _row_to_user(row) if row else None
 
     async def by_id(self, user_id: str) -> User | None:
-        async with read_connection(self._engine) as conn:
-            row = (await conn.execute(select(users).where(users.c.id == user_id))).first()
+        query = select(users).where(users.c.id == user_id)
+        row = await run_read(self._engine, lambda conn: conn.execute(query).first())
         return _row_to_user(row) if row else None
 
     async def _update(self, user_id: str, **values: object) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.instance_secrets import InstanceSecrets
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import run_read, write_transaction
 from carevault.db.tables import recovery_codes
 
 COUNT = 10
@@ -85,19 +85,12 @@ class RecoveryCodes:
         return spent.rowcount == 1
 
     async def remaining(self, user_id: str) -> int:
-        async with read_connection(self._engine) as conn:
-            return int(
-                (
-                    await conn.execute(
-                        select(func.count())
-                        .select_from(recovery_codes)
-                        .where(
-                            recovery_codes.c.user_id == user_id,
-                            recovery_codes.c.used_at.is_(None),
-                        )
-                    )
-                ).scalar_one()
-            )
+        query = (
+            select(func.count())
+            .select_from(recovery_codes)
+            .where(recovery_codes.c.user_id == user_id, recovery_codes.c.used_at.is_(None))
+        )
+        return int(await run_read(self._engine, lambda conn: conn.execute(query).scalar_one()))
 
     async def remove_all(self, user_id: str) -> None:
         async with write_transaction(self._engine) as conn:

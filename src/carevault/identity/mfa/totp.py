@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.config import Settings
 from carevault.crypto.envelope import EnvelopeCipher
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import run_read, write_transaction
 from carevault.db.tables import mfa_totp
 
 STEP_SECONDS = 30
@@ -112,8 +112,8 @@ class TotpFactors:
         query = select(mfa_totp).where(mfa_totp.c.user_id == user_id)
         if confirmed_only:
             query = query.where(mfa_totp.c.confirmed_at.is_not(None))
-        async with read_connection(self._engine) as conn:
-            rows = (await conn.execute(query.order_by(mfa_totp.c.created_at))).all()
+        query = query.order_by(mfa_totp.c.created_at)
+        rows = await run_read(self._engine, lambda conn: conn.execute(query).all())
         return [
             TotpFactor(
                 r.id, r.user_id, r.created_at, r.confirmed_at, r.last_used_at, r.locked_until
@@ -152,15 +152,13 @@ class TotpFactors:
         state = (
             mfa_totp.c.confirmed_at.is_(None) if pending else mfa_totp.c.confirmed_at.is_not(None)
         )
-        async with read_connection(self._engine) as conn:
-            return (
-                await conn.execute(
-                    select(mfa_totp)
-                    .where(mfa_totp.c.user_id == user_id, state)
-                    .order_by(mfa_totp.c.created_at.desc())
-                    .limit(1)
-                )
-            ).first()
+        query = (
+            select(mfa_totp)
+            .where(mfa_totp.c.user_id == user_id, state)
+            .order_by(mfa_totp.c.created_at.desc())
+            .limit(1)
+        )
+        return await run_read(self._engine, lambda conn: conn.execute(query).first())
 
     async def _secret(self, row: object) -> str:
         plaintext = await self._envelope.decrypt(

@@ -48,7 +48,7 @@ from webauthn.helpers.structs import (
 
 from carevault.audit.events import SecurityEventLog
 from carevault.config import Settings
-from carevault.db.engine import read_connection, write_transaction
+from carevault.db.engine import run_read, write_transaction
 from carevault.db.tables import webauthn_credentials
 from carevault.identity.accounts import User
 from carevault.identity.authentication import RequestContext
@@ -422,21 +422,16 @@ class WebAuthnCredentials:
         if usable_only:
             query = query.where(webauthn_credentials.c.flagged_at.is_(None))
         query = query.order_by(webauthn_credentials.c.created_at, webauthn_credentials.c.id)
-        async with read_connection(self._engine) as conn:
-            return list((await conn.execute(query)).all())
+        return await run_read(self._engine, lambda conn: list(conn.execute(query).all()))
 
     async def _find(self, user_id: str, credential_id: str) -> Any:
         if len(credential_id) > MAX_CREDENTIAL_ID_CHARS:
             return None
-        async with read_connection(self._engine) as conn:
-            return (
-                await conn.execute(
-                    select(webauthn_credentials).where(
-                        webauthn_credentials.c.credential_id == credential_id,
-                        webauthn_credentials.c.user_id == user_id,
-                    )
-                )
-            ).first()
+        query = select(webauthn_credentials).where(
+            webauthn_credentials.c.credential_id == credential_id,
+            webauthn_credentials.c.user_id == user_id,
+        )
+        return await run_read(self._engine, lambda conn: conn.execute(query).first())
 
     async def _record(
         self, event: str, outcome: str, user_id: str | None, ctx: RequestContext, **details: Any
