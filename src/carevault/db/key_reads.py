@@ -33,7 +33,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import BindParameter, Connection, Select, column, func, select
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    ColumnElement,
+    Connection,
+    Select,
+    String,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,11 +73,18 @@ def read_on(conn: Connection, statement: Select[Any], params: Mapping[str, Any])
     return compiled.on_sqlite(conn, params)
 
 
-def json_each(values: BindParameter[Any]) -> Select[Any]:
-    """SQLite: the items of a JSON array parameter as rows (`IN json_each(:ids)`), so that a
-    list of any length is one parameter of one statement, as `= ANY(:ids)` is on PostgreSQL;
-    an expanding parameter would send each read back through SQLAlchemy's execution."""
-    return select(column("value")).select_from(func.json_each(values))
+DIALECTS = ("sqlite", "postgresql")
+
+
+def in_list(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
+    """`column` among the items of the one list parameter `name`, so that a list of any length
+    is one statement (an expanding parameter would send each read back through SQLAlchemy's
+    execution): `= ANY(:name)` on PostgreSQL, `IN json_each(:name)` on SQLite. Statements that
+    use it are built once per dialect (`DIALECTS`)."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(String)))
+    items = select(literal_column("value")).select_from(func.json_each(bindparam(name, type_=JSON)))
+    return column.in_(items)
 
 
 @dataclass(frozen=True)

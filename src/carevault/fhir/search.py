@@ -48,15 +48,11 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
-    ARRAY,
-    JSON,
     BindParameter,
     ColumnElement,
     Connection,
     Select,
-    String,
     and_,
-    any_,
     bindparam,
     case,
     false,
@@ -70,7 +66,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.blind_index import BlindIndex
 from carevault.db.engine import run_read
-from carevault.db.key_reads import json_each, read_by_key, read_on
+from carevault.db.key_reads import DIALECTS, in_list, read_by_key, read_on
 from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
 from carevault.fhir.compartment import parse_relative_reference
 from carevault.fhir.search_params import (
@@ -667,20 +663,14 @@ def _params(search: Search) -> dict[str, Any]:
 
 
 _INCLUDE_KEYS = {
-    "sqlite": select(_KEYS.c.param, _KEYS.c.key).where(
+    dialect: select(_KEYS.c.param, _KEYS.c.key).where(
         and_(
             _KEYS.c.resource_type == bindparam("resource_type"),
-            _KEYS.c.id.in_(json_each(bindparam("ids", type_=JSON))),
-            _KEYS.c.param.in_(json_each(bindparam("params", type_=JSON))),
+            in_list(_KEYS.c.id, "ids", dialect),
+            in_list(_KEYS.c.param, "params", dialect),
         )
-    ),
-    "postgresql": select(_KEYS.c.param, _KEYS.c.key).where(
-        and_(
-            _KEYS.c.resource_type == bindparam("resource_type"),
-            _KEYS.c.id == any_(bindparam("ids", type_=ARRAY(String))),
-            _KEYS.c.param == any_(bindparam("params", type_=ARRAY(String))),
-        )
-    ),
+    )
+    for dialect in DIALECTS
 }
 
 # A search's statements in turn: it yields (statement, parameters) and is sent the rows.

@@ -22,18 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import (
-    ARRAY,
-    JSON,
-    String,
-    and_,
-    any_,
-    bindparam,
-    delete,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -41,7 +30,7 @@ from carevault.access.generation import ACCESS_FACT_TYPES, AccessGeneration, bum
 from carevault.crypto.blind_index import BlindIndex
 from carevault.crypto.envelope import DecryptionFailed, EnvelopeCipher, KeyDestroyed
 from carevault.db.engine import read_connection, write_transaction
-from carevault.db.key_reads import json_each, read_by_key
+from carevault.db.key_reads import DIALECTS, in_list, read_by_key
 from carevault.db.tables import (
     fhir_compartments,
     fhir_index_dates,
@@ -480,9 +469,7 @@ class ResourceStore:
         if not resource_ids:
             return {}
         key = {"resource_type": resource_type, "ids": sorted(set(resource_ids))}
-        # One array parameter (a JSON one on SQLite): one statement whatever the count.
-        postgresql = self._engine.dialect.name == "postgresql"
-        rows = await read_by_key(self._engine, _CURRENT_ANY if postgresql else _CURRENT_EACH, key)
+        rows = await read_by_key(self._engine, _CURRENT_IN[self._engine.dialect.name], key)
         found: dict[str, StoredResource] = {}
         for row in rows:
             if not row.deleted:
@@ -594,20 +581,16 @@ _CURRENT = _current_versions().where(
         fhir_resources.c.id == bindparam("id"),
     )
 )
-_CURRENT_EACH = _current_versions().where(  # SQLite only: `id IN json_each(:ids)`
-    and_(
-        fhir_resources.c.resource_type == bindparam("resource_type"),
-        fhir_resources.c.id.in_(json_each(bindparam("ids", type_=JSON))),
-        fhir_resources.c.deleted.is_(False),
+_CURRENT_IN = {  # one list parameter, whatever its length
+    dialect: _current_versions().where(
+        and_(
+            fhir_resources.c.resource_type == bindparam("resource_type"),
+            in_list(fhir_resources.c.id, "ids", dialect),
+            fhir_resources.c.deleted.is_(False),
+        )
     )
-)
-_CURRENT_ANY = _current_versions().where(  # PostgreSQL only: `id = ANY(:ids)`
-    and_(
-        fhir_resources.c.resource_type == bindparam("resource_type"),
-        fhir_resources.c.id == any_(bindparam("ids", type_=ARRAY(String))),
-        fhir_resources.c.deleted.is_(False),
-    )
-)
+    for dialect in DIALECTS
+}
 _VERSION = select(fhir_versions).where(
     and_(
         fhir_versions.c.resource_type == bindparam("resource_type"),
