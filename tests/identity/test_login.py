@@ -187,3 +187,26 @@ async def test_malformed_login_bodies_are_4xx_problems(harness, payload):
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
     assert "b" not in [e.get("input") for e in response.json().get("errors", [])]
+
+
+async def test_parallel_guesses_get_no_more_tries_than_the_limit(harness, settings):
+    """A burst of guesses at one account, all in flight at once: no more of them may have
+    their password checked than the limit allows one after another (the attempt is reserved
+    under the account row's lock; PostgreSQL's READ COMMITTED would otherwise let every
+    guess read the same count and each write it back plus one)."""
+    import asyncio
+
+    await harness.add_user("burst.target", Role.nurse)
+    guesses = [
+        harness.client.post(
+            "/auth/login", json={"username": "burst.target", "password": f"wrong-guess-{i:04d}"}
+        )
+        for i in range(4 * settings.login_max_failures)
+    ]
+    responses = await asyncio.gather(*guesses)
+    assert [r.status_code for r in responses] == [401] * len(guesses)
+    checked = await _events(harness.services, "login")
+    refused = await _events(harness.services, "login_throttled")
+    refused += await _events(harness.services, "login_locked")
+    assert len(checked) + len(refused) == len(guesses)
+    assert 1 <= len(checked) <= settings.login_max_failures

@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from carevault.config import Settings
 from carevault.db.engine import write_transaction
+from carevault.db.key_reads import DIALECTS, read_by_key
 from carevault.db.tables import login_throttle
 
 # An attempt still "being checked" after this long was abandoned by a crashed worker.
@@ -36,19 +38,44 @@ class AddressThrottled(Exception):
         super().__init__("too many failed logins from this address")
 
 
-async def _ensure_row(conn: AsyncConnection, key: str, now: float) -> None:
-    values = {
-        "key": key,
-        "failures": 0,
-        "window_started_at": now,
-        "last_failure_at": 0.0,
-        "in_flight": 0,
-    }
-    if conn.dialect.name == "postgresql":
-        stmt = postgresql.insert(login_throttle).values(**values).on_conflict_do_nothing()
-    else:
-        stmt = sqlite.insert(login_throttle).values(**values).on_conflict_do_nothing()
-    await conn.execute(stmt)
+def _locked_row(dialect: str) -> Any:
+    """The throttle row of `key`, inserted first if missing, locked until the transaction
+    ends (an upsert takes the row lock on PostgreSQL, where a plain SELECT under READ
+    COMMITTED would let parallel attempts all read one count and each write it back plus
+    one; SQLite's write transactions are serialised anyway)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(login_throttle).values(
+        key=bindparam("throttle_key"),
+        failures=0,
+        window_started_at=bindparam("now"),
+        last_failure_at=0.0,
+        in_flight=0,
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[login_throttle.c.key], set_={"key": stmt.excluded.key}
+    ).returning(*login_throttle.c)
+
+
+_LOCKED_ROW = {dialect: _locked_row(dialect) for dialect in DIALECTS}
+_ROW = select(login_throttle).where(login_throttle.c.key == bindparam("throttle_key"))
+_ONE_FEWER_IN_FLIGHT = case(
+    (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
+)
+_SUCCEEDED = (
+    update(login_throttle)
+    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .values(failures=0, locked_until=None, in_flight=_ONE_FEWER_IN_FLIGHT)
+)
+_RELEASED = (
+    update(login_throttle)
+    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .values(in_flight=_ONE_FEWER_IN_FLIGHT)
+)
+
+
+async def _lock_row(conn: AsyncConnection, key: str, now: float) -> Any:
+    values = {"throttle_key": key, "now": now}
+    return (await conn.execute(_LOCKED_ROW[conn.dialect.name], values)).one()
 
 
 class LoginThrottle:
@@ -70,14 +97,10 @@ class LoginThrottle:
     async def check_address(self, address: str) -> None:
         """Raise `AddressThrottled` when this address has failed too often lately."""
         now = self._clock()
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(login_throttle).where(login_throttle.c.key == f"addr:{address}")
-                )
-            ).first()
-        if row is None:
+        rows = await read_by_key(self._engine, _ROW, {"throttle_key": f"addr:{address}"})
+        if not rows:
             return
+        row = rows[0]
         window_end = row.window_started_at + self._s.login_address_window_seconds
         if now < window_end and row.failures >= self._s.login_max_failures_per_address:
             raise AddressThrottled(max(1, int(window_end - now) + 1))
@@ -92,10 +115,7 @@ class LoginThrottle:
         key = f"acct:{account_key}"
         async with write_transaction(self._engine) as conn:
             now = self._clock()
-            await _ensure_row(conn, key, now)
-            row = (
-                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
-            ).one()
+            row = await _lock_row(conn, key, now)
             failures = row.failures
             in_flight = row.in_flight
             if row.in_flight_at is None or now - row.in_flight_at > IN_FLIGHT_STALE_SECONDS:
@@ -122,10 +142,7 @@ class LoginThrottle:
         key = f"acct:{account_key}"
         async with write_transaction(self._engine) as conn:
             now = self._clock()
-            await _ensure_row(conn, key, now)
-            row = (
-                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
-            ).one()
+            row = await _lock_row(conn, key, now)
             failures = row.failures + 1
             locked = failures >= self._s.login_max_failures
             await conn.execute(
@@ -144,40 +161,19 @@ class LoginThrottle:
         # Reset rather than delete: a concurrent attempt of the same account may be between
         # its insert-if-missing and its read of this row (PostgreSQL, READ COMMITTED).
         async with write_transaction(self._engine) as conn:
-            await conn.execute(
-                update(login_throttle)
-                .where(login_throttle.c.key == f"acct:{account_key}")
-                .values(
-                    failures=0,
-                    locked_until=None,
-                    in_flight=case(
-                        (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
-                    ),
-                )
-            )
+            await conn.execute(_SUCCEEDED, {"throttle_key": f"acct:{account_key}"})
 
     async def release(self, account_key: str) -> None:
         """End an attempt that neither failed nor completed the login (the password was right
         and a second factor is asked for): the failure count stays as it is."""
         async with write_transaction(self._engine) as conn:
-            await conn.execute(
-                update(login_throttle)
-                .where(login_throttle.c.key == f"acct:{account_key}")
-                .values(
-                    in_flight=case(
-                        (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
-                    )
-                )
-            )
+            await conn.execute(_RELEASED, {"throttle_key": f"acct:{account_key}"})
 
     async def address_failed(self, address: str) -> None:
         key = f"addr:{address}"
         async with write_transaction(self._engine) as conn:
             now = self._clock()
-            await _ensure_row(conn, key, now)
-            row = (
-                await conn.execute(select(login_throttle).where(login_throttle.c.key == key))
-            ).one()
+            row = await _lock_row(conn, key, now)
             if now - row.window_started_at > self._s.login_address_window_seconds:
                 values = {"failures": 1, "window_started_at": now, "last_failure_at": now}
             else:
