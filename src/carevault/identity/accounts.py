@@ -14,11 +14,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from carevault.db.engine import read_connection, run_read, write_transaction
+from carevault.db.engine import read_connection, write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import users
 from carevault.identity.roles import CLINICIAN_ROLES, Role
 
@@ -82,6 +83,10 @@ def _row_to_user(row) -> User:  # type: ignore[no-untyped-def]
     )
 
 
+_BY_USERNAME = select(users).where(users.c.username == bindparam("username"))
+_BY_ID = select(users).where(users.c.id == bindparam("user_id"))
+
+
 class UserStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -130,14 +135,14 @@ class UserStore:
         return user
 
     async def by_username(self, username: str) -> User | None:
-        query = select(users).where(users.c.username == normalize_username(username))
-        row = await run_read(self._engine, lambda conn: conn.execute(query).first())
-        return _row_to_user(row) if row else None
+        rows = await read_by_key(
+            self._engine, _BY_USERNAME, {"username": normalize_username(username)}
+        )
+        return _row_to_user(rows[0]) if rows else None
 
     async def by_id(self, user_id: str) -> User | None:
-        query = select(users).where(users.c.id == user_id)
-        row = await run_read(self._engine, lambda conn: conn.execute(query).first())
-        return _row_to_user(row) if row else None
+        rows = await read_by_key(self._engine, _BY_ID, {"user_id": user_id})
+        return _row_to_user(rows[0]) if rows else None
 
     async def _update(self, user_id: str, **values: object) -> None:
         async with write_transaction(self._engine) as conn:

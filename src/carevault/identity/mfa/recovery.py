@@ -13,11 +13,12 @@ import secrets
 import time
 from collections.abc import Callable
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.crypto.instance_secrets import InstanceSecrets
-from carevault.db.engine import run_read, write_transaction
+from carevault.db.engine import write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import recovery_codes
 
 COUNT = 10
@@ -36,6 +37,13 @@ def normalize(code: str) -> str | None:
 
 def _formatted(compact: str) -> str:
     return "-".join(compact[i : i + 4] for i in range(0, LENGTH, 4))
+
+
+_REMAINING = (
+    select(func.count())
+    .select_from(recovery_codes)
+    .where(recovery_codes.c.user_id == bindparam("user_id"), recovery_codes.c.used_at.is_(None))
+)
 
 
 class RecoveryCodes:
@@ -85,12 +93,8 @@ class RecoveryCodes:
         return spent.rowcount == 1
 
     async def remaining(self, user_id: str) -> int:
-        query = (
-            select(func.count())
-            .select_from(recovery_codes)
-            .where(recovery_codes.c.user_id == user_id, recovery_codes.c.used_at.is_(None))
-        )
-        return int(await run_read(self._engine, lambda conn: conn.execute(query).scalar_one()))
+        rows = await read_by_key(self._engine, _REMAINING, {"user_id": user_id})
+        return int(rows[0][0])
 
     async def remove_all(self, user_id: str) -> None:
         async with write_transaction(self._engine) as conn:

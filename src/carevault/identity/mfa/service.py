@@ -159,30 +159,28 @@ class MfaService:
 
     async def methods(self, user_id: str) -> list[str]:
         """The factors a user can finish a login with, strongest first."""
-        found = []
-        if self.webauthn is not None and await self.webauthn.has_credentials(user_id):
-            found.append(METHOD_WEBAUTHN)
+        return (await self._factors(user_id))[0]
+
+    async def _factors(self, user_id: str) -> tuple[list[str], bool]:
+        """`methods`, and whether every key of the account was flagged as possibly cloned:
+        the account still has a factor then, so the password alone must not lead to
+        enrolling a new one (whoever cloned the key may hold the password too); a recovery
+        code or an admin's reset gets back in. One read of the keys answers both."""
+        keys = await self.webauthn.describe(user_id) if self.webauthn is not None else []
+        usable_key = any(not key.get("flagged") for key in keys)
+        only_flagged_keys = bool(keys) and not usable_key
+        found = [METHOD_WEBAUTHN] if usable_key else []
         if await self.totp.factors(user_id):
             found.append(METHOD_TOTP)
-        if (found or await self._only_flagged_keys(user_id)) and await self.recovery.remaining(
-            user_id
-        ):
+        if (found or only_flagged_keys) and await self.recovery.remaining(user_id):
             found.append(METHOD_RECOVERY)
-        return found
-
-    async def _only_flagged_keys(self, user_id: str) -> bool:
-        """Every key of the account was flagged as possibly cloned: the account still has a
-        factor, so the password alone must not lead to enrolling a new one (whoever cloned the
-        key may hold the password too); a recovery code or an admin's reset gets back in."""
-        if self.webauthn is None:
-            return False
-        return any(key.get("flagged") for key in await self.webauthn.describe(user_id))
+        return found, only_flagged_keys
 
     async def after_password(
         self, user: User, ctx: RequestContext
     ) -> MfaRequired | EnrollmentRequired | None:
-        methods = await self.methods(user.id)
-        if methods or await self._only_flagged_keys(user.id):
+        methods, only_flagged_keys = await self._factors(user.id)
+        if methods or only_flagged_keys:
             ttl = self._settings.mfa_token_ttl_seconds
             token = await self.challenges.issue(LOGIN_PURPOSE, user.id, ttl)
             return MfaRequired(token, methods, ttl)

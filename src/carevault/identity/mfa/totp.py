@@ -19,17 +19,32 @@ from enum import Enum
 
 import pyotp
 import segno
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.config import Settings
 from carevault.crypto.envelope import EnvelopeCipher
-from carevault.db.engine import run_read, write_transaction
+from carevault.db.engine import write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import mfa_totp
 
 STEP_SECONDS = 30
 DIGITS = 6
 WINDOW = 1  # steps accepted either side of the current one
+
+
+_OF_USER = mfa_totp.c.user_id == bindparam("user_id")
+_CONFIRMED = mfa_totp.c.confirmed_at.is_not(None)
+_PENDING = mfa_totp.c.confirmed_at.is_(None)
+_FACTORS = select(mfa_totp).where(_OF_USER).order_by(mfa_totp.c.created_at)
+_CONFIRMED_FACTORS = select(mfa_totp).where(_OF_USER, _CONFIRMED).order_by(mfa_totp.c.created_at)
+# A user has a factor or two: the newest is the first row, no LIMIT needed.
+_CONFIRMED_NEWEST_FIRST = (
+    select(mfa_totp).where(_OF_USER, _CONFIRMED).order_by(mfa_totp.c.created_at.desc())
+)
+_PENDING_NEWEST_FIRST = (
+    select(mfa_totp).where(_OF_USER, _PENDING).order_by(mfa_totp.c.created_at.desc())
+)
 
 
 class TotpResult(Enum):
@@ -109,11 +124,8 @@ class TotpFactors:
         return Enrollment(factor_id, uri, qr)
 
     async def factors(self, user_id: str, *, confirmed_only: bool = True) -> list[TotpFactor]:
-        query = select(mfa_totp).where(mfa_totp.c.user_id == user_id)
-        if confirmed_only:
-            query = query.where(mfa_totp.c.confirmed_at.is_not(None))
-        query = query.order_by(mfa_totp.c.created_at)
-        rows = await run_read(self._engine, lambda conn: conn.execute(query).all())
+        query = _CONFIRMED_FACTORS if confirmed_only else _FACTORS
+        rows = await read_by_key(self._engine, query, {"user_id": user_id})
         return [
             TotpFactor(
                 r.id, r.user_id, r.created_at, r.confirmed_at, r.last_used_at, r.locked_until
@@ -149,16 +161,9 @@ class TotpFactors:
         return pyotp.TOTP(await self._secret(row)).now()
 
     async def _row(self, user_id: str, *, pending: bool) -> object | None:
-        state = (
-            mfa_totp.c.confirmed_at.is_(None) if pending else mfa_totp.c.confirmed_at.is_not(None)
-        )
-        query = (
-            select(mfa_totp)
-            .where(mfa_totp.c.user_id == user_id, state)
-            .order_by(mfa_totp.c.created_at.desc())
-            .limit(1)
-        )
-        return await run_read(self._engine, lambda conn: conn.execute(query).first())
+        query = _PENDING_NEWEST_FIRST if pending else _CONFIRMED_NEWEST_FIRST
+        rows = await read_by_key(self._engine, query, {"user_id": user_id})
+        return rows[0] if rows else None
 
     async def _secret(self, row: object) -> str:
         plaintext = await self._envelope.decrypt(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from webauthn import (
@@ -48,7 +48,8 @@ from webauthn.helpers.structs import (
 
 from carevault.audit.events import SecurityEventLog
 from carevault.config import Settings
-from carevault.db.engine import run_read, write_transaction
+from carevault.db.engine import write_transaction
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import webauthn_credentials
 from carevault.identity.accounts import User
 from carevault.identity.authentication import RequestContext
@@ -74,6 +75,18 @@ T = TypeVar("T")
 # The library raises one exception type for every cause of a refused response; its message is
 # the only distinction. The reason goes to the trail (never to the client), and a message not
 # listed here still refuses, as "invalid".
+_OF_USER = webauthn_credentials.c.user_id == bindparam("user_id")
+_IN_ORDER = (webauthn_credentials.c.created_at, webauthn_credentials.c.id)
+_CREDENTIALS = select(webauthn_credentials).where(_OF_USER).order_by(*_IN_ORDER)
+_USABLE_CREDENTIALS = (
+    select(webauthn_credentials)
+    .where(_OF_USER, webauthn_credentials.c.flagged_at.is_(None))
+    .order_by(*_IN_ORDER)
+)
+_CREDENTIAL = select(webauthn_credentials).where(
+    _OF_USER, webauthn_credentials.c.credential_id == bindparam("credential_id")
+)
+
 _REASONS = (
     ("Unexpected client data origin", "origin"),
     ("Unexpected RP ID hash", "rp_id"),
@@ -175,7 +188,7 @@ class WebAuthnCredentials:
         return bool(await self._rows(user_id, usable_only=True))
 
     async def describe(self, user_id: str) -> list[dict[str, Any]]:
-        return [_summary(row._mapping) for row in await self._rows(user_id)]
+        return [_summary(row._asdict()) for row in await self._rows(user_id)]
 
     async def remove(self, user_id: str, credential_id: str) -> bool:
         """Remove one of the user's credentials (by its id in `describe`)."""
@@ -418,20 +431,16 @@ class WebAuthnCredentials:
         return challenge.challenge
 
     async def _rows(self, user_id: str, *, usable_only: bool = False) -> list[Any]:
-        query = select(webauthn_credentials).where(webauthn_credentials.c.user_id == user_id)
-        if usable_only:
-            query = query.where(webauthn_credentials.c.flagged_at.is_(None))
-        query = query.order_by(webauthn_credentials.c.created_at, webauthn_credentials.c.id)
-        return await run_read(self._engine, lambda conn: list(conn.execute(query).all()))
+        query = _USABLE_CREDENTIALS if usable_only else _CREDENTIALS
+        return await read_by_key(self._engine, query, {"user_id": user_id})
 
     async def _find(self, user_id: str, credential_id: str) -> Any:
         if len(credential_id) > MAX_CREDENTIAL_ID_CHARS:
             return None
-        query = select(webauthn_credentials).where(
-            webauthn_credentials.c.credential_id == credential_id,
-            webauthn_credentials.c.user_id == user_id,
+        rows = await read_by_key(
+            self._engine, _CREDENTIAL, {"user_id": user_id, "credential_id": credential_id}
         )
-        return await run_read(self._engine, lambda conn: conn.execute(query).first())
+        return rows[0] if rows else None
 
     async def _record(
         self, event: str, outcome: str, user_id: str | None, ctx: RequestContext, **details: Any
