@@ -104,3 +104,55 @@ async def test_unreadable_access_facts_answer_503_not_data(store: str, harness) 
     else:
         assert response.status_code == 503, response.text
         assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_requests_that_find_the_poll_due_share_one_read(
+    store: str, settings, tmp_path: Path
+) -> None:
+    """32 requests in flight when the poll falls due send one read, not 32; a request
+    cancelled meanwhile does not cancel the others' read; a failed read fails them all."""
+    import asyncio
+
+    if store != "postgresql":
+        pytest.skip("the database row is read on PostgreSQL only")
+    engine = create_engine(settings)
+    clock = Monotonic()
+    generation = AccessGeneration(engine, ChangeSignal(tmp_path / "g.signal"), 1.0, clock)
+    reads = 0
+    real_read = generation._read_database
+
+    async def counted_read() -> None:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)  # long enough for every request to find it in flight
+        await real_read()
+
+    generation._read_database = counted_read  # type: ignore[method-assign]
+    try:
+        first = await generation.current()
+        assert reads == 1
+        async with write_transaction(engine) as conn:
+            await bump_in(conn)
+        clock.now += 1.0
+        requests = [asyncio.create_task(generation.current()) for _ in range(32)]
+        await asyncio.sleep(0)
+        requests[0].cancel()
+        answers = await asyncio.gather(*requests[1:])
+        assert reads == 2
+        assert {answer[1] for answer in answers} == {first[1] + 1}
+
+        async with write_transaction(engine) as conn:
+            from sqlalchemy import delete
+
+            from carevault.db.tables import access_generation
+
+            await conn.execute(delete(access_generation))
+        clock.now += 1.0
+        failed = await asyncio.gather(
+            *(generation.current() for _ in range(8)), return_exceptions=True
+        )
+        assert reads == 3
+        assert all(isinstance(f, RuntimeError) for f in failed)
+    finally:
+        generation.close()
+        await engine.dispose()
