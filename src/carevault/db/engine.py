@@ -341,6 +341,9 @@ async def dispose(engine: AsyncEngine) -> None:
     from carevault.db.key_reads import close_key_reads  # it builds on this module
 
     close_key_reads(engine)
+    kept = _KEPT_WRITERS.pop(engine, None)
+    if kept is not None:
+        await kept.close()
     reads = _THREADED.pop(engine, None)
     if reads is not None:
         await asyncio.to_thread(reads.close)
@@ -382,22 +385,91 @@ class WriteLockWait:
 @contextlib.asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that will write: committed on success, rolled back on any error."""
-    async with writer_turn(engine), engine.connect() as conn:
-        conn = await conn.execution_options(**{_WRITE: True})
-        wait = WriteLockWait()
-        while True:
-            transaction = conn.begin()
+    async with writer_turn(engine):
+        kept = _kept_writer(engine)
+        if kept is not None and not kept.in_use:
+            kept.in_use = True
             try:
-                await transaction.start(is_ctxmanager=True)  # SQLite: BEGIN IMMEDIATE
-                break
-            except OperationalError as err:
-                await wait.pause(err)
+                conn = await kept.connection()
+                async with _transaction(conn):
+                    yield conn
+            except BaseException:
+                await kept.drop_if_unclean()
+                raise
+            finally:
+                kept.in_use = False
+            return
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(**{_WRITE: True})
+            async with _transaction(conn):
+                yield conn
+
+
+@contextlib.asynccontextmanager
+async def _transaction(conn: AsyncConnection) -> AsyncIterator[None]:
+    wait = WriteLockWait()
+    while True:
+        transaction = conn.begin()
         try:
-            yield conn
-        except BaseException as err:
-            await transaction.__aexit__(type(err), err, err.__traceback__)
-            raise
-        await transaction.__aexit__(None, None, None)
+            await transaction.start(is_ctxmanager=True)  # SQLite: BEGIN IMMEDIATE
+            break
+        except OperationalError as err:
+            await wait.pause(err)
+    try:
+        yield
+    except BaseException as err:
+        await transaction.__aexit__(type(err), err, err.__traceback__)
+        raise
+    await transaction.__aexit__(None, None, None)
+
+
+class _KeptWriter:
+    """SQLite: the connection this process's write transactions run on, kept open. Writers
+    of a process take turns anyway (`writer_turn`), so one connection serves them all, and it
+    spares each transaction a pool checkout and return (a rollback) and the busy-timeout
+    switches around BEGIN IMMEDIATE: each a crossing to aiosqlite's thread and back, about a
+    fifth of a login's event-loop time. Its busy timeout is 0 for good, as the audit
+    writer's (`dedicated_write_connection`). A transaction nested in another of the same
+    task, or one of another event loop (a test suite's), gets a pooled connection as before."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.in_use = False
+
+    async def connection(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await dedicated_write_connection(self._engine)
+            self._loop = asyncio.get_running_loop()
+        return self._conn
+
+    async def drop_if_unclean(self) -> None:
+        """After an error: a connection left inside a transaction, or invalidated, is closed
+        (the next transaction opens another) rather than trusted again."""
+        conn = self._conn
+        if conn is not None and (conn.invalidated or conn.in_transaction()):
+            await self.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await close_write_connection(conn)
+
+
+_KEPT_WRITERS: weakref.WeakKeyDictionary[AsyncEngine, _KeptWriter] = weakref.WeakKeyDictionary()
+
+
+def _kept_writer(engine: AsyncEngine) -> _KeptWriter | None:
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    kept = _KEPT_WRITERS.get(engine)
+    if kept is None:
+        kept = _KEPT_WRITERS.setdefault(engine, _KeptWriter(engine))
+    elif kept._loop is not None and kept._loop is not asyncio.get_running_loop():
+        return None
+    return kept
 
 
 class _WriterGate:
