@@ -12,7 +12,8 @@ aiosqlite crosses to its thread and back for every cursor step, and SQLAlchemy's
 adds a greenlet switch per driver call: one FHIR read by primary key (`ResourceStore.read`,
 in-process, 10k-patient data set) cost 1.27 ms of event-loop CPU on SQLite that way against
 0.15 ms in one call, and 0.70 ms against 0.20 ms on PostgreSQL. Writes stay on the async engine;
-on SQLite a process's writers take turns (`writer_turn`) before asking for the write lock.
+on SQLite a process's writers take turns (`writer_turn`) before asking for the write lock, on
+one connection kept open for them (`_KeptWriter`).
 
 On SQLite a read does not even cross to a thread at first: it runs on the event loop's own
 connection, with a budget of `_LOOP_BUDGET_SECONDS`. Its statements take microseconds (a
