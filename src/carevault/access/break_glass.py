@@ -214,8 +214,11 @@ class BreakGlass:
             expires_at=now + minutes * 60,
         )
         async with write_transaction(self._engine) as conn:
-            # Again inside the transaction: an erasure that committed meanwhile wins.
-            if not await self._patient_exists(conn, patient_id):
+            # Again inside the transaction: an erasure that committed meanwhile wins. FOR
+            # SHARE: on PostgreSQL (READ COMMITTED) a plain read does not wait for an erasure
+            # still writing the Patient row and finds it live; this one waits for it to
+            # commit and reads the row again (an erasure starting later waits for this grant).
+            if not await self._patient_exists(conn, patient_id, for_share=True):
                 raise PatientNotFound("no such patient")
             await conn.execute(
                 insert(break_glass_grants).values(
@@ -258,19 +261,20 @@ class BreakGlass:
         return grant
 
     @staticmethod
-    async def _patient_exists(conn: object, patient_id: str) -> bool:
-        row = (
-            await conn.execute(  # type: ignore[attr-defined]
-                select(fhir_resources.c.id).where(
-                    and_(
-                        fhir_resources.c.resource_type == "Patient",
-                        fhir_resources.c.id == patient_id,
-                        fhir_resources.c.deleted.is_(False),
-                        fhir_resources.c.erased_at.is_(None),
-                    )
-                )
+    async def _patient_exists(conn: object, patient_id: str, *, for_share: bool = False) -> bool:
+        query = select(fhir_resources.c.id).where(
+            and_(
+                fhir_resources.c.resource_type == "Patient",
+                fhir_resources.c.id == patient_id,
+                fhir_resources.c.deleted.is_(False),
+                fhir_resources.c.erased_at.is_(None),
             )
-        ).first()
+        )
+        if for_share:
+            # Conflicts with the erasure's (and a deletion's) UPDATE of the row; SQLite's write
+            # transactions are serialised anyway, and it has no row locks.
+            query = query.with_for_update(read=True)
+        row = (await conn.execute(query)).first()  # type: ignore[attr-defined]
         return row is not None
 
     async def record_denied(

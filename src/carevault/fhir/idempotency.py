@@ -11,6 +11,10 @@ SQLite and PostgreSQL alike); the result (type, id, version, status) is recorded
 * a duplicate arriving while the first is still being processed waits for it (up to
   `WAIT_SECONDS`) and then replays it; a claim older than `PENDING_LEASE_SECONDS` that never
   completed (crashed process) is taken over;
+* a request whose claim was taken over (it was slow, not dead) still answers its own result,
+  but records nothing and releases nothing: the claim, and what a replay answers, are the
+  request's that took it over. A request knows its claim by the claim's `created_at`, kept by
+  its `IdempotencyKeys` (one per request);
 * the create failing -> `release()` deletes the claim, so a retry is not blocked;
 * rows older than `TTL_SECONDS` are ignored and replaced; expired rows are deleted whenever a
   new key is claimed.
@@ -38,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -91,9 +95,13 @@ def bundle_request_hash(raw: bytes) -> str:
 
 
 class IdempotencyKeys:
+    """The keys of one request: `complete`, `complete_response` and `release` act on the claim
+    this object's `claim` made, and on nothing else."""
+
     def __init__(self, engine: AsyncEngine, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
         self._clock = clock
+        self._claimed_at: dict[str, float] = {}  # key -> created_at of the claim we made
 
     async def claim(self, key: str, body: str) -> Recorded | None:
         """Claim `key` for a new request (None: go ahead, then `complete` or `release`), or
@@ -147,6 +155,7 @@ class IdempotencyKeys:
                                 key_hash=key, body_hash=body, created_at=now
                             )
                         )
+                        self._claimed_at[key] = now
                         return None
             except IntegrityError:
                 continue  # a concurrent request claimed it first: read its row
@@ -158,11 +167,21 @@ class IdempotencyKeys:
                 raise StillPending("pending")
             await asyncio.sleep(POLL_SECONDS)
 
-    async def complete(self, key: str, result: Recorded) -> None:
+    def _ours(self, key: str) -> ColumnElement[bool]:
+        """The claim of `key` this request made, if it is still pending: another request may
+        have taken it over (the same key, a later `created_at`) once the lease ran out."""
+        return and_(
+            fhir_idempotency.c.key_hash == key,
+            fhir_idempotency.c.status.is_(None),
+            fhir_idempotency.c.created_at == self._claimed_at[key],
+        )
+
+    async def complete(self, key: str, result: Recorded) -> bool:
+        """Record a create's result; False (nothing recorded) when the claim was taken over."""
         async with write_transaction(self._engine) as conn:
-            await conn.execute(
+            completed = await conn.execute(
                 update(fhir_idempotency)
-                .where(fhir_idempotency.c.key_hash == key)
+                .where(self._ours(key))
                 .values(
                     resource_type=result.resource_type,
                     resource_id=result.resource_id,
@@ -170,32 +189,27 @@ class IdempotencyKeys:
                     status=result.status,
                 )
             )
+        return completed.rowcount == 1
 
-    async def complete_response(self, key: str, status: int, response: bytes) -> None:
-        """Record the response of a Bundle (sealed by the caller) for the claimed `key`."""
+    async def complete_response(self, key: str, status: int, response: bytes) -> bool:
+        """Record the response of a Bundle (sealed by the caller) for the claimed `key`; False
+        (nothing recorded) when the claim was taken over: the other request records its own."""
         async with write_transaction(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(fhir_idempotency.c.created_at).where(
-                        and_(
-                            fhir_idempotency.c.key_hash == key,
-                            fhir_idempotency.c.status.is_(None),
-                        )
-                    )
-                )
-            ).first()
-            if row is None:  # taken over after the lease expired: the other request records
-                return
+            # The claim first, conditionally, and nothing more unless it was still ours: the
+            # UPDATE takes the row's lock, so a parallel completion of the request that took the
+            # claim over waits, then finds the claim complete or not ours. Reading it first let
+            # both go on under READ COMMITTED, the second to a primary-key violation below.
+            completed = await conn.execute(
+                update(fhir_idempotency).where(self._ours(key)).values(status=status)
+            )
+            if completed.rowcount != 1:
+                return False
             await conn.execute(
                 insert(fhir_idempotency_responses).values(
-                    key_hash=key, response=response, created_at=row.created_at
+                    key_hash=key, response=response, created_at=self._claimed_at[key]
                 )
             )
-            await conn.execute(
-                update(fhir_idempotency)
-                .where(fhir_idempotency.c.key_hash == key)
-                .values(status=status)
-            )
+        return True
 
     async def response(self, key: str) -> bytes | None:
         """The recorded (sealed) response of a completed Bundle request."""
@@ -209,10 +223,6 @@ class IdempotencyKeys:
             ).scalar_one_or_none()
 
     async def release(self, key: str) -> None:
-        """Forget a claim whose request failed (only a pending one)."""
+        """Forget a claim whose request failed (only a pending one, and only ours)."""
         async with write_transaction(self._engine) as conn:
-            await conn.execute(
-                delete(fhir_idempotency).where(
-                    and_(fhir_idempotency.c.key_hash == key, fhir_idempotency.c.status.is_(None))
-                )
-            )
+            await conn.execute(delete(fhir_idempotency).where(self._ours(key)))

@@ -50,7 +50,7 @@ from carevault.audit.events import SecurityEventLog
 from carevault.config import Settings
 from carevault.db.engine import write_transaction
 from carevault.db.key_reads import read_by_key
-from carevault.db.tables import webauthn_credentials
+from carevault.db.tables import users, webauthn_credentials
 from carevault.identity.accounts import User
 from carevault.identity.authentication import RequestContext
 from carevault.identity.mfa.challenges import ChallengeInvalid, ChallengeStore
@@ -291,6 +291,13 @@ class WebAuthnCredentials:
         }
         try:
             async with write_transaction(self._engine) as conn:
+                # The account's row, locked first: on PostgreSQL (READ COMMITTED) parallel
+                # registrations would otherwise all count the same credentials and all insert.
+                # NO KEY UPDATE: serialises registrations without blocking the foreign-key
+                # checks of other tables' inserts (a login's refresh family).
+                await conn.execute(
+                    select(users.c.id).where(users.c.id == user.id).with_for_update(key_share=True)
+                )
                 count = (
                     await conn.execute(
                         select(func.count())

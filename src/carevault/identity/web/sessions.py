@@ -37,6 +37,9 @@ TOKEN_BYTES = 32  # 256 bits
 _COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{43}")  # what token_urlsafe(32) hands out
 TOUCH_SECONDS = 60.0
 RETAIN_SECONDS = 86400.0  # ended rows linger a day; the security events keep the history
+# Passes of `end_all`, each after the rotations it waited for committed: a session rotated
+# more often than this while one logout-all runs is left live.
+END_ALL_PASSES = 8
 _STATE_KEY = "carevault.browser_session"  # the request's session, looked up once
 
 ANONYMOUS = "anonymous"
@@ -269,42 +272,48 @@ class BrowserSessions:
     async def end(
         self, session_id: str, reason: str, *, user_id: str | None = None
     ) -> BrowserSession | None:
-        """End a live session (only one of `user_id`'s when given); the ended session, or None
-        when there was no such live session."""
+        """End a live session (only one of `user_id`'s when given); the session as it ended
+        (state `ended`), or None when there was no such live session, also when a parallel
+        request ended or rotated it first: of parallel callers, one gets the session back."""
         conditions = [browser_sessions.c.id == session_id, browser_sessions.c.ended_at.is_(None)]
         if user_id is not None:
             conditions.append(browser_sessions.c.user_id == user_id)
         async with write_transaction(self._engine) as conn:
-            row = (await conn.execute(select(browser_sessions).where(*conditions))).first()
-            if row is None:
-                return None
-            await conn.execute(
-                update(browser_sessions)
-                .where(*conditions)
-                .values(state=ENDED, ended_at=self._clock(), ended_reason=reason[:32])
-            )
-        return self._session(row)
+            # One statement, no read before it: on PostgreSQL (READ COMMITTED) parallel ends
+            # all read the row live, and the UPDATEs queued behind the first then matched
+            # nothing, unseen. The row an UPDATE returns is the one it ended.
+            row = (
+                await conn.execute(
+                    update(browser_sessions)
+                    .where(*conditions)
+                    .values(state=ENDED, ended_at=self._clock(), ended_reason=reason[:32])
+                    .returning(*browser_sessions.c)
+                )
+            ).first()
+        return None if row is None else self._session(row)
 
     async def end_all(self, user_id: str, reason: str) -> list[str]:
         """End every live session of a user (for logout-all and account changes); their ids."""
+        live = (browser_sessions.c.user_id == user_id, browser_sessions.c.ended_at.is_(None))
+        now = self._clock()
+        ended: list[str] = []
         async with write_transaction(self._engine) as conn:
-            ids = list(
-                (
+            for _ in range(END_ALL_PASSES):
+                ended += (
                     await conn.execute(
-                        select(browser_sessions.c.id).where(
-                            browser_sessions.c.user_id == user_id,
-                            browser_sessions.c.ended_at.is_(None),
-                        )
+                        update(browser_sessions)
+                        .where(*live)
+                        .values(state=ENDED, ended_at=now, ended_reason=reason[:32])
+                        .returning(browser_sessions.c.id)
                     )
                 ).scalars()
-            )
-            if ids:
-                await conn.execute(
-                    update(browser_sessions)
-                    .where(browser_sessions.c.id.in_(ids), browser_sessions.c.ended_at.is_(None))
-                    .values(state=ENDED, ended_at=self._clock(), ended_reason=reason[:32])
-                )
-        return ids
+                # On PostgreSQL (READ COMMITTED) the UPDATE ends the rows of its own snapshot:
+                # when it waited for a parallel rotation, it skips the row that rotation ended
+                # and never sees the successor it committed. A later statement does.
+                left = await conn.execute(select(browser_sessions.c.id).where(*live).limit(1))
+                if left.first() is None:
+                    break
+        return ended
 
     # -- the session list -----------------------------------------------------------------------
 
