@@ -7,12 +7,18 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import and_, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.access.generation import AccessGeneration, bump_in
 from carevault.access.labels import ALL_LABELS
 from carevault.db.engine import read_connection, write_transaction
 from carevault.db.tables import user_label_grants
+
+# Dialects whose INSERT takes ON CONFLICT .. DO NOTHING .. RETURNING (SQLite 3.35+, PostgreSQL
+# 9.5+); another dialect is a KeyError, and nothing is granted. RETURNING says whether a row was
+# inserted (the INSERT's rowcount is not reported by every driver).
+_INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class UnknownLabel(ValueError):
@@ -26,18 +32,21 @@ async def grant_label(
     if label not in ALL_LABELS:
         raise UnknownLabel(f"not a sensitive label: choose from {', '.join(sorted(ALL_LABELS))}")
     async with write_transaction(engine) as conn:
-        exists = (
+        # Insert-if-absent in one statement: on PostgreSQL (READ COMMITTED) a grant checked for
+        # by a plain read could be committed by a parallel call before this insert, which would
+        # then fail on the primary key instead of answering False.
+        inserted = (
             await conn.execute(
-                select(user_label_grants.c.label).where(
-                    and_(user_label_grants.c.user_id == user_id, user_label_grants.c.label == label)
+                _INSERTS[conn.dialect.name](user_label_grants)
+                .values(user_id=user_id, label=label, granted_at=time.time())
+                .on_conflict_do_nothing(
+                    index_elements=[user_label_grants.c.user_id, user_label_grants.c.label]
                 )
+                .returning(user_label_grants.c.label)
             )
         ).first()
-        if exists:
+        if inserted is None:
             return False
-        await conn.execute(
-            user_label_grants.insert().values(user_id=user_id, label=label, granted_at=time.time())
-        )
         await bump_in(conn)
     generation.changed()
     return True

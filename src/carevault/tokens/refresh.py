@@ -314,17 +314,21 @@ class RefreshTokenService:
         where = [refresh_families.c.user_id == user_id, refresh_families.c.revoked_at.is_(None)]
         if client_id is not None:
             where.append(refresh_families.c.client_id == client_id)
+        # One statement: on PostgreSQL (READ COMMITTED) an UPDATE by ids read a moment before
+        # would overwrite a revocation committed in between (a reuse's time and reason, the
+        # evidence of a theft); this one checks `revoked_at IS NULL` again on each row it waits
+        # for.
         async with write_transaction(self._engine) as conn:
-            ids = list(
-                (await conn.execute(select(refresh_families.c.id).where(and_(*where)))).scalars()
+            return list(
+                (
+                    await conn.execute(
+                        update(refresh_families)
+                        .where(and_(*where))
+                        .values(revoked_at=self._clock(), revoked_reason=reason)
+                        .returning(refresh_families.c.id)
+                    )
+                ).scalars()
             )
-            if ids:
-                await conn.execute(
-                    update(refresh_families)
-                    .where(refresh_families.c.id.in_(ids))
-                    .values(revoked_at=self._clock(), revoked_reason=reason)
-                )
-        return ids
 
     async def unexpired_families(self, user_id: str, client_id: str) -> list[str]:
         """The ids of a user's families with one client that have not reached their absolute
