@@ -53,3 +53,44 @@ async def test_an_erasure_committing_meanwhile_wins_over_break_glass(services: A
         ).scalar_one()
     assert grants == [] and erased is not None
     assert await audit_documents(services.engine, "security.break_glass_opened") == []
+
+
+async def test_break_glass_and_a_batch_writing_access_facts_do_not_deadlock(
+    services: Any,
+) -> None:
+    """A batch [CareTeam, Observation, Patient B] and a break-glass opening for B, in flight
+    together. The opening locks B's row, then the access generation's; the batch must not hold
+    the generation's row while it waits for B's, or PostgreSQL aborts one of them as a
+    deadlock (an HTTP 500). The test holds the Observation's row so that the opening runs
+    while the batch is midway."""
+    from sqlalchemy import update
+
+    from carevault.fhir.store import WriteOperation
+
+    bg = services.break_glass
+    store = services.store
+    patient = str((await store.create({"resourceType": "Patient"})).body["id"])
+    observation = {"resourceType": "Observation", "status": "final", "code": {"text": "held"}}
+    held = str((await store.create(observation)).body["id"])
+    doctor = await services.accounts.add_user(
+        "bg.batch", "correct-Horse-battery-staple-92", Role.physician
+    )
+    fresh = principal(doctor.id, "physician", auth_time=bg.now())
+    batch = [
+        WriteOperation("create", "CareTeam", "care-team-batch", {"resourceType": "CareTeam"}),
+        WriteOperation("update", "Observation", held, {**observation, "id": held}),
+        WriteOperation("update", "Patient", patient, {"resourceType": "Patient", "id": patient}),
+    ]
+    async with write_transaction(services.engine) as conn:
+        await conn.execute(
+            update(fhir_resources)
+            .where(fhir_resources.c.id == held)
+            .values(last_updated=fhir_resources.c.last_updated)
+        )
+        writing = asyncio.create_task(store.write_many(batch))
+        await until_queued(services.engine, [writing])
+        opening = asyncio.create_task(bg.open(fresh, patient, REASON))
+        await asyncio.wait([opening], timeout=0.5)  # on its own, it needs nothing the test holds
+    results = await asyncio.gather(writing, opening, return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert await bg.active_patients(doctor.id) == frozenset({patient})

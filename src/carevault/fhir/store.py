@@ -347,7 +347,7 @@ class ResourceStore:
                     raise _at(Erased(version, now), operations.index(op)) from None
                 prepared.append((stamped, patients, scope, ciphertext))
             results: list[StoredResource] = []
-            bumped = False  # the access generation, at most once per transaction
+            bumped = False  # an access fact was written: the generation moves once
             try:
                 async with write_transaction(self._engine) as conn:
                     for op, current, prep in zip(operations, currents, prepared, strict=True):
@@ -407,18 +407,18 @@ class ResourceStore:
                                 conn, op.resource_type, op.resource_id, patients
                             )
                         await self._replace_index(conn, stamped, op.resource_type, op.resource_id)
-                        if (
-                            self._access_generation is not None
-                            and not bumped
-                            and op.resource_type in ACCESS_FACT_TYPES
-                        ):
-                            await bump_in(conn)
-                            bumped = True
+                        bumped = bumped or op.resource_type in ACCESS_FACT_TYPES
                         results.append(
                             StoredResource(
                                 op.resource_type, op.resource_id, version + 1, now, deleted, stamped
                             )
                         )
+                    # Last, after every resource row: a writer that locks a resource row and
+                    # then the generation's (break-glass, erasure) must never find this
+                    # transaction holding the generation's row while it waits for a resource
+                    # row (a deadlock on PostgreSQL, one side answered 500).
+                    if bumped and self._access_generation is not None:
+                        await bump_in(conn)
             except _Retry:
                 continue
             except IntegrityError:
