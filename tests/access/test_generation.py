@@ -156,3 +156,32 @@ async def test_requests_that_find_the_poll_due_share_one_read(
     finally:
         generation.close()
         await engine.dispose()
+
+
+async def test_with_no_poll_interval_every_request_reads_for_itself(
+    store: str, settings, tmp_path: Path
+) -> None:
+    """Poll interval 0 means a read per request: a request must not take the answer of a read
+    begun before it arrived (it could miss a change committed in between)."""
+    import asyncio
+
+    if store != "postgresql":
+        pytest.skip("the database row is read on PostgreSQL only")
+    engine = create_engine(settings)
+    generation = AccessGeneration(engine, ChangeSignal(tmp_path / "g.signal"), 0.0)
+    reads = 0
+    real_read = generation._read_database
+
+    async def counted_read() -> None:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.01)
+        await real_read()
+
+    generation._read_database = counted_read  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(generation.current() for _ in range(4)))
+        assert reads == 4
+    finally:
+        generation.close()
+        await engine.dispose()

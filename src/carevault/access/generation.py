@@ -63,7 +63,13 @@ class AccessGeneration:
     async def current(self) -> tuple[int, int]:
         """(this host's counter, the database's generation as last polled)."""
         if self._shared_database and self._monotonic() - self._polled_at >= self._poll_seconds:
-            if self._poll is None or self._poll.get_loop() is not asyncio.get_running_loop():
+            # Shared only under a poll interval: with none, every request reads for itself
+            # (a read begun before it arrived might miss a change it must see).
+            if (
+                self._poll is None
+                or self._poll_seconds <= 0
+                or self._poll.get_loop() is not asyncio.get_running_loop()
+            ):
                 self._poll = asyncio.create_task(self._read_database())
                 self._poll.add_done_callback(self._polled)
             # Shielded: a request cancelled meanwhile must not cancel the others' read.

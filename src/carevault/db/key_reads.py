@@ -60,7 +60,13 @@ async def read_by_key(
 ) -> list[Any]:
     """The rows of `statement` (attribute access by column name, as SQLAlchemy's rows)."""
     if engine.dialect.name == "postgresql":
-        return await _pool(engine).rows(_compiled(statement, engine.dialect), params)
+        compiled = _compiled(statement, engine.dialect)
+        try:
+            return await _pool(engine).rows(compiled, params)
+        except psycopg.Error as err:  # as SQLAlchemy raises it: callers catch its errors
+            raise DBAPIError.instance(
+                compiled.sql, None, err, psycopg.Error, hide_parameters=True
+            ) from err
     return await run_read(engine, lambda conn: read_on(conn, statement, params))
 
 
