@@ -342,7 +342,7 @@ async def dispose(engine: AsyncEngine) -> None:
     from carevault.db.key_reads import close_key_reads  # it builds on this module
 
     close_key_reads(engine)
-    kept = _KEPT_WRITERS.pop(engine, None)
+    kept = engine.sync_engine.__dict__.pop(_KEPT_ATTRIBUTE, None)
     if kept is not None:
         await kept.close()
     reads = _THREADED.pop(engine, None)
@@ -391,7 +391,7 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
         if kept is not None and not kept.in_use:
             kept.in_use = True
             try:
-                conn = await kept.connection()
+                conn = await kept.connection(engine)
                 async with _transaction(conn):
                     yield conn
             except BaseException:
@@ -433,16 +433,15 @@ class _KeptWriter:
     writer's (`dedicated_write_connection`). A transaction nested in another of the same
     task, or one of another event loop (a test suite's), gets a pooled connection as before."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self) -> None:
         self._conn: AsyncConnection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.in_use = False
 
-    async def connection(self) -> AsyncConnection:
+    async def connection(self, engine: AsyncEngine) -> AsyncConnection:
         if self._conn is None:
-            self._conn = await dedicated_write_connection(self._engine)
-            self._loop = asyncio.get_running_loop()
+            self._conn = await dedicated_write_connection(engine)
+            self.loop = asyncio.get_running_loop()
         return self._conn
 
     async def drop_if_unclean(self) -> None:
@@ -459,16 +458,19 @@ class _KeptWriter:
                 await close_write_connection(conn)
 
 
-_KEPT_WRITERS: weakref.WeakKeyDictionary[AsyncEngine, _KeptWriter] = weakref.WeakKeyDictionary()
+# Kept on the engine itself, not in a weak-keyed map: the connection refers to its engine, so
+# a map's value would keep its own key alive; a cycle through the engine is collected with it.
+_KEPT_ATTRIBUTE = "_carevault_kept_writer"
 
 
 def _kept_writer(engine: AsyncEngine) -> _KeptWriter | None:
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return None
-    kept = _KEPT_WRITERS.get(engine)
+    kept: _KeptWriter | None = getattr(engine.sync_engine, _KEPT_ATTRIBUTE, None)
     if kept is None:
-        kept = _KEPT_WRITERS.setdefault(engine, _KeptWriter(engine))
-    elif kept._loop is not None and kept._loop is not asyncio.get_running_loop():
+        kept = _KeptWriter()
+        setattr(engine.sync_engine, _KEPT_ATTRIBUTE, kept)
+    elif kept.loop is not None and kept.loop is not asyncio.get_running_loop():
         return None
     return kept
 
