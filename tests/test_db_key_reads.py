@@ -84,7 +84,7 @@ async def test_reads_survive_the_server_closing_their_connections(services: Serv
     _postgres(services)
     await _add_user(services, "u-survivor", "survivor")
     assert await read_by_key(services.engine, _BY_NAME, {"username": "survivor"})
-    held = [conn.info.backend_pid for conn in key_reads._pool(services.engine)._idle]  # noqa: SLF001
+    held = [conn.info.backend_pid for conn in key_reads.driver_pool(services.engine)._idle]  # noqa: SLF001
     assert held
     async with services.engine.connect() as admin:
         for pid in held:
@@ -112,7 +112,7 @@ async def test_a_cancelled_read_does_not_poison_the_pool(services: Services) -> 
         *(read_by_key(services.engine, _BY_NAME, {"username": "after.cancel"}) for _ in range(20))
     )
     assert all([r.id for r in rows] == ["u-after"] for rows in results)
-    pool = key_reads._pool(services.engine)
+    pool = key_reads.driver_pool(services.engine)
     assert pool._slots._value == key_reads._CONNECTIONS  # noqa: SLF001 - no slot leaked
 
 

@@ -28,7 +28,7 @@ import functools
 import sqlite3
 import weakref
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from sqlalchemy import (
     JSON,
     ColumnElement,
     Connection,
+    Executable,
     Select,
     String,
     any_,
@@ -46,7 +47,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -62,7 +63,7 @@ async def read_by_key(
     if engine.dialect.name == "postgresql":
         compiled = _compiled(statement, engine.dialect)
         try:
-            return await _pool(engine).rows(compiled, params)
+            return await driver_pool(engine).rows(compiled, params)
         except psycopg.Error as err:  # as SQLAlchemy raises it: callers catch its errors
             raise DBAPIError.instance(
                 compiled.sql, None, err, psycopg.Error, hide_parameters=True
@@ -141,22 +142,39 @@ def _sqlite_rows(dbapi_connection: Any, sql: str, values: tuple[Any, ...]) -> li
 
 
 @functools.lru_cache(maxsize=2048)
-def _compiled(statement: Select[Any], dialect: Dialect) -> _Compiled:
+def _compiled(statement: Executable, dialect: Dialect) -> _Compiled:
     """A statement names every value it is sent (`bindparam("id")`), or holds values of its
     own (a search's visibility condition: a literal IN list is rendered as one placeholder per
     item) alongside parameters given a None default."""
     try:
         compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
         own, expanding = dict(compiled.params), False
-    except InvalidRequestError:  # a required parameter: nothing of its own to render
-        compiled, own = statement.compile(dialect=dialect), {}
+    except InvalidRequestError:  # a required parameter: its own values are sent beside it
+        compiled = statement.compile(dialect=dialect)
+        required = {name for bind, name in compiled.bind_names.items() if bind.required}
+        own = {
+            name: value
+            for name, value in compiled.construct_params(_check=False).items()
+            if name not in required
+        }
         expanding = any(bind.expanding for bind in compiled.binds.values())
+    # Column defaults SQLAlchemy computes in Python at each execution (an INSERT's `enabled`
+    # of a new user): constants become the statement's own values; anything else is refused
+    # here rather than written as NULL.
+    for column in (*compiled.insert_prefetch, *compiled.update_prefetch):
+        default = column.default if column in compiled.insert_prefetch else column.onupdate
+        if default is None or not default.is_scalar:
+            raise ValueError(f"{column}: a default computed per execution; give it a value")
+        own[column.key] = default.arg  # type: ignore[attr-defined]
     binds = {}
     for name, bind in compiled.binds.items():
         convert = bind.type.bind_processor(dialect)
         if convert is not None:
             binds[name] = convert
-    columns = statement.selected_columns
+    # A SELECT's columns, or an INSERT's or UPDATE's RETURNING (none without one).
+    columns = (
+        statement.selected_columns if isinstance(statement, Select) else statement.exported_columns  # type: ignore[attr-defined]
+    )
     return _Compiled(
         sql=compiled.string,
         names=tuple(compiled.positiontup or ()),
@@ -171,11 +189,12 @@ def _compiled(statement: Select[Any], dialect: Dialect) -> _Compiled:
 class _DriverPool:
     """psycopg asyncio connections of one event loop."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        url = read_only_url(engine.url)
+    def __init__(self, url: URL) -> None:
         # Passed apart: SQLAlchemy writes the spaces of `options` in the URL as "+", which
         # libpq does not read back as spaces.
-        self._settings = {name: url.query[name] for name in ("options", "application_name")}
+        self._settings = {
+            name: url.query[name] for name in ("options", "application_name") if name in url.query
+        }
         self._conninfo = url.set(
             drivername="postgresql",
             query={k: v for k, v in url.query.items() if k not in self._settings},
@@ -211,10 +230,68 @@ class _DriverPool:
             self._idle.append(conn)
         return [row(*value) for value in values]
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, dialect: Dialect) -> AsyncIterator[DriverTransaction]:
+        """A transaction on one of the pool's connections: committed when the block ends,
+        and on any error or cancellation the connection is closed (the server rolls back)
+        rather than reused in an unknown state."""
+        async with self._slots:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else await self._connect()
+            try:
+                try:
+                    await conn.execute("BEGIN")
+                except psycopg.OperationalError:
+                    _close_now(conn)
+                    if not reused:
+                        raise
+                    conn = await self._connect()  # the server closed the idle one: nothing sent
+                    await conn.execute("BEGIN")
+                yield DriverTransaction(conn, dialect)
+                await conn.execute("COMMIT")
+            except BaseException:
+                _close_now(conn)
+                raise
+            self._idle.append(conn)
+
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             _close_now(conn)
+
+
+class DriverTransaction:
+    """Statements of one `_DriverPool.transaction`, each compiled once and prepared."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+
+    async def rows(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
+        """The rows `statement` returns (a SELECT, or a write's RETURNING)."""
+        compiled, cursor = await self._execute(statement, params)
+        return [compiled.row(*value) for value in await cursor.fetchall()]
+
+    async def count(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        """The number of rows a write changed."""
+        _, cursor = await self._execute(statement, params)
+        return cursor.rowcount
+
+    async def _execute(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> tuple[_Compiled, psycopg.AsyncCursor[Any]]:
+        compiled = _compiled(statement, self._dialect)
+        given = compiled.values(params)
+        values = {
+            name: compiled.binds[name](value) if name in compiled.binds else value
+            for name, value in given.items()
+        }
+        try:
+            return compiled, await self._conn.execute(compiled.sql, values, prepare=True)
+        except psycopg.Error as err:  # as SQLAlchemy raises it: callers catch its errors
+            raise DBAPIError.instance(
+                compiled.sql, None, err, psycopg.Error, hide_parameters=True
+            ) from err
 
 
 async def _fetch(
@@ -231,24 +308,30 @@ def _close_now(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 _POOLS: weakref.WeakKeyDictionary[
-    AsyncEngine, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DriverPool]
+    AsyncEngine, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[bool, _DriverPool]]
 ] = weakref.WeakKeyDictionary()
 
 
-def _pool(engine: AsyncEngine) -> _DriverPool:
-    """The pool of this engine on the running loop (connections belong to the loop that
-    opened them; a test suite runs many)."""
+def driver_pool(engine: AsyncEngine, *, writes: bool = False) -> _DriverPool:
+    """The read-only (or, for `key_writes`, read-write) pool of this engine on the running
+    loop (connections belong to the loop that opened them; a test suite runs many)."""
     loop = asyncio.get_running_loop()
     pools = _POOLS.get(engine)
     if pools is None:
         pools = _POOLS.setdefault(engine, weakref.WeakKeyDictionary())
-    pool = pools.get(loop)
+    kinds = pools.get(loop)
+    if kinds is None:
+        kinds = pools.setdefault(loop, {})
+    pool = kinds.get(writes)
     if pool is None:
-        pool = pools.setdefault(loop, _DriverPool(engine))
+        url = engine.url if writes else read_only_url(engine.url)
+        pool = kinds.setdefault(writes, _DriverPool(url))
     return pool
 
 
 def close_key_reads(engine: AsyncEngine) -> None:
-    """Close the engine's connections of every loop (`db.engine.dispose`)."""
-    for pool in list((_POOLS.pop(engine, None) or {}).values()):
-        pool.close()
+    """Close the engine's driver connections, reads' and writes', of every loop
+    (`db.engine.dispose`)."""
+    for kinds in list((_POOLS.pop(engine, None) or {}).values()):
+        for pool in kinds.values():
+            pool.close()

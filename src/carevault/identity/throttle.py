@@ -15,11 +15,11 @@ from typing import Any
 
 from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.config import Settings
-from carevault.db.engine import write_transaction
 from carevault.db.key_reads import DIALECTS, read_by_key
+from carevault.db.key_writes import KeyWrites, write_by_key
 from carevault.db.tables import login_throttle
 
 # An attempt still "being checked" after this long was abandoned by a crashed worker.
@@ -71,11 +71,39 @@ _RELEASED = (
     .where(login_throttle.c.key == bindparam("throttle_key"))
     .values(in_flight=_ONE_FEWER_IN_FLIGHT)
 )
+_RESERVED = (
+    update(login_throttle)
+    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .values(
+        failures=bindparam("new_failures"),
+        in_flight=bindparam("new_in_flight"),
+        in_flight_at=bindparam("now"),
+        locked_until=None,
+    )
+)
+_FAILED = (
+    update(login_throttle)
+    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .values(
+        failures=bindparam("new_failures"),
+        last_failure_at=bindparam("now"),
+        in_flight=bindparam("new_in_flight"),
+        locked_until=bindparam("new_locked_until"),
+    )
+)
+_ADDRESS_FAILED = (
+    update(login_throttle)
+    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .values(
+        failures=bindparam("new_failures"),
+        window_started_at=bindparam("new_window_started_at"),
+        last_failure_at=bindparam("now"),
+    )
+)
 
 
-async def _lock_row(conn: AsyncConnection, key: str, now: float) -> Any:
-    values = {"throttle_key": key, "now": now}
-    return (await conn.execute(_LOCKED_ROW[conn.dialect.name], values)).one()
+async def _lock_row(writes: KeyWrites, dialect: str, key: str, now: float) -> Any:
+    return (await writes.rows(_LOCKED_ROW[dialect], {"throttle_key": key, "now": now}))[0]
 
 
 class LoginThrottle:
@@ -84,6 +112,7 @@ class LoginThrottle:
     ) -> None:
         self._s = settings
         self._engine = engine
+        self._dialect = engine.dialect.name
         self._clock = clock
 
     def backoff_seconds(self, failures: int) -> float:
@@ -113,9 +142,9 @@ class LoginThrottle:
         parallel logins (below the limit) all proceed.
         """
         key = f"acct:{account_key}"
-        async with write_transaction(self._engine) as conn:
+        async with write_by_key(self._engine) as writes:
             now = self._clock()
-            row = await _lock_row(conn, key, now)
+            row = await _lock_row(writes, self._dialect, key, now)
             failures = row.failures
             in_flight = row.in_flight
             if row.in_flight_at is None or now - row.in_flight_at > IN_FLIGHT_STALE_SECONDS:
@@ -128,56 +157,49 @@ class LoginThrottle:
                 return AttemptVerdict(False, "backoff")
             if failures + in_flight >= self._s.login_max_failures:
                 return AttemptVerdict(False, "backoff")
-            await conn.execute(
-                update(login_throttle)
-                .where(login_throttle.c.key == key)
-                .values(
-                    failures=failures, in_flight=in_flight + 1, in_flight_at=now, locked_until=None
-                )
-            )
+            reserved = {"new_failures": failures, "new_in_flight": in_flight + 1, "now": now}
+            await writes.count(_RESERVED, {"throttle_key": key, **reserved})
             return AttemptVerdict(True)
 
     async def failed(self, account_key: str) -> bool:
         """Record a failed attempt; return True when it locked the account."""
         key = f"acct:{account_key}"
-        async with write_transaction(self._engine) as conn:
+        async with write_by_key(self._engine) as writes:
             now = self._clock()
-            row = await _lock_row(conn, key, now)
+            row = await _lock_row(writes, self._dialect, key, now)
             failures = row.failures + 1
             locked = failures >= self._s.login_max_failures
-            await conn.execute(
-                update(login_throttle)
-                .where(login_throttle.c.key == key)
-                .values(
-                    failures=failures,
-                    last_failure_at=now,
-                    in_flight=max(0, row.in_flight - 1),
-                    locked_until=now + self._s.login_lockout_seconds if locked else None,
-                )
-            )
+            failed = {
+                "new_failures": failures,
+                "now": now,
+                "new_in_flight": max(0, row.in_flight - 1),
+                "new_locked_until": now + self._s.login_lockout_seconds if locked else None,
+            }
+            await writes.count(_FAILED, {"throttle_key": key, **failed})
             return locked
 
     async def succeeded(self, account_key: str) -> None:
         # Reset rather than delete: a concurrent attempt of the same account may be between
         # its insert-if-missing and its read of this row (PostgreSQL, READ COMMITTED).
-        async with write_transaction(self._engine) as conn:
-            await conn.execute(_SUCCEEDED, {"throttle_key": f"acct:{account_key}"})
+        async with write_by_key(self._engine) as writes:
+            await writes.count(_SUCCEEDED, {"throttle_key": f"acct:{account_key}"})
 
     async def release(self, account_key: str) -> None:
         """End an attempt that neither failed nor completed the login (the password was right
         and a second factor is asked for): the failure count stays as it is."""
-        async with write_transaction(self._engine) as conn:
-            await conn.execute(_RELEASED, {"throttle_key": f"acct:{account_key}"})
+        async with write_by_key(self._engine) as writes:
+            await writes.count(_RELEASED, {"throttle_key": f"acct:{account_key}"})
 
     async def address_failed(self, address: str) -> None:
         key = f"addr:{address}"
-        async with write_transaction(self._engine) as conn:
+        async with write_by_key(self._engine) as writes:
             now = self._clock()
-            row = await _lock_row(conn, key, now)
+            row = await _lock_row(writes, self._dialect, key, now)
             if now - row.window_started_at > self._s.login_address_window_seconds:
-                values = {"failures": 1, "window_started_at": now, "last_failure_at": now}
+                counted = {"new_failures": 1, "new_window_started_at": now}
             else:
-                values = {"failures": row.failures + 1, "last_failure_at": now}
-            await conn.execute(
-                update(login_throttle).where(login_throttle.c.key == key).values(**values)
-            )
+                counted = {
+                    "new_failures": row.failures + 1,
+                    "new_window_started_at": row.window_started_at,
+                }
+            await writes.count(_ADDRESS_FAILED, {"throttle_key": key, "now": now, **counted})

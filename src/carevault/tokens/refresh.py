@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from carevault.config import Settings
 from carevault.crypto.instance_secrets import InstanceSecrets
 from carevault.db.engine import write_transaction
+from carevault.db.key_writes import write_by_key
 from carevault.db.tables import refresh_families, refresh_tokens
 
 TOKEN_BYTES = 32  # 256 bits
@@ -80,6 +81,31 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# A login's new family and its first token: prebuilt, for `write_by_key`.
+_NEW_FAMILY = insert(refresh_families).values(
+    id=bindparam("family_id"),
+    user_id=bindparam("family_user"),
+    client_id=bindparam("family_client"),
+    scope=bindparam("family_scope"),
+    amr=bindparam("family_amr"),
+    auth_time=bindparam("family_auth_time"),
+    created_at=bindparam("now"),
+    expires_at=bindparam("family_expires_at"),
+    acr=bindparam("family_acr"),
+    address=bindparam("family_address"),
+    device=bindparam("family_device"),
+    last_used_at=bindparam("now"),
+    patient=bindparam("family_patient"),
+    dpop_jkt=bindparam("family_dpop_jkt"),
+)
+_NEW_TOKEN = insert(refresh_tokens).values(
+    token_hash=bindparam("new_token_hash"),
+    family_id=bindparam("family_id"),
+    issued_at=bindparam("now"),
+    idle_expires_at=bindparam("token_idle_expires_at"),
+)
+
+
 class RefreshTokenService:
     def __init__(
         self,
@@ -126,34 +152,35 @@ class RefreshTokenService:
             dpop_jkt=dpop_jkt,
         )
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        async with write_transaction(self._engine) as conn:
-            await conn.execute(
-                insert(refresh_families).values(
-                    id=family.id,
-                    user_id=user_id,
-                    client_id=client_id,
-                    scope=scope,
-                    amr=amr,
-                    auth_time=auth_time,
-                    created_at=now,
-                    expires_at=family.expires_at,
-                    acr=acr,
-                    address=address,
-                    device=device,
-                    last_used_at=now,
-                    patient=patient,
-                    dpop_jkt=dpop_jkt,
-                )
+        async with write_by_key(self._engine) as writes:
+            await writes.count(
+                _NEW_FAMILY,
+                {
+                    "family_id": family.id,
+                    "family_user": user_id,
+                    "family_client": client_id,
+                    "family_scope": scope,
+                    "family_amr": amr,
+                    "family_auth_time": auth_time,
+                    "now": now,
+                    "family_expires_at": family.expires_at,
+                    "family_acr": acr,
+                    "family_address": address,
+                    "family_device": device,
+                    "family_patient": patient,
+                    "family_dpop_jkt": dpop_jkt,
+                },
             )
-            await conn.execute(
-                insert(refresh_tokens).values(
-                    token_hash=hash_token(token),
-                    family_id=family.id,
-                    issued_at=now,
-                    idle_expires_at=min(
+            await writes.count(
+                _NEW_TOKEN,
+                {
+                    "new_token_hash": hash_token(token),
+                    "family_id": family.id,
+                    "now": now,
+                    "token_idle_expires_at": min(
                         now + self._settings.refresh_idle_ttl_seconds, family.expires_at
                     ),
-                )
+                },
             )
         return family, token
 
