@@ -35,6 +35,7 @@ from carevault.audit import merkle
 from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac, format_time
 from carevault.crypto.custody import AuditKeys
 from carevault.db.engine import (
+    URGENT_MAX_DELAY,
     WriteLockWait,
     close_write_connection,
     database_busy,
@@ -172,7 +173,7 @@ class AuditLog:
         the table in SHARE ROW EXCLUSIVE mode; SQLite: `BEGIN IMMEDIATE`), so the second try
         always lands."""
         async with self._append_lock, writer_turn(self._engine, urgent=True):
-            lock_wait = WriteLockWait()
+            lock_wait = WriteLockWait(URGENT_MAX_DELAY)
             attempts = 0
             while attempts < _APPEND_ATTEMPTS:
                 if self._writer is None:
