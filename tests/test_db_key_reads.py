@@ -80,11 +80,10 @@ async def test_the_connections_refuse_to_write(services: Services) -> None:
     assert isinstance(raised.value.orig, psycopg.errors.ReadOnlySqlTransaction)
 
 
-async def test_reads_survive_the_server_closing_their_connections(services: Services) -> None:
-    _postgres(services)
-    await _add_user(services, "u-survivor", "survivor")
-    assert await read_by_key(services.engine, _BY_NAME, {"username": "survivor"})
-    held = [conn.info.backend_pid for conn in key_reads.driver_pool(services.engine)._idle]  # noqa: SLF001
+async def terminate_idle(services: Services, pool: Any) -> None:
+    """What a restart, a failover or `idle_session_timeout` does to a driver pool's idle
+    connections: the server ends their backends."""
+    held = [conn.info.backend_pid for conn in pool._idle]  # noqa: SLF001
     assert held
     async with services.engine.connect() as admin:
         for pid in held:
@@ -93,6 +92,13 @@ async def test_reads_survive_the_server_closing_their_connections(services: Serv
             ).scalar()
             assert killed
         await admin.rollback()
+
+
+async def test_reads_survive_the_server_closing_their_connections(services: Services) -> None:
+    _postgres(services)
+    await _add_user(services, "u-survivor", "survivor")
+    assert await read_by_key(services.engine, _BY_NAME, {"username": "survivor"})
+    await terminate_idle(services, key_reads.driver_pool(services.engine))
     rows = await read_by_key(services.engine, _BY_NAME, {"username": "survivor"})
     assert [r.id for r in rows] == ["u-survivor"]
 

@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 
 import pytest
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from carevault.db import key_reads
@@ -16,6 +16,7 @@ from carevault.db.key_reads import read_by_key
 from carevault.db.key_writes import write_by_key
 from carevault.db.tables import users
 from carevault.runtime import Services
+from tests.test_db_key_reads import terminate_idle
 
 NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
 _NEW_USER = insert(users).values(
@@ -118,16 +119,7 @@ async def test_writes_survive_the_server_closing_idle_connections(services: Serv
     connection (nothing had been sent on the dead one)."""
     _postgres(services)
     await _write_one(services, "u-kw-5", "kw.five")
-    pool = key_reads.driver_pool(services.engine, writes=True)
-    held = [conn.info.backend_pid for conn in pool._idle]  # noqa: SLF001
-    assert held
-    async with services.engine.connect() as admin:
-        for pid in held:
-            killed = (
-                await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            ).scalar()
-            assert killed
-        await admin.rollback()
+    await terminate_idle(services, key_reads.driver_pool(services.engine, writes=True))
     await _write_one(services, "u-kw-6", "kw.six")
     assert await _names(services, "kw.six") == ["u-kw-6"]
 
