@@ -435,8 +435,8 @@ class _KeptWriter:
     """SQLite: the connection this process's write transactions run on, kept open. Writers
     of a process take turns anyway (`writer_turn`), so one connection serves them all, and it
     spares each transaction a pool checkout and return (a rollback) and the busy-timeout
-    switches around BEGIN IMMEDIATE: each a crossing to aiosqlite's thread and back, about a
-    fifth of a login's event-loop time. Its busy timeout is 0 for good, as the audit
+    switches around BEGIN IMMEDIATE: each a crossing to aiosqlite's thread and back (a login's
+    event-loop time 6.4 -> 5.45 ms without them). Its busy timeout is 0 for good, as the audit
     writer's (`dedicated_write_connection`). A transaction nested in another of the same
     task, or one of another event loop (a test suite's), gets a pooled connection as before."""
 
