@@ -17,7 +17,9 @@ read-only (`default_transaction_read_only`), named `carevault-reads` in pg_stat_
 the read threads' pool, at most `_CONNECTIONS` at once. The statement text is compiled once
 and prepared by the server. A connection that fails, or whose read was cancelled midway, is
 closed rather than reused; a read on a connection the server closed meanwhile (a restart, a
-failover, an idle timeout) runs again on a new one.
+failover, an idle timeout) runs again on a new one. `key_writes` runs its short write
+transactions on a read-write pool of the same kind (`driver_pool(engine, writes=True)`, under
+the database URL's own application name), with the same compiled statements.
 """
 
 from __future__ import annotations
