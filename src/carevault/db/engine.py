@@ -373,8 +373,9 @@ class WriteLockWait:
     the other worker's logins (read p99 during a login storm 6.3x its p99 at rest). Within a
     process, writers hand the lock's turn to each other at once, so a process polling from
     outside can keep missing it: the audit trail, which every request waits on, polls at up
-    to 1 ms (`URGENT_MAX_DELAY`) rather than 5 (SQLite, 2 workers, one A/B pair: read p99 in
-    the login storm 112-120 -> 92-126 ms, reads in it 631-1,076 -> 932-1,063/s)."""
+    to 1 ms (`URGENT_MAX_DELAY`) rather than 5 (SQLite, 2 workers, two A/B pairs of 2 rounds:
+    read p99 in the login storm 104-120 -> 92-126 ms, reads in it 631-1,076 -> 932-1,100/s;
+    a modest gain inside this machine's noise)."""
 
     def __init__(self, max_delay: float = _MAX_DELAY) -> None:
         self._deadline = time.monotonic() + _WRITER_WAIT_SECONDS
