@@ -57,23 +57,20 @@ def _locked_row(dialect: str) -> Any:
 
 
 _LOCKED_ROW = {dialect: _locked_row(dialect) for dialect in DIALECTS}
-_ROW = select(login_throttle).where(login_throttle.c.key == bindparam("throttle_key"))
+_THIS_KEY = login_throttle.c.key == bindparam("throttle_key")
+_ROW = select(login_throttle).where(_THIS_KEY)
 _ONE_FEWER_IN_FLIGHT = case(
     (login_throttle.c.in_flight > 0, login_throttle.c.in_flight - 1), else_=0
 )
 _SUCCEEDED = (
     update(login_throttle)
-    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .where(_THIS_KEY)
     .values(failures=0, locked_until=None, in_flight=_ONE_FEWER_IN_FLIGHT)
 )
-_RELEASED = (
-    update(login_throttle)
-    .where(login_throttle.c.key == bindparam("throttle_key"))
-    .values(in_flight=_ONE_FEWER_IN_FLIGHT)
-)
+_RELEASED = update(login_throttle).where(_THIS_KEY).values(in_flight=_ONE_FEWER_IN_FLIGHT)
 _RESERVED = (
     update(login_throttle)
-    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .where(_THIS_KEY)
     .values(
         failures=bindparam("new_failures"),
         in_flight=bindparam("new_in_flight"),
@@ -83,7 +80,7 @@ _RESERVED = (
 )
 _FAILED = (
     update(login_throttle)
-    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .where(_THIS_KEY)
     .values(
         failures=bindparam("new_failures"),
         last_failure_at=bindparam("now"),
@@ -93,7 +90,7 @@ _FAILED = (
 )
 _ADDRESS_FAILED = (
     update(login_throttle)
-    .where(login_throttle.c.key == bindparam("throttle_key"))
+    .where(_THIS_KEY)
     .values(
         failures=bindparam("new_failures"),
         window_started_at=bindparam("new_window_started_at"),
@@ -179,8 +176,8 @@ class LoginThrottle:
             return locked
 
     async def succeeded(self, account_key: str) -> None:
-        # Reset rather than delete: a concurrent attempt of the same account may be between
-        # its insert-if-missing and its read of this row (PostgreSQL, READ COMMITTED).
+        # Reset rather than delete: the row still counts the account's other attempts in
+        # flight.
         async with write_by_key(self._engine) as writes:
             await writes.count(_SUCCEEDED, {"throttle_key": f"acct:{account_key}"})
 
