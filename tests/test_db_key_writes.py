@@ -1,6 +1,6 @@
 """`write_by_key`: a login's short write transactions; on PostgreSQL on psycopg's own asyncio
-connections, on SQLite `write_transaction`. All or nothing, errors as SQLAlchemy's, and no
-connection reused in an unknown state."""
+connections, on SQLite on the event loop's own write connection. All or nothing, errors as
+SQLAlchemy's, and no connection reused in an unknown state."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ async def test_an_error_in_the_block_rolls_back(services: Services) -> None:
 
 def _postgres(services: Services) -> None:
     if services.engine.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL only: SQLite's writes by key are write_transaction's")
+        pytest.skip("PostgreSQL only: SQLite's statements cannot be cancelled midway")
 
 
 async def test_a_cancelled_transaction_commits_nothing_and_leaks_no_connection(
@@ -136,3 +136,40 @@ async def test_the_connections_can_write_and_name_the_application(services: Serv
     expected = services.engine.url.query.get("application_name")
     cursor = await conn.execute("SELECT current_setting('application_name')")
     assert (await cursor.fetchone())[0] == (expected or "")
+
+
+async def test_sqlite_holds_the_write_lock_only_while_its_statements_run(
+    services: Services,
+) -> None:
+    """From BEGIN IMMEDIATE to COMMIT no other task gets the loop: through aiosqlite every
+    statement was a crossing to its thread, and a login's transaction held the database's
+    write lock across turns of a loop busy with requests while every read's audit append, in
+    this worker and the others, waited for it."""
+    if services.engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only: PostgreSQL locks rows, not the database")
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0.01)
+    try:
+        async with write_by_key(services.engine) as writes:
+            before = turns
+            await writes.count(_NEW_USER, _user("u-kw-9", "kw.nine"))
+            renamed = await writes.rows(
+                _RENAME, {"old_username": "kw.nine", "new_username": "kw.nine.b"}
+            )
+            await writes.count(_DISABLE, {"user_id": "u-kw-9"})
+        during = turns - before
+        await asyncio.sleep(0.01)
+    finally:
+        other.cancel()
+    assert during == 0
+    assert turns > 0  # the other task did run, before and after
+    assert [r.id for r in renamed] == ["u-kw-9"]
+    assert await _names(services, "kw.nine.b") == ["u-kw-9"]

@@ -1,20 +1,23 @@
 """Waiting for SQLite's write lock held by another process: polls on the event loop
-(`WriteLockWait`), never SQLite's busy handler, bounded, for transactions and audit appends."""
+(`WriteLockWait`), never SQLite's busy handler, bounded, for transactions, writes by key and
+audit appends."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
 import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, insert, select, text
 from sqlalchemy.exc import OperationalError
 
 from carevault.audit.entry import AuditEntry, Outcome
 from carevault.db import engine as db_engine
 from carevault.db.engine import write_transaction
-from carevault.db.tables import audit_entries
+from carevault.db.key_writes import write_by_key
+from carevault.db.tables import audit_entries, users
 from carevault.runtime import Services
 from tests.loop_ticks import ticking
 
@@ -25,6 +28,24 @@ def _sqlite(services: Services) -> str:
     path = services.engine.url.database
     assert path
     return path
+
+
+_NEW_USER = insert(users).values(
+    id=bindparam("new_id"),
+    username=bindparam("new_username"),
+    password_hash="x",
+    roles=bindparam("new_roles"),
+    created_at=bindparam("at"),
+    updated_at=bindparam("at"),
+)
+_NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+_USER = {"new_id": "u-lock-1", "new_username": "lock.one", "new_roles": ["nurse"], "at": _NOW}
+
+
+async def _user_ids(services: Services) -> list[str]:
+    async with services.engine.connect() as conn:
+        found = await conn.execute(select(users.c.id).where(users.c.id == "u-lock-1"))
+        return list(found.scalars())
 
 
 def _hold_write_lock(path: str) -> sqlite3.Connection:
@@ -52,6 +73,24 @@ async def test_a_transaction_waits_for_another_process_then_commits(services: Se
         holder.close()
     assert written == 1
     assert ticks >= 10  # the loop ran on while the transaction waited (0.3 s: ~30 ticks)
+
+
+async def test_a_write_by_key_waits_for_another_process_then_commits(services: Services) -> None:
+    holder = _hold_write_lock(_sqlite(services))
+    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
+
+    async def write() -> int:
+        async with write_by_key(services.engine) as writes:
+            return await writes.count(_NEW_USER, _USER)
+
+    try:
+        written, ticks = await ticking(write)
+    finally:
+        released.cancel()
+        holder.close()
+    assert written == 1
+    assert ticks >= 10  # the loop ran on while the transaction waited (0.3 s: ~30 ticks)
+    assert await _user_ids(services) == ["u-lock-1"]
 
 
 async def test_an_audit_append_waits_for_another_process_then_lands(services: Services) -> None:
@@ -84,6 +123,9 @@ async def test_the_wait_is_bounded_and_writes_nothing(
                 await conn.execute(text("CREATE TABLE never (n INTEGER)"))
         with pytest.raises(OperationalError, match="locked|busy"):
             await services.audit.append([AuditEntry(action="test.never", outcome=Outcome.permit)])
+        with pytest.raises(OperationalError, match="locked|busy"):
+            async with write_by_key(services.engine) as writes:
+                await writes.count(_NEW_USER, _USER)
     finally:
         holder.close()
     # The bound is ours (0.2 s here, 30 s by default), not SQLite's busy timeout: a coarse
@@ -99,6 +141,7 @@ async def test_the_wait_is_bounded_and_writes_nothing(
             )
         ).all()
     assert tables == [] and never == []
+    assert await _user_ids(services) == []
 
 
 async def test_a_writer_outside_write_transaction_still_waits(services: Services) -> None:

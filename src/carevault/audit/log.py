@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import insert, select, text
+from sqlalchemy import Select, insert, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -36,9 +37,9 @@ from carevault.audit.entry import GENESIS_MAC, AuditEntry, canonical, chain_mac,
 from carevault.crypto.custody import AuditKeys
 from carevault.db.engine import (
     URGENT_MAX_DELAY,
+    SqliteWriteThread,
     WriteLockWait,
     close_write_connection,
-    database_busy,
     dedicated_write_connection,
     read_connection,
     write_transaction,
@@ -149,7 +150,8 @@ class AuditLog:
         self._keys = keys  # loaded on first use: the CLI's commands that never audit skip it
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._blocks: dict[int, bytes] = {}  # append-only, so safe to keep
-        self._writer: AsyncConnection | None = None
+        self._writer: AsyncConnection | None = None  # PostgreSQL
+        self._thread = SqliteWriteThread(engine) if engine.dialect.name == "sqlite" else None
         self._tip: tuple[int, bytes] | None = None  # (seq, mac) this process last wrote
         self._append_lock = asyncio.Lock()
 
@@ -166,30 +168,33 @@ class AuditLog:
     async def append(self, entries: list[AuditEntry]) -> int:
         """Chain and commit `entries` atomically; the trail's size afterwards.
 
-        One INSERT statement, committed by itself, chained onto the tip this process last
-        saw: one round trip. If another writer appended since, the first sequence number is
-        taken, the primary key refuses the whole batch, and the batch is chained anew onto the
-        tip read under a lock that keeps every other writer out until it commits (PostgreSQL:
-        the table in SHARE ROW EXCLUSIVE mode; SQLite: `BEGIN IMMEDIATE`), so the second try
-        always lands."""
+        SQLite: on the trail's write thread, in one transaction that takes the database's
+        write lock (`BEGIN IMMEDIATE`), reads the tip and inserts the batch chained onto it:
+        one crossing from the event loop, and the lock held only while its statements run.
+        The chain is computed beforehand on the tip this process last wrote, and again on the
+        thread only if another worker appended since.
+
+        PostgreSQL: one INSERT statement, committed by itself, chained onto the tip this
+        process last saw: one round trip. If another writer appended since, the first
+        sequence number is taken, the primary key refuses the whole batch, and the batch is
+        chained anew onto the tip read under a lock that keeps every other writer out until it
+        commits (the table in SHARE ROW EXCLUSIVE mode), so the second try always lands."""
         async with self._append_lock, writer_turn(self._engine, urgent=True):
-            lock_wait = WriteLockWait(URGENT_MAX_DELAY)
+            if self._thread is not None:
+                return await self._append_on_thread(entries)
             attempts = 0
             while attempts < _APPEND_ATTEMPTS:
                 if self._writer is None:
                     self._writer = await dedicated_write_connection(self._engine)
                     self._tip = None
-                conn = self._writer
                 try:
                     if self._tip is not None:
-                        self._tip = await self._insert(conn, entries, self._tip)
+                        self._tip = await self._insert(
+                            self._writer, self._chain(entries, self._tip)
+                        )
                         return self._tip[0]
                     # The tip is unknown or was just lost to another writer: read it under
                     # the trail's lock, so that busy writers cannot starve this one.
-                    if conn.dialect.name == "sqlite":
-                        async with conn.begin():  # BEGIN IMMEDIATE: the database's write lock
-                            self._tip = await self._insert(conn, entries, await _tip(conn))
-                        return self._tip[0]
                     async with write_transaction(self._engine) as locked:
                         # Blocks every other INSERT (not reads) until this one commits: the
                         # tip read here is still the tip when the batch lands, so a writer
@@ -197,24 +202,47 @@ class AuditLog:
                         await locked.execute(
                             text("LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE")
                         )
-                        self._tip = await self._insert(locked, entries, await _tip(locked))
+                        chained = self._chain(entries, await _tip(locked))
+                        self._tip = await self._insert(locked, chained)
                     return self._tip[0]
-                except (IntegrityError, psycopg.IntegrityError, sqlite3.IntegrityError):
+                except (IntegrityError, psycopg.IntegrityError):
                     self._tip = None  # another writer was first: chain onto the new tip
                     attempts += 1
-                except (OperationalError, sqlite3.OperationalError) as err:
-                    if not database_busy(err):
-                        await self._drop_writer()
-                        raise
-                    await lock_wait.pause(err)  # another process holds SQLite's write lock
                 except BaseException:
                     await self._drop_writer()  # it may be broken: the next append reconnects
                     raise
         raise AppendContention("the audit trail's tip kept moving")
 
-    async def _insert(
-        self, conn: AsyncConnection, entries: list[AuditEntry], tip: tuple[int, bytes]
+    async def _append_on_thread(self, entries: list[AuditEntry]) -> int:
+        assert self._thread is not None
+        lock_wait = WriteLockWait(URGENT_MAX_DELAY)
+        guess = self._chain(entries, self._tip) if self._tip is not None else None
+        while True:
+            try:
+                self._tip = await self._thread.run(
+                    functools.partial(self._append_locked, entries, guess)
+                )
+                return self._tip[0]
+            except OperationalError as err:
+                await lock_wait.pause(err)  # another process holds the lock; else raised
+            except BaseException:
+                self._tip = None
+                raise
+
+    def _append_locked(
+        self, entries: list[AuditEntry], guess: _Chained | None, conn: sqlite3.Connection
     ) -> tuple[int, bytes]:
+        """On the write thread: the whole append under the database's write lock."""
+        conn.execute("BEGIN IMMEDIATE")
+        tip = _sqlite_tip(conn)
+        chained = guess if guess is not None and guess.tip == tip else self._chain(entries, tip)
+        conn.execute(
+            _sqlite_insert(len(chained.rows)), [row[c] for row in chained.rows for c in _COLUMNS]
+        )
+        conn.execute("COMMIT")
+        return chained.last
+
+    def _chain(self, entries: list[AuditEntry], tip: tuple[int, bytes]) -> _Chained:
         mac_key = self.keys.mac
         seq, previous = tip
         at = self._clock()
@@ -224,19 +252,18 @@ class AuditLog:
             body = canonical(entry.document(seq, at))
             previous = chain_mac(mac_key, previous, body)
             rows.append(stored_row(entry, seq, at, body, previous))
-        # One statement is one atomic batch, in a transaction or under autocommit, sent on
-        # the driver's connection: a multi-row VALUES built by the ORM layer was compiled anew
-        # for every batch size and cost more than the commit.
+        return _Chained(tip, (seq, previous), rows)
+
+    async def _insert(self, conn: AsyncConnection, chained: _Chained) -> tuple[int, bytes]:
+        """PostgreSQL: one statement is one atomic batch, in a transaction or under autocommit,
+        sent on the driver's connection: a multi-row VALUES built by the ORM layer was compiled
+        anew for every batch size and cost more than the commit. The text never changes, so
+        the server prepares it once; the arrays go in binary, which spares the driver escaping
+        every quote of the entries' JSON."""
         raw = (await conn.get_raw_connection()).driver_connection
-        if conn.dialect.name == "postgresql":
-            # The text never changes, so the server prepares it once; the arrays go in binary,
-            # which spares the driver escaping every quote of the entries' JSON.
-            columns = [[row[c] for row in rows] for c in _COLUMNS]
-            await raw.execute(_PG_INSERT, columns, prepare=True)
-        else:
-            values = [row[c] for row in rows for c in _COLUMNS]
-            await raw.execute(_sqlite_insert(len(rows)), values)
-        return seq, previous
+        columns = [[row[c] for row in chained.rows] for c in _COLUMNS]
+        await raw.execute(_PG_INSERT, columns, prepare=True)
+        return chained.last
 
     async def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -246,6 +273,8 @@ class AuditLog:
 
     async def close(self) -> None:
         await self._drop_writer()
+        if self._thread is not None:
+            await self._thread.close()
 
     async def size(self) -> int:
         async with read_connection(self._engine) as conn:
@@ -444,6 +473,15 @@ class AuditLog:
         return {row.seq - 1: leaf_of(row.entry.encode(), row.mac) for row in rows}
 
 
+@dataclass(frozen=True)
+class _Chained:
+    """A batch chained onto `tip` (seq, mac): its rows, and the new tip `last`."""
+
+    tip: tuple[int, bytes]
+    last: tuple[int, bytes]
+    rows: list[dict[str, Any]]
+
+
 @dataclass
 class _Subtrees:
     leaves: dict[int, bytes]
@@ -456,25 +494,35 @@ class _Subtrees:
         return self.blocks.get(index)
 
 
+_TIP = (
+    select(audit_entries.c.seq, audit_entries.c.mac).order_by(audit_entries.c.seq.desc()).limit(1)
+)
+# Empty: a new trail, or one whose every entry retention removed.
+_RETAINED_TIP = (
+    select(audit_retention.c.up_to, audit_retention.c.last_mac)
+    .order_by(audit_retention.c.up_to.desc())
+    .limit(1)
+)
+
+
 async def _tip(conn: AsyncConnection) -> tuple[int, bytes]:
+    row = (await conn.execute(_TIP)).first() or (await conn.execute(_RETAINED_TIP)).first()
+    return (row[0], row[1]) if row else (0, GENESIS_MAC)
+
+
+def _sqlite_tip(conn: sqlite3.Connection) -> tuple[int, bytes]:
     row = (
-        await conn.execute(
-            select(audit_entries.c.seq, audit_entries.c.mac)
-            .order_by(audit_entries.c.seq.desc())
-            .limit(1)
-        )
-    ).first()
-    if row is not None:
-        return row.seq, row.mac
-    # Empty: a new trail, or one whose every entry retention removed.
-    mark = (
-        await conn.execute(
-            select(audit_retention.c.up_to, audit_retention.c.last_mac)
-            .order_by(audit_retention.c.up_to.desc())
-            .limit(1)
-        )
-    ).first()
-    return (mark.up_to, mark.last_mac) if mark else (0, GENESIS_MAC)
+        conn.execute(_sqlite_text(_TIP)).fetchone()
+        or conn.execute(_sqlite_text(_RETAINED_TIP)).fetchone()
+    )
+    return (row[0], bytes(row[1])) if row else (0, GENESIS_MAC)
+
+
+@functools.cache
+def _sqlite_text(statement: Select[Any]) -> str:
+    return statement.compile(
+        dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}
+    ).string
 
 
 def _checkpoint(row: Any) -> Checkpoint:

@@ -109,6 +109,7 @@ def _sqlite_events(
     query_only: bool,
     busy_ms: int = 30000,
     transactions: bool = True,
+    checkpoints: bool = True,
 ) -> None:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -121,6 +122,8 @@ def _sqlite_events(
             cursor.execute("PRAGMA secure_delete=ON")
         if query_only:
             cursor.execute("PRAGMA query_only=ON")
+        if not checkpoints:  # left to the connections whose commits run on threads
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     if not transactions:
@@ -347,6 +350,9 @@ async def dispose(engine: AsyncEngine) -> None:
     kept = engine.sync_engine.__dict__.pop(_KEPT_ATTRIBUTE, None)
     if kept is not None:
         await kept.close()
+    loop_writer = engine.sync_engine.__dict__.pop(_LOOP_WRITER_ATTRIBUTE, None)
+    if loop_writer is not None:
+        loop_writer.close()
     reads = _THREADED.pop(engine, None)
     if reads is not None:
         await asyncio.to_thread(reads.close)
@@ -557,6 +563,176 @@ async def writer_turn(engine: AsyncEngine, *, urgent: bool = False) -> AsyncIter
         yield
     finally:
         gate.release()
+
+
+class SqliteWriteThread:
+    """SQLite: a write connection on a thread of its own. `await run(work)` calls
+    `work(connection)` there (the driver's connection: autocommit, busy timeout 0), so a
+    transaction of several statements is one crossing from the event loop and holds the
+    database's write lock only while its statements run.
+
+    Through aiosqlite each statement of a transaction is a crossing, and the task resumes only
+    when its event loop comes round: with two workers on one file, a transaction of the audit
+    trail held the lock across several turns of a loop busy with 32 requests, and the other
+    worker's appends (which every request waits on) waited behind it. `work` raises the
+    driver's errors; SQLITE_BUSY (another process holds the lock) reaches the caller at once,
+    to wait on its loop (`WriteLockWait`). After any other error the connection is closed and
+    the next call opens another. A memory database has no file to share: not for it."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._executor: ThreadPoolExecutor | None = None  # started on first use
+        self._sync: Engine | None = None
+        self._conn: Any = None  # the pool's proxy for the driver's connection
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work`'s answer; its errors are SQLAlchemy's, as from `write_transaction`."""
+        if self._executor is None:  # closed, and used again
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="carevault-sqlite-writer")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, work)
+        except sqlite3.Error as err:
+            raise DBAPIError.instance(
+                "-- a write on the writer thread", None, err, sqlite3.Error, hide_parameters=True
+            ) from err
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            if self._sync is None:
+                self._sync = _write_engine(self._engine)
+            self._conn = self._sync.raw_connection()
+        driver = self._conn.driver_connection
+        try:
+            return work(driver)
+        except BaseException as err:
+            if driver.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    driver.rollback()
+            if not database_busy(err):
+                self._close_connection()
+            raise
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # never back into the pool in an unknown state
+
+    def _close(self) -> None:
+        self._close_connection()
+        if self._sync is not None:
+            self._sync.dispose()
+            self._sync = None
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close)
+        finally:
+            executor.shutdown(wait=False)
+
+
+def _write_engine(engine: AsyncEngine, *, checkpoints: bool = True) -> Engine:
+    sync = create_sync_engine(
+        sync_url(engine.url.render_as_string(hide_password=False)),
+        connect_args={"isolation_level": None, "check_same_thread": False},
+        poolclass=NullPool,
+        hide_parameters=True,
+    )
+    _sqlite_events(
+        sync,
+        secure_delete=_SECURE_DELETE.get(engine, False),
+        query_only=False,
+        busy_ms=0,
+        transactions=False,
+        checkpoints=checkpoints,
+    )
+    return sync
+
+
+class _LoopWriter:
+    """SQLite: a write connection per thread that asks (the event loop's, in practice),
+    kept open, for `loop_write_transaction`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._sync = _write_engine(engine, checkpoints=False)
+        self._mine = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._mine, "conn", None)
+        if conn is None:
+            conn = self._mine.conn = self._sync.raw_connection()
+            with self._lock:
+                self._all.append(conn)
+        return conn.driver_connection  # type: ignore[no-any-return]
+
+    def drop(self) -> None:
+        """After an error other than a busy database: the next transaction opens another."""
+        conn, self._mine.conn = getattr(self._mine, "conn", None), None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._all = self._all, []
+        for conn in held:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+        self._sync.dispose()
+
+
+_LOOP_WRITER_ATTRIBUTE = "_carevault_loop_writer"
+
+
+@contextlib.asynccontextmanager
+async def loop_write_transaction(engine: AsyncEngine) -> AsyncIterator[sqlite3.Connection]:
+    """SQLite: a write transaction on the event loop's own connection (the driver's), for
+    short transactions of prebuilt statements (`key_writes`: a login's throttle row, a new
+    session's refresh family). Once the database's write lock is taken (`BEGIN IMMEDIATE`,
+    waited for on the loop like any writer's), the statements and the COMMIT run without the
+    task giving the loop up, so the lock is held only while they run.
+
+    Through aiosqlite every statement is a crossing to its thread, and the task resumes only
+    when the loop comes round: during a login storm a login's transaction held the lock across
+    several turns of a loop busy with requests, and every read's audit append (in this process
+    and in the other workers) waited behind it. The loop does wait for the COMMIT's fsync
+    (0.15 ms on this machine's disk); it never runs a WAL checkpoint there
+    (`wal_autocheckpoint` is off on this connection: the audit trail's and the other writers'
+    commits, on threads, run them). Errors are SQLAlchemy's, as from `write_transaction`."""
+    async with writer_turn(engine):
+        writer: _LoopWriter | None = getattr(engine.sync_engine, _LOOP_WRITER_ATTRIBUTE, None)
+        if writer is None:
+            writer = _LoopWriter(engine)
+            setattr(engine.sync_engine, _LOOP_WRITER_ATTRIBUTE, writer)
+        wait = WriteLockWait()
+        try:
+            conn = writer.connection()
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as err:
+                    await wait.pause(err)  # another process holds the lock; else raised
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.rollback()
+                raise
+        except sqlite3.Error as err:
+            if not database_busy(err):
+                writer.drop()
+            raise DBAPIError.instance(
+                "-- a write transaction", None, err, sqlite3.Error, hide_parameters=True
+            ) from err
 
 
 async def dedicated_write_connection(engine: AsyncEngine) -> AsyncConnection:

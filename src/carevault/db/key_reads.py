@@ -82,6 +82,14 @@ def read_on(conn: Connection, statement: Select[Any], params: Mapping[str, Any])
     return compiled.on_sqlite(conn, params)
 
 
+def on_sqlite_driver(
+    dbapi_connection: Any, dialect: Dialect, statement: Executable, params: Mapping[str, Any]
+) -> tuple[list[Any], int]:
+    """A prebuilt statement on SQLite's own connection (`key_writes`): its rows and the number
+    of rows it changed."""
+    return _compiled(statement, dialect).on_sqlite_driver(dbapi_connection, params)
+
+
 DIALECTS = ("sqlite", "postgresql")
 
 
@@ -114,33 +122,36 @@ class _Compiled:
         return {**self.own, **params} if self.own else params
 
     def on_sqlite(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        return self.on_sqlite_driver(conn.connection.dbapi_connection, params)[0]
+
+    def on_sqlite_driver(
+        self, dbapi_connection: Any, params: Mapping[str, Any]
+    ) -> tuple[list[Any], int]:
+        """The rows (a SELECT's, or a write's RETURNING) and the number of rows changed."""
         given = self.values(params)
         values = [
             self.binds[name](given[name]) if name in self.binds else given[name]
             for name in self.names
         ]
+        cursor = dbapi_connection.cursor()
         try:
-            raw = _sqlite_rows(conn.connection.dbapi_connection, self.sql, tuple(values))
+            cursor.execute(self.sql, tuple(values))
+            raw = cursor.fetchall()
+            changed = cursor.rowcount
         except sqlite3.Error as err:  # as SQLAlchemy raises it (run_read, callers expect that)
             # Without the values in its text: they are ids and blind-index keys, never for a log.
             raise DBAPIError.instance(
                 self.sql, values, err, sqlite3.Error, hide_parameters=True
             ) from err
+        finally:
+            cursor.close()
         if not any(self.results):
-            return [self.row(*r) for r in raw]
-        return [
+            return [self.row(*r) for r in raw], changed
+        rows = [
             self.row(*(v if f is None else f(v) for f, v in zip(self.results, r, strict=True)))
             for r in raw
         ]
-
-
-def _sqlite_rows(dbapi_connection: Any, sql: str, values: tuple[Any, ...]) -> list[Any]:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(sql, values)
-        return cursor.fetchall()  # type: ignore[no-any-return]
-    finally:
-        cursor.close()
+        return rows, changed
 
 
 @functools.lru_cache(maxsize=2048)
