@@ -133,18 +133,13 @@ class _Compiled:
             self.binds[name](given[name]) if name in self.binds else given[name]
             for name in self.names
         ]
-        cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(self.sql, tuple(values))
-            raw = cursor.fetchall()
-            changed = cursor.rowcount
+            raw, changed = _sqlite_rows(dbapi_connection, self.sql, tuple(values))
         except sqlite3.Error as err:  # as SQLAlchemy raises it (run_read, callers expect that)
             # Without the values in its text: they are ids and blind-index keys, never for a log.
             raise DBAPIError.instance(
                 self.sql, values, err, sqlite3.Error, hide_parameters=True
             ) from err
-        finally:
-            cursor.close()
         if not any(self.results):
             return [self.row(*r) for r in raw], changed
         rows = [
@@ -152,6 +147,15 @@ class _Compiled:
             for r in raw
         ]
         return rows, changed
+
+
+def _sqlite_rows(dbapi_connection: Any, sql: str, values: tuple[Any, ...]) -> tuple[list[Any], int]:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, values)
+        return cursor.fetchall(), cursor.rowcount
+    finally:
+        cursor.close()
 
 
 @functools.lru_cache(maxsize=2048)
