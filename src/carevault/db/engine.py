@@ -574,10 +574,11 @@ class SqliteWriteThread:
     Through aiosqlite each statement of a transaction is a crossing, and the task resumes only
     when its event loop comes round: with two workers on one file, a transaction of the audit
     trail held the lock across several turns of a loop busy with 32 requests, and the other
-    worker's appends (which every request waits on) waited behind it. `work` raises the
-    driver's errors; SQLITE_BUSY (another process holds the lock) reaches the caller at once,
-    to wait on its loop (`WriteLockWait`). After any other error the connection is closed and
-    the next call opens another. A memory database has no file to share: not for it."""
+    worker's appends (which every request waits on) waited behind it. Errors reach the caller
+    as SQLAlchemy's; SQLITE_BUSY (another process holds the lock) at once, to be waited out on
+    the loop (`WriteLockWait`). After any other error the connection is closed and the next
+    call opens another. File databases only: on its thread, a memory database would be
+    another, empty one."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
