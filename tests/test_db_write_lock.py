@@ -5,12 +5,11 @@ audit appends."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sqlite3
 import time
 
 import pytest
-from sqlalchemy import bindparam, insert, select, text
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 
 from carevault.audit.entry import AuditEntry, Outcome
@@ -20,6 +19,7 @@ from carevault.db.key_writes import write_by_key
 from carevault.db.tables import audit_entries, users
 from carevault.runtime import Services
 from tests.loop_ticks import ticking
+from tests.test_db_key_writes import _NEW_USER, _user
 
 
 def _sqlite(services: Services) -> str:
@@ -30,16 +30,7 @@ def _sqlite(services: Services) -> str:
     return path
 
 
-_NEW_USER = insert(users).values(
-    id=bindparam("new_id"),
-    username=bindparam("new_username"),
-    password_hash="x",
-    roles=bindparam("new_roles"),
-    created_at=bindparam("at"),
-    updated_at=bindparam("at"),
-)
-_NOW = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
-_USER = {"new_id": "u-lock-1", "new_username": "lock.one", "new_roles": ["nurse"], "at": _NOW}
+_USER = _user("u-lock-1", "lock.one")
 
 
 async def _user_ids(services: Services) -> list[str]:
