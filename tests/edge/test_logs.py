@@ -344,6 +344,36 @@ def test_scrubber_masks_value_patterns_in_any_string() -> None:
     assert out["user_id"] == "0b6c2a4e-5f1d-4c3b-9a8e-7d6f5e4c3b2a"
 
 
+def test_scrubber_fast_path_still_scrubs_what_is_not_a_plain_string() -> None:
+    class Label(str):  # a str subclass (an enum's value, say) takes the long way
+        pass
+
+    class Opaque:
+        def __str__(self) -> str:
+            return f"Bearer {OPAQUE}"
+
+    event = {
+        "label": Label(f"Bearer {OPAQUE}"),
+        "thing": Opaque(),
+        "count": 3,
+        "flag": True,
+        "ratio": 0.5,
+        "none": None,
+        "raw": b"secret bytes",
+    }
+    out = logs.scrub(None, "info", event)
+    assert OPAQUE not in json.dumps(out)
+    assert out["raw"] == logs.REDACTED
+    assert (out["count"], out["flag"], out["ratio"], out["none"]) == (3, True, 0.5, None)
+
+
+def test_rendering_keeps_every_value_orjson_refuses() -> None:
+    big = 2**70  # beyond orjson's 64-bit integers: rendered by `json` instead
+    line = logs.render_json({"event": "big", "n": big, 1: "int key", "where": "Malmö"})
+    assert json.loads(line) == {"event": "big", "n": big, "1": "int key", "where": "Malmö"}
+    assert json.loads(logs.render_json({"event": "small", 2: "x"})) == {"event": "small", "2": "x"}
+
+
 def _raise_with_phi() -> None:
     patient = {"name": P_FAMILY, "birthDate": P_BIRTH}  # a local the traceback must not show
     raise ValueError(f"cannot store {patient['name']} born {patient['birthDate']}")

@@ -108,11 +108,24 @@ class RequestContext:
                 _observe(scope, status, time.perf_counter() - arrived)
 
 
+# (method, route, status) -> the counter and histogram children: `labels()` takes a lock and
+# rebuilds the key on every call. Bounded as the metrics' own label sets are: methods are
+# labelled from a fixed list, routes are templates, statuses are codes.
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def _observe(scope: Scope, status: int, seconds: float) -> None:
     method = method_label(scope["method"])
     route = route_template(scope)
-    REQUESTS.labels(method=method, route=route, status=str(status)).inc()
-    LATENCY.labels(method=method, route=route).observe(seconds)
+    series = _SERIES.get((method, route, status))
+    if series is None:
+        series = (
+            REQUESTS.labels(method=method, route=route, status=str(status)),
+            LATENCY.labels(method=method, route=route),
+        )
+        _SERIES[(method, route, status)] = series
+    series[0].inc()
+    series[1].observe(seconds)
     log = access_log.warning if status >= 500 else access_log.info
     log(
         "request",
