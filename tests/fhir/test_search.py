@@ -640,3 +640,64 @@ def test_searches_of_one_shape_share_one_statement():
     assert plan(("code", "8867-4"), ("date", "ge2024-01-01"), seen=another) is not first
     values = _params(parse_search("Observation", [("code", "8867-4")], blind))
     assert list(values) == ["b0"] and values["b0"].endswith("8867-4")
+
+
+class _Statements:
+    """The SQL the data database runs, watched where it runs: SQLAlchemy's `before_cursor_execute`
+    on the engines (writes, and reads through SQLAlchemy), and the driver calls of reads by key
+    and searches (db/key_reads.py: psycopg's fetch on PostgreSQL, the SQLite cursor step), which
+    bypass SQLAlchemy's events. A statement counts once it has returned its rows: a read on the
+    loop interrupted over its budget runs again on a thread, and only that run counts."""
+
+    def __init__(self, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        from sqlalchemy import event
+
+        from carevault.db import key_reads
+        from carevault.db.engine import read_engines
+
+        self.sql: list[str] = []
+        self._engines = (engine.sync_engine, *read_engines(engine))
+        self._event = event
+        for watched in self._engines:
+            event.listen(watched, "after_cursor_execute", self._executed)
+        fetch, sqlite_rows = key_reads._fetch, key_reads._sqlite_rows
+
+        async def watched_fetch(conn, sql, params):  # type: ignore[no-untyped-def]
+            rows = await fetch(conn, sql, params)
+            self.sql.append(sql)
+            return rows
+
+        def watched_rows(dbapi_connection, sql, values):  # type: ignore[no-untyped-def]
+            rows = sqlite_rows(dbapi_connection, sql, values)
+            self.sql.append(sql)
+            return rows
+
+        monkeypatch.setattr(key_reads, "_fetch", watched_fetch)
+        monkeypatch.setattr(key_reads, "_sqlite_rows", watched_rows)
+
+    def _executed(self, conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        self.sql.append(statement)
+
+    def close(self) -> None:
+        for watched in self._engines:
+            self._event.remove(watched, "after_cursor_execute", self._executed)
+
+
+async def test_a_search_reads_its_page_and_bodies_in_one_statement(seeded, clinician, monkeypatch):
+    """A search's page and its matches' current versions are one statement (fhir/search.py
+    `_plan`): one round trip, and the bodies of the page's own snapshot."""
+    h = clinician
+    await _match(h, "/fhir/Patient", {"name": "Smi"}, {seeded.p["anna"]})  # caches warm
+    watched = _Statements(h.services.engine, monkeypatch)
+    try:
+        bundle = await _search(h, "/fhir/Patient", {"name": "garcia"})
+    finally:
+        watched.close()
+    # the page (the matches and their total: one page holds them all) and the match's body
+    searched = [s for s in watched.sql if "fhir_resources" in s or "fhir_versions" in s]
+    assert len(searched) == 1, searched
+    assert "fhir_versions" in searched[0]
+    jose = seeded.p["jose"]
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [jose] and bundle["total"] == 1
+    read = await h.client.get(f"/fhir/Patient/{jose}")
+    assert bundle["entry"][0]["resource"] == read.json()

@@ -651,7 +651,8 @@ async def _search_bundle(
     result: SearchResult, store: Any, request: Request, caller: FhirCaller
 ) -> dict[str, Any]:
     search = result.search
-    found = await store.read_many(search.resource_type, result.ids)
+    # the matches' current versions came with the page, in the same statement (same snapshot)
+    found = await store.materialise_many(result.rows)
     await caller.access.prefetch([r.body for r in found.values() if r.body])
     entries = []
     for i in result.ids:

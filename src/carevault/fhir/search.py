@@ -20,6 +20,10 @@ Modifiers (``:contains``, ``:exact``, ``:text``, ``:missing``, ``:not``, ``:abov
 not implemented. The only modifier accepted is a reference parameter's target type
 (``subject:Patient=123``).
 
+The page statement also brings each match's current version (the pointer's version row of
+`fhir_versions`: scope and ciphertext), so the page's bodies are read in the same statement and
+the same snapshot as the page itself (`SearchResult.rows`, `ResourceStore.materialise_many`).
+
 Paging is keyset paging (results are ordered by the sort keys, then id; a page continues after
 the last row of the previous one, so inserts and deletes between pages neither repeat nor skip
 results). The cursor - the resource type, every parameter, the position and the caller - is
@@ -67,7 +71,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from carevault.crypto.blind_index import BlindIndex
 from carevault.db.engine import run_read
 from carevault.db.key_reads import DIALECTS, in_list, read_by_key, read_on
-from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources
+from carevault.db.tables import fhir_index_dates, fhir_index_keys, fhir_resources, fhir_versions
 from carevault.fhir.compartment import parse_relative_reference
 from carevault.fhir.search_params import (
     SearchParam,
@@ -147,6 +151,9 @@ class SearchResult:
     has_next: bool
     last: tuple[Any, ...] | None  # keyset position of the page's last row
     includes: list[tuple[str, str]]  # (type, id), unique, not among the matches
+    # The page's rows, in its order: each match's id with its current version's columns as
+    # `ResourceStore.materialise_many` takes them (read with the page, in the same statement).
+    rows: list[Any] = field(default_factory=list)
 
 
 # --- cursors -----------------------------------------------------------------------------
@@ -585,6 +592,17 @@ def _after(columns: list[tuple[str, Any, bool]], after: tuple[Any, ...]) -> Colu
     return or_(*clauses)
 
 
+# What `ResourceStore.materialise_many` reads of a current version, besides the id.
+_VERSION_COLUMNS = (
+    fhir_versions.c.resource_type,
+    fhir_versions.c.version,
+    fhir_versions.c.last_updated,
+    fhir_versions.c.deleted,
+    fhir_versions.c.scope,
+    fhir_versions.c.body,
+)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """The statements of one shape of search (`_plan`), every value a parameter named b<n>."""
@@ -642,11 +660,39 @@ def _plan(search: Search, visible: ColumnElement[bool] | None) -> _Plan:
         if after is not None:
             position = tuple(None if undated else bindparam(next(names), None) for undated in after)
             page_where = and_(where, _after(columns, position))
-        page = (
-            select(fhir_resources.c.id, *(c for _, c, _ in columns))
+        matches = (
+            select(
+                fhir_resources.c.id,
+                fhir_resources.c.version,
+                *(c.label(f"s{n}") for n, (_, c, _) in enumerate(columns)),
+            )
             .where(page_where)
             .order_by(*(c.desc() if desc else c.asc() for _, c, desc in columns))
             .limit(search.count + 1)
+            .subquery("page")
+        )
+        # The page's current versions, joined to the page once it is chosen (count + 1 rows),
+        # not to every match before the sort and limit. An outer join: a pointer without its
+        # version row still counts in the page, as it did when the bodies were read apart.
+        v = fhir_versions
+        ordered = [(matches.c[f"s{n}"], desc) for n, (_, _, desc) in enumerate(columns)]
+        page = (
+            select(
+                matches.c.id,
+                *(c for c, _ in ordered),
+                *_VERSION_COLUMNS,
+            )
+            .select_from(
+                matches.outerjoin(
+                    v,
+                    and_(
+                        v.c.resource_type == search.resource_type,
+                        v.c.id == matches.c.id,
+                        v.c.version == matches.c.version,
+                    ),
+                )
+            )
+            .order_by(*(c.desc() if desc else c.asc() for c, desc in ordered))
         )
     plan = _Plan(visible, page, select(func.count()).select_from(fhir_resources).where(where))
     _PLANS[key] = plan
@@ -678,18 +724,19 @@ _Steps = Generator[tuple[Select[Any], Mapping[str, Any]], list[Any], "SearchResu
 
 
 def _steps(search: Search, plan: _Plan, dialect: str) -> _Steps:
-    """The page, the total and the _include targets."""
+    """The page (with its matches' current versions), the total and the _include targets."""
     params = _params(search)
     ids: list[str] = []
     has_next = False
     last: tuple[Any, ...] | None = None
+    rows: list[Any] = []
     if plan.page is not None:
         rows = yield plan.page, params
         has_next = len(rows) > search.count
         rows = rows[: search.count]
         ids = [row[0] for row in rows]
         if rows:
-            last = tuple(rows[-1][1:])
+            last = tuple(rows[-1][1 : -len(_VERSION_COLUMNS)])
     total = None
     if search.total != "none":
         if search.after is None and search.count > 0 and not has_next:
@@ -718,7 +765,7 @@ def _steps(search: Search, plan: _Plan, dialect: str) -> _Steps:
             if relative not in seen:
                 seen.add(relative)
                 includes.append(relative)
-    return SearchResult(search, total, ids, has_next, last, includes)
+    return SearchResult(search, total, ids, has_next, last, includes, rows)
 
 
 def _run(conn: Connection, steps: _Steps) -> SearchResult:

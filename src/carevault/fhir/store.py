@@ -470,9 +470,17 @@ class ResourceStore:
             return {}
         key = {"resource_type": resource_type, "ids": sorted(set(resource_ids))}
         rows = await read_by_key(self._engine, _CURRENT_IN[self._engine.dialect.name], key)
+        return await self.materialise_many(rows)
+
+    async def materialise_many(self, rows: Sequence[Any]) -> dict[str, StoredResource]:
+        """Current versions already read, by id, decrypted: rows with the columns of a version
+        (resource_type, id, version, last_updated, deleted, scope, body), as `read_many` reads
+        them or a search's page brings them (`search.SearchResult.rows`). A row without a
+        version (body None: a search's outer join found none) or of a deletion is left out,
+        as `read_many` leaves them out."""
         found: dict[str, StoredResource] = {}
         for row in rows:
-            if not row.deleted:
+            if row.body is not None and not row.deleted:
                 found[row.id] = await self._materialise(row)
         return found
 
