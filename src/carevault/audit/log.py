@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Select, insert, select, text
+from sqlalchemy import Select, bindparam, insert, select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,6 +45,7 @@ from carevault.db.engine import (
     write_transaction,
     writer_turn,
 )
+from carevault.db.key_reads import read_by_key
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries, audit_retention
 
 _APPEND_ATTEMPTS = 20
@@ -150,6 +151,9 @@ class AuditLog:
         self._keys = keys  # loaded on first use: the CLI's commands that never audit skip it
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._blocks: dict[int, bytes] = {}  # append-only, so safe to keep
+        # Leaf hashes of a prefix of one block (the one the last checkpoint ended in), each of a
+        # row whose chain MAC this instance verified: `_LeafCache` says when they are used.
+        self._cache = _LeafCache(0, ())
         self._writer: AsyncConnection | None = None  # PostgreSQL
         self._thread = SqliteWriteThread(engine) if engine.dialect.name == "sqlite" else None
         self._tip: tuple[int, bytes] | None = None  # (seq, mac) this process last wrote
@@ -308,15 +312,25 @@ class AuditLog:
             rows = (await conn.execute(query.order_by(audit_checkpoints.c.size))).all()
         return [_checkpoint(row) for row in rows]
 
-    async def checkpoint(self) -> Checkpoint | None:
+    async def checkpoint(self, *, unless_covered: int | None = None) -> Checkpoint | None:
         """Sign a tree head over every entry committed so far, unless the latest checkpoint
-        already covers them all. Also stores the block hashes completed since."""
+        already covers them all. Also stores the block hashes completed since.
+
+        With `unless_covered` (the writer of each worker process, which all reach their
+        threshold at about the same time): sign nothing and answer the latest checkpoint if one
+        of at least that many entries exists, looked at before the work and again just before
+        signing, so that a worker finishing second usually finds the first one's checkpoint."""
         size = await self.size()
         latest = await self.latest_checkpoint()
         if size == 0 or (latest is not None and latest.size >= size):
             return latest
-        await self._check_chain(latest.size if latest else 0, size)
-        root = await self.root(size)
+        if unless_covered is not None and latest is not None and latest.size >= unless_covered:
+            return latest
+        root = await self._verified_root(latest.size if latest else 0, size)
+        if unless_covered is not None:
+            newer = await self.latest_checkpoint()
+            if newer is not None and newer.size >= unless_covered:
+                return newer
         at = format_time(self._clock())
         keys = self.keys
         signed = Checkpoint(
@@ -337,43 +351,95 @@ class AuditLog:
             return await self.checkpoint_at(size)
         return signed
 
-    async def _check_chain(self, signed: int, size: int) -> None:
-        """A checkpoint vouches for its entries to auditors holding only the public key: the
-        ones it adds must chain, or a change made in the database before it would be signed."""
+    async def _verified_root(self, signed: int, size: int) -> bytes:
+        """The root over entries 1..size, with the chain MACs of entries signed+1..size
+        checked (and of any others read), and the block hashes completed since stored.
+
+        The rows are read once, for the MAC check and the leaves alike, up to `size`: from
+        `signed` or, if lower, from where the leaves the tree needs stop being at hand (the end
+        of those this instance holds for the first block whose hash is not stored, else that
+        block's start). Only the leaves of that one block are held between checkpoints.
+
+        Why the held leaves may stand in for rows, and only below `signed`: a leaf is held only
+        if this instance checked its row's chain MAC, and a row that passes is the one written
+        (nobody without the audit key makes a MAC that chains), so a held leaf is the genuine
+        leaf for good: entries never change. Below `signed` that is all it takes: those rows
+        are under a signed checkpoint, and any checkpoint was signed only after its signer
+        checked them, so the held leaves are the ones it covers. A row changed there since is
+        caught by `audit verify` against that signature, whatever is signed now; the new root
+        stays consistent with the old one rather than taking up the change. Above `signed`
+        nothing vouches for the rows yet: a held leaf there (checked by a checkpoint of ours
+        that was never signed: it failed, or was skipped for another process's) would be signed
+        over a row that may have been changed since it was checked, and the change would go
+        unnoticed until someone ran `audit verify`. So the read always starts at or below
+        `signed`, every row it returns is checked again, and a change since raises ChainBroken
+        here and signs nothing. Block hashes come from the store as before."""
+        complete = size // merkle.BLOCK
+        await self._load_blocks(complete)
+        missing = [b for b in range(complete) if b not in self._blocks]
+        need = (missing[0] if missing else complete) * merkle.BLOCK  # first leaf index needed
+        held = self._cache  # a concurrent checkpoint replaces it, never changes it
+        start = min(signed, held.end if held.start == need else need)
+        read = await self._verified_leaves(start, size)  # leaves start .. size - 1
+        # leaves[i - need] is leaf i, need <= i < size
+        if start >= need:
+            leaves = [*held.leaves[: start - need], *read]
+        else:
+            leaves = read[need - start :]
+        if missing:
+            await self._store_blocks(
+                {
+                    b: merkle.root_of(
+                        leaves[b * merkle.BLOCK - need : (b + 1) * merkle.BLOCK - need]
+                    )
+                    for b in missing
+                }
+            )
+        tail = complete * merkle.BLOCK
+        kept = _LeafCache(tail, tuple(leaves[tail - need :]))
+        if kept.end >= self._cache.end:  # else a concurrent checkpoint got further
+            self._cache = kept
+        return merkle.range_hash(0, size, lambda i: leaves[i - need], self._blocks.get)
+
+    async def _verified_leaves(self, start: int, size: int) -> list[bytes]:
+        """Leaf hashes of entries start+1 .. size, each entry's chain MAC checked from entry
+        `start`'s (the retention mark's if retention removed that entry; the genesis MAC for
+        0), in one read. Any entry missing or not chaining, `start` included, is ChainBroken."""
+        rows = await self._rows(start, size)
         mac_key = self.keys.mac
-        async with read_connection(self._engine) as conn:
+        first = 0
+        if start == 0:
             previous = GENESIS_MAC
-            if signed:
+        elif rows and rows[0].seq == start:
+            previous, first = rows[0].mac, 1
+        else:
+            async with read_connection(self._engine) as conn:
                 previous = (
                     await conn.execute(
-                        select(audit_entries.c.mac).where(audit_entries.c.seq == signed)
+                        select(audit_retention.c.last_mac).where(audit_retention.c.up_to == start)
                     )
                 ).scalar()
-                if previous is None:  # removed by retention: its mark keeps the MAC
-                    previous = (
-                        await conn.execute(
-                            select(audit_retention.c.last_mac).where(
-                                audit_retention.c.up_to == signed
-                            )
-                        )
-                    ).scalar()
-                if previous is None:
-                    raise ChainBroken(signed)
-            rows = (
-                await conn.execute(
-                    select(audit_entries.c.seq, audit_entries.c.entry, audit_entries.c.mac)
-                    .where(audit_entries.c.seq > signed, audit_entries.c.seq <= size)
-                    .order_by(audit_entries.c.seq)
-                )
-            ).all()
-        expected = signed + 1
-        for row in rows:
-            if row.seq != expected or chain_mac(mac_key, previous, row.entry.encode()) != row.mac:
+            if previous is None:
+                raise ChainBroken(start)
+        expected = start + 1
+        leaves = []
+        for index in range(first, len(rows)):
+            row = rows[index]
+            body = row.entry.encode()
+            if row.seq != expected or chain_mac(mac_key, previous, body) != row.mac:
                 raise ChainBroken(expected)
+            leaves.append(leaf_of(body, row.mac))
             previous = row.mac
             expected += 1
         if expected != size + 1:
             raise ChainBroken(expected)
+        return leaves
+
+    async def _rows(self, first: int, last: int) -> list[Any]:
+        """(seq, entry, mac) of entries first..last, in order: on the driver's own connection
+        (`read_by_key`), without SQLAlchemy's row machinery around each of up to a few
+        thousand rows."""
+        return await read_by_key(self._engine, _RANGE, {"first": first, "last": last})
 
     # -- Merkle -------------------------------------------------------------------------------
 
@@ -459,15 +525,10 @@ class AuditLog:
             self._blocks[block] = digest
 
     async def _leaves(self, lo: int, hi: int) -> dict[int, bytes]:
-        """Leaf hashes of leaf indices [lo, hi) (entries lo+1 .. hi)."""
-        async with read_connection(self._engine) as conn:
-            rows = (
-                await conn.execute(
-                    select(audit_entries.c.seq, audit_entries.c.entry, audit_entries.c.mac)
-                    .where(audit_entries.c.seq > lo, audit_entries.c.seq <= hi)
-                    .order_by(audit_entries.c.seq)
-                )
-            ).all()
+        """Leaf hashes of leaf indices [lo, hi) (entries lo+1 .. hi), read from the rows (the
+        proofs: not the leaves a checkpoint holds, so that entries removed by retention are
+        never proved from memory)."""
+        rows = await self._rows(lo + 1, hi)
         if len(rows) != hi - lo:
             raise ProofUnavailable("entries of this range were removed by retention")
         return {row.seq - 1: leaf_of(row.entry.encode(), row.mac) for row in rows}
@@ -480,6 +541,19 @@ class _Chained:
     tip: tuple[int, bytes]
     last: tuple[int, bytes]
     rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _LeafCache:
+    """Leaf hashes `start` .. `end` - 1 of one block (`start` is its first leaf), each of a row
+    whose chain MAC a checkpoint of this instance checked (`AuditLog._verified_root`)."""
+
+    start: int
+    leaves: tuple[bytes, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.leaves)
 
 
 @dataclass
@@ -496,6 +570,11 @@ class _Subtrees:
 
 _TIP = (
     select(audit_entries.c.seq, audit_entries.c.mac).order_by(audit_entries.c.seq.desc()).limit(1)
+)
+_RANGE = (
+    select(audit_entries.c.seq, audit_entries.c.entry, audit_entries.c.mac)
+    .where(audit_entries.c.seq >= bindparam("first"), audit_entries.c.seq <= bindparam("last"))
+    .order_by(audit_entries.c.seq)
 )
 # Empty: a new trail, or one whose every entry retention removed.
 _RETAINED_TIP = (

@@ -117,7 +117,16 @@ class AuditWriter:
             latest = await self.trail.latest_checkpoint()
             known = latest.size if latest else 0
             if self._size - known >= self._checkpoint_every or self._checkpointed < 0:
-                signed = await self.trail.checkpoint()
+                # Every worker's writer sees the same trail size, so all reach this point at
+                # about the same time: one finishing the (cheap) work second signs nothing if a
+                # checkpoint signed meanwhile leaves less than half an interval behind this
+                # process's last commit. Alone, a process skips only for a checkpoint signed by
+                # its own timer or on request: one still comes every `checkpoint_every` entries.
+                # The first run after a start signs regardless, as before.
+                cover = self._size - self._checkpoint_every // 2
+                signed = await self.trail.checkpoint(
+                    unless_covered=cover if self._checkpointed >= 0 else None
+                )
                 known = signed.size if signed else known
             self._checkpointed = known
         except ChainBroken as err:
