@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import select
 
 from carevault.audit.entry import AuditEntry, Outcome
@@ -165,3 +166,51 @@ async def test_concurrent_writers_and_checkpoints_make_one_gap_free_chain(
     report = verify_db(settings)
     assert report.ok, report.problem
     assert report.entries == EXPECTED and report.checkpoints == len(signed)
+
+
+async def test_a_lost_race_on_postgresql_takes_the_lock_without_a_refused_insert(
+    settings: Settings,
+) -> None:
+    """Two trails (two workers) on one PostgreSQL database: when the other appended since, an
+    append chained onto a stale tip inserts nothing and takes the locked path, rather than
+    sending an INSERT the primary key refuses (an error in the server's log and a rollback
+    each time: about a third of the appends with two busy workers)."""
+    if settings.database_url is None:
+        pytest.skip("the optimistic INSERT and its lock are PostgreSQL's path")
+    engine = create_engine(settings)
+    keys = KeyCustody.from_settings(settings).audit_keys
+    first, second = AuditLog(engine, keys), AuditLog(engine, keys)
+    try:
+        entry = AuditEntry(action="test.race", outcome=Outcome.permit, user="u", patient="p")
+        await first.append([entry])
+        await second.append([entry, entry])  # the tip `first` knows is stale now
+        assert first._writer is not None
+        raw = (await first._writer.get_raw_connection()).driver_connection
+        sent: list[tuple[str, str | None]] = []
+        execute = raw.execute
+
+        async def watched(query: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                cursor = await execute(query, *args, **kwargs)
+            except Exception as err:
+                sent.append((str(query).split()[0], type(err).__name__))
+                raise
+            sent.append((str(query).split()[0], None))
+            return cursor
+
+        raw.execute = watched  # type: ignore[method-assign]
+        assert await first.append([entry]) == 4
+        assert sent == [("INSERT", None), ("LOCK", None), ("SELECT", None), ("INSERT", None)]
+        await first.append([entry])  # its own tip again: one statement
+        assert sent[4:] == [("INSERT", None)]
+    finally:
+        await first.close()
+        await second.close()
+        await engine.dispose()
+    async with create_engine(settings).connect() as conn:
+        seqs = (await conn.execute(select(audit_entries.c.seq))).scalars().all()
+    assert sorted(seqs) == [1, 2, 3, 4, 5]
+    from tests.audit.conftest import verify_db  # as above
+
+    report = verify_db(settings)
+    assert report.ok, report.problem

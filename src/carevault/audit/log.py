@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Select, bindparam, insert, select, text
+from psycopg.types.numeric import Int8
+from sqlalchemy import Select, bindparam, insert, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -66,6 +67,23 @@ _PG_INSERT = (
     "(seq, at, action, outcome, user_id, patient_id, break_glass, entry, mac) "
     "SELECT * FROM unnest(%b::bigint[], %b::varchar[], %b::varchar[], %b::varchar[], "
     "%b::varchar[], %b::varchar[], %b::boolean[], %b::text[], %b::bytea[])"
+)
+
+_PG_INSERT_ONTO = (
+    "INSERT INTO audit_entries "
+    "(seq, at, action, outcome, user_id, patient_id, break_glass, entry, mac) "
+    "SELECT * FROM unnest(%b::bigint[], %b::varchar[], %b::varchar[], %b::varchar[], "
+    "%b::varchar[], %b::varchar[], %b::boolean[], %b::text[], %b::bytea[]) "
+    "WHERE NOT EXISTS (SELECT 1 FROM audit_entries WHERE seq > %b::bigint)"
+)
+_PG_LOCK = "LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE"
+# The tip: the last entry, or where retention stopped if it removed every entry (its mark is
+# never beyond the last entry), or the genesis (no row).
+_PG_TIP = (
+    "SELECT seq, mac FROM (("
+    "SELECT seq, mac FROM audit_entries ORDER BY seq DESC LIMIT 1) UNION ALL ("
+    "SELECT up_to, last_mac FROM audit_retention ORDER BY up_to DESC LIMIT 1)"
+    ") AS tips ORDER BY seq DESC LIMIT 1"
 )
 
 
@@ -179,10 +197,14 @@ class AuditLog:
         thread only if another worker appended since.
 
         PostgreSQL: one INSERT statement, committed by itself, chained onto the tip this
-        process last saw: one round trip. If another writer appended since, the first
-        sequence number is taken, the primary key refuses the whole batch, and the batch is
-        chained anew onto the tip read under a lock that keeps every other writer out until it
-        commits (the table in SHARE ROW EXCLUSIVE mode), so the second try always lands."""
+        process last saw, that inserts nothing if an entry beyond that tip exists: one round
+        trip. If another writer appended since, the batch is chained anew onto the tip read
+        under a lock that keeps every other writer out until it commits (the table in SHARE
+        ROW EXCLUSIVE mode), so the second try always lands: two round trips, pipelined. The
+        primary key is what keeps the chain whole (two batches can never both take a number);
+        the condition only spares the refused INSERT of a lost race. With two workers, about a
+        third of the appends lost it, each an error in the server's log, a rollback and the
+        locked path's five round trips through the pool."""
         async with self._append_lock, writer_turn(self._engine, urgent=True):
             if self._thread is not None:
                 return await self._append_on_thread(entries)
@@ -191,23 +213,17 @@ class AuditLog:
                 if self._writer is None:
                     self._writer = await dedicated_write_connection(self._engine)
                     self._tip = None
+                raw = (await self._writer.get_raw_connection()).driver_connection
                 try:
+                    guess = None
                     if self._tip is not None:
-                        self._tip = await self._insert(
-                            self._writer, self._chain(entries, self._tip)
-                        )
-                        return self._tip[0]
+                        guess = self._chain(entries, self._tip)
+                        if await _pg_insert_onto(raw, guess):
+                            self._tip = guess.last
+                            return self._tip[0]
                     # The tip is unknown or was just lost to another writer: read it under
                     # the trail's lock, so that busy writers cannot starve this one.
-                    async with write_transaction(self._engine) as locked:
-                        # Blocks every other INSERT (not reads) until this one commits: the
-                        # tip read here is still the tip when the batch lands, so a writer
-                        # that lost a race cannot lose again to optimistic ones.
-                        await locked.execute(
-                            text("LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE")
-                        )
-                        chained = self._chain(entries, await _tip(locked))
-                        self._tip = await self._insert(locked, chained)
+                    self._tip = await self._append_locked_pg(raw, entries, guess)
                     return self._tip[0]
                 except (IntegrityError, psycopg.IntegrityError):
                     self._tip = None  # another writer was first: chain onto the new tip
@@ -258,15 +274,20 @@ class AuditLog:
             rows.append(stored_row(entry, seq, at, body, previous))
         return _Chained(tip, (seq, previous), rows)
 
-    async def _insert(self, conn: AsyncConnection, chained: _Chained) -> tuple[int, bytes]:
-        """PostgreSQL: one statement is one atomic batch, in a transaction or under autocommit,
-        sent on the driver's connection: a multi-row VALUES built by the ORM layer was compiled
-        anew for every batch size and cost more than the commit. The text never changes, so
-        the server prepares it once; the arrays go in binary, which spares the driver escaping
-        every quote of the entries' JSON."""
-        raw = (await conn.get_raw_connection()).driver_connection
-        columns = [[row[c] for row in chained.rows] for c in _COLUMNS]
-        await raw.execute(_PG_INSERT, columns, prepare=True)
+    async def _append_locked_pg(
+        self, raw: psycopg.AsyncConnection[Any], entries: list[AuditEntry], guess: _Chained | None
+    ) -> tuple[int, bytes]:
+        """PostgreSQL: lock, read the tip, insert, commit, in one transaction of two round
+        trips (the statements before the tip's read go with it, the INSERT with the COMMIT)."""
+        async with raw.pipeline(), raw.transaction():
+            # Blocks every other INSERT (not reads) until this one commits: the tip read here
+            # is still the tip when the batch lands, so a writer that lost a race cannot lose
+            # again to optimistic ones.
+            await raw.execute(_PG_LOCK, prepare=True)
+            row = await (await raw.execute(_PG_TIP, prepare=True)).fetchone()
+            tip = (row[0], bytes(row[1])) if row else (0, GENESIS_MAC)
+            chained = guess if guess is not None and guess.tip == tip else self._chain(entries, tip)
+            await raw.execute(_PG_INSERT, _pg_columns(chained), prepare=True)
         return chained.last
 
     async def _drop_writer(self) -> None:
@@ -582,6 +603,23 @@ _RETAINED_TIP = (
     .order_by(audit_retention.c.up_to.desc())
     .limit(1)
 )
+
+
+def _pg_columns(chained: _Chained) -> list[list[Any]]:
+    """The INSERT's arrays, one a column: sent in binary, which spares the driver escaping
+    every quote of the entries' JSON (a multi-row VALUES built by the ORM layer was compiled
+    anew for every batch size and cost more than the commit)."""
+    return [[row[c] for row in chained.rows] for c in _COLUMNS]
+
+
+async def _pg_insert_onto(raw: psycopg.AsyncConnection[Any], chained: _Chained) -> bool:
+    """Insert `chained` under autocommit if nothing follows the tip it was chained onto;
+    whether it landed. A writer whose INSERT is still uncommitted is not seen: the primary key
+    then refuses this one (IntegrityError), as before the condition."""
+    cursor = await raw.execute(
+        _PG_INSERT_ONTO, [*_pg_columns(chained), Int8(chained.tip[0])], prepare=True
+    )
+    return cursor.rowcount == len(chained.rows)
 
 
 async def _tip(conn: AsyncConnection) -> tuple[int, bytes]:
