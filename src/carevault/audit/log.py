@@ -74,7 +74,9 @@ _PG_INSERT_ONTO = (
     "(seq, at, action, outcome, user_id, patient_id, break_glass, entry, mac) "
     "SELECT * FROM unnest(%b::bigint[], %b::varchar[], %b::varchar[], %b::varchar[], "
     "%b::varchar[], %b::varchar[], %b::boolean[], %b::text[], %b::bytea[]) "
-    "WHERE NOT EXISTS (SELECT 1 FROM audit_entries WHERE seq > %b::bigint)"
+    # max() is one step down the primary key's index whatever the plan; `NOT EXISTS (... seq >
+    # $1)` got a generic plan that scanned the whole table (11 ms a batch at a million entries).
+    "WHERE coalesce((SELECT max(seq) FROM audit_entries), 0) <= %b::bigint"
 )
 _PG_LOCK = "LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE"
 # The tip: the last entry, or where retention stopped if it removed every entry (its mark is
