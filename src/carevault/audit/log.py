@@ -206,7 +206,9 @@ class AuditLog:
         primary key is what keeps the chain whole (two batches can never both take a number);
         the condition only spares the refused INSERT of a lost race. With two workers, about a
         third of the appends lost it, each an error in the server's log, a rollback and the
-        locked path's five round trips through the pool."""
+        locked path's five round trips through the pool. The condition reads only the table's
+        last number, so it relies on the table never being emptied once written: retention
+        appends its own entry before it removes any (audit/archive.py)."""
         async with self._append_lock, writer_turn(self._engine, urgent=True):
             if self._thread is not None:
                 return await self._append_on_thread(entries)
@@ -215,24 +217,34 @@ class AuditLog:
                 if self._writer is None:
                     self._writer = await dedicated_write_connection(self._engine)
                     self._tip = None
-                raw = (await self._writer.get_raw_connection()).driver_connection
                 try:
+                    raw = (await self._writer.get_raw_connection()).driver_connection
                     guess = None
                     if self._tip is not None:
                         guess = self._chain(entries, self._tip)
                         if await _pg_insert_onto(raw, guess):
                             self._tip = guess.last
                             return self._tip[0]
-                    # The tip is unknown or was just lost to another writer: read it under
-                    # the trail's lock, so that busy writers cannot starve this one.
-                    self._tip = await self._append_locked_pg(raw, entries, guess)
-                    return self._tip[0]
                 except (IntegrityError, psycopg.IntegrityError):
-                    self._tip = None  # another writer was first: chain onto the new tip
-                    attempts += 1
+                    # Another writer's INSERT was uncommitted when this one looked. Under
+                    # autocommit the connection is idle again: keep it, and take the lock.
+                    guess = None
                 except BaseException:
                     await self._drop_writer()  # it may be broken: the next append reconnects
                     raise
+                # The tip is unknown or was just lost to another writer: read it under the
+                # trail's lock, so that busy writers cannot starve this one.
+                try:
+                    self._tip = await self._append_locked_pg(raw, entries, guess)
+                    return self._tip[0]
+                except BaseException as err:
+                    # An error in the pipeline skips its transaction's COMMIT and ROLLBACK
+                    # alike: the connection is left in a failed transaction. Drop it.
+                    self._tip = None
+                    await self._drop_writer()
+                    if not isinstance(err, IntegrityError | psycopg.IntegrityError):
+                        raise
+                    attempts += 1  # cannot happen under the lock; bounded all the same
         raise AppendContention("the audit trail's tip kept moving")
 
     async def _append_on_thread(self, entries: list[AuditEntry]) -> int:
