@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import select, text
@@ -20,6 +22,8 @@ from carevault.db.tables import audit_entries, users
 from carevault.runtime import Services
 from tests.loop_ticks import ticking
 from tests.test_db_key_writes import _NEW_USER, _user
+
+T = TypeVar("T")
 
 
 def _sqlite(services: Services) -> str:
@@ -46,10 +50,19 @@ def _hold_write_lock(path: str) -> sqlite3.Connection:
     return holder
 
 
-async def test_a_transaction_waits_for_another_process_then_commits(services: Services) -> None:
+async def _while_held(services: Services, work: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """`work()` while another process holds the write lock for 0.3 s, and how many 10 ms
+    ticks the loop made meanwhile (`loop_ticks.ticking`)."""
     holder = _hold_write_lock(_sqlite(services))
     released = asyncio.get_running_loop().call_later(0.3, holder.commit)
+    try:
+        return await ticking(work)
+    finally:
+        released.cancel()
+        holder.close()
 
+
+async def test_a_transaction_waits_for_another_process_then_commits(services: Services) -> None:
     async def write() -> int:
         async with write_transaction(services.engine) as conn:
             await conn.execute(text("CREATE TABLE waited (n INTEGER)"))
@@ -57,42 +70,25 @@ async def test_a_transaction_waits_for_another_process_then_commits(services: Se
         async with services.engine.connect() as conn:
             return (await conn.execute(text("SELECT n FROM waited"))).scalar_one()
 
-    try:
-        written, ticks = await ticking(write)
-    finally:
-        released.cancel()
-        holder.close()
+    written, ticks = await _while_held(services, write)
     assert written == 1
     assert ticks >= 10  # the loop ran on while the transaction waited (0.3 s: ~30 ticks)
 
 
 async def test_a_write_by_key_waits_for_another_process_then_commits(services: Services) -> None:
-    holder = _hold_write_lock(_sqlite(services))
-    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
-
     async def write() -> int:
         async with write_by_key(services.engine) as writes:
             return await writes.count(_NEW_USER, _USER)
 
-    try:
-        written, ticks = await ticking(write)
-    finally:
-        released.cancel()
-        holder.close()
+    written, ticks = await _while_held(services, write)
     assert written == 1
     assert ticks >= 10  # the loop ran on while the transaction waited (0.3 s: ~30 ticks)
     assert await _user_ids(services) == ["u-lock-1"]
 
 
 async def test_an_audit_append_waits_for_another_process_then_lands(services: Services) -> None:
-    holder = _hold_write_lock(_sqlite(services))
-    released = asyncio.get_running_loop().call_later(0.3, holder.commit)
     entry = AuditEntry(action="test.write_lock", outcome=Outcome.permit)
-    try:
-        size, _ = await ticking(lambda: services.audit.append([entry]))
-    finally:
-        released.cancel()
-        holder.close()
+    size, _ = await _while_held(services, lambda: services.audit.append([entry]))
     async with services.engine.connect() as conn:
         action = (
             await conn.execute(select(audit_entries.c.action).where(audit_entries.c.seq == size))
