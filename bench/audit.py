@@ -312,11 +312,12 @@ def seed_trail(
         for seq in range(1, n + 1):
             if seq % GROUP_TIME_EVERY == 1:
                 at = base + dt.timedelta(milliseconds=25 * seq)
+                stamp = format_time(at)
             entry = templates[seq % len(templates)]
             entry.request_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-            body = canonical(entry.document(seq, at))
+            body = canonical(entry.document(seq, stamp))
             previous = mac_key.compute(previous + body, 32)
-            rows.append(stored_row(entry, seq, at, body, previous))
+            rows.append(stored_row(entry, seq, stamp, body, previous))
             leaf = merkle.leaf_hash(body + previous)
             tree.append(leaf)
             block_leaves.append(leaf)

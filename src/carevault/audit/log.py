@@ -139,13 +139,12 @@ def _sqlite_insert(rows: int) -> str:
     return f"INSERT INTO audit_entries ({columns}) VALUES " + ", ".join([one] * rows)  # noqa: S608
 
 
-def stored_row(
-    entry: AuditEntry, seq: int, at: dt.datetime, body: bytes, mac: bytes
-) -> dict[str, Any]:
-    """The stored row of a chained entry: its canonical text, MAC and the filter columns."""
+def stored_row(entry: AuditEntry, seq: int, at: str, body: bytes, mac: bytes) -> dict[str, Any]:
+    """The stored row of a chained entry: its canonical text, MAC and the filter columns;
+    `at` as `format_time` writes it."""
     return {
         "seq": seq,
-        "at": format_time(at),
+        "at": at,
         "action": entry.action,
         "outcome": str(entry.outcome),
         "user_id": entry.user,
@@ -279,7 +278,7 @@ class AuditLog:
     def _chain(self, entries: list[AuditEntry], tip: tuple[int, bytes]) -> _Chained:
         mac_key = self.keys.mac
         seq, previous = tip
-        at = self._clock()
+        at = format_time(self._clock())
         rows = []
         for entry in entries:
             seq += 1

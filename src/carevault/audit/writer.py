@@ -4,7 +4,7 @@
 could not be. One flush runs at a time per process; whatever arrives while it runs is the next
 batch, so under load one commit serves many requests and when idle an entry is committed at
 once (no timer adds latency). A request that goes away while it waits does not take its entries
-with it: the flush is shielded from cancellation.
+with it: the flush is a task of its own, so cancelling a waiter cancels only its wait.
 
 Checkpoints are signed in the background once `checkpoint_every` entries have accumulated past
 the last one, and by `run_checkpoints` at least every `checkpoint_seconds` while entries arrive.
@@ -61,7 +61,7 @@ class AuditWriter:
         self._pending.append((entries, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await asyncio.shield(done)
+        await done
 
     async def _flush(self) -> None:
         while self._pending:
