@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from carevault.access.generation import AccessGeneration, bump_in
-from carevault.db.engine import create_engine, write_transaction
+from carevault.db.engine import create_engine, dispose, write_transaction
 from carevault.tokens.signal import ChangeSignal
 
 
@@ -36,7 +36,7 @@ async def test_same_host_sees_a_change_on_the_next_request(settings, tmp_path: P
     finally:
         writer.close()
         reader.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_other_host_sees_a_change_within_the_poll_bound(
@@ -60,7 +60,7 @@ async def test_other_host_sees_a_change_within_the_poll_bound(
     finally:
         here.close()
         there.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_a_failed_read_of_the_generation_denies(store: str, settings, tmp_path) -> None:
@@ -79,7 +79,7 @@ async def test_a_failed_read_of_the_generation_denies(store: str, settings, tmp_
             await generation.current()
     finally:
         generation.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_unreadable_access_facts_answer_503_not_data(store: str, harness) -> None:
@@ -155,7 +155,7 @@ async def test_requests_that_find_the_poll_due_share_one_read(
         assert all(isinstance(f, RuntimeError) for f in failed)
     finally:
         generation.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_with_no_poll_interval_every_request_reads_for_itself(
@@ -184,4 +184,4 @@ async def test_with_no_poll_interval_every_request_reads_for_itself(
         assert reads == 4
     finally:
         generation.close()
-        await engine.dispose()
+        await dispose(engine)

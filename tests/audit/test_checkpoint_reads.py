@@ -24,7 +24,7 @@ from carevault.audit.writer import AuditWriter
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
 from carevault.db import key_reads
-from carevault.db.engine import create_engine, read_engines
+from carevault.db.engine import create_engine, dispose, read_engines
 from carevault.db.tables import audit_checkpoints, audit_entries
 from tests.audit import rfc9162
 from tests.audit.conftest import owner, verify_db
@@ -49,7 +49,7 @@ def _entries(n: int, first: int = 0) -> list[AuditEntry]:
 async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     made = create_engine(settings)
     yield made
-    await made.dispose()
+    await dispose(made)
 
 
 def _log(settings: Settings, engine: AsyncEngine, keys: Any = None) -> AuditLog:

@@ -22,7 +22,7 @@ from carevault.audit.log import AuditLog
 from carevault.audit.writer import AuditWriter
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries
 
 WRITERS = 8  # processes
@@ -71,7 +71,7 @@ async def _write(data_dir: str, database_url: str | None, index: int, barrier: A
         await writer.drain()
     finally:
         await trail.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 def writer_process(data_dir: str, database_url: str | None, index: int, barrier: Any) -> None:
@@ -89,7 +89,7 @@ async def _checkpoints(data_dir: str, database_url: str | None, barrier: Any, do
             await trail.checkpoint()
             await asyncio.sleep(0.05)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 def checkpoint_process(data_dir: str, database_url: str | None, barrier: Any, done: Any) -> None:
@@ -206,7 +206,7 @@ async def test_a_lost_race_on_postgresql_takes_the_lock_without_a_refused_insert
     finally:
         await first.close()
         await second.close()
-        await engine.dispose()
+        await dispose(engine)
     async with create_engine(settings).connect() as conn:
         seqs = (await conn.execute(select(audit_entries.c.seq))).scalars().all()
     assert sorted(seqs) == [1, 2, 3, 4, 5]

@@ -20,7 +20,7 @@ from carevault.audit import archive, parallel
 from carevault.audit.log import AuditLog
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.db.tables import audit_blocks, audit_checkpoints, audit_entries
 from tests.audit.conftest import owner, verify_db
 from tests.audit.test_tamper import (
@@ -54,7 +54,7 @@ async def _build(settings: Settings) -> None:
             assert (await trail.checkpoint()).size == size  # also stores the block hashes
     finally:
         await trail.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 @pytest.fixture

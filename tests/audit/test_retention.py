@@ -32,7 +32,7 @@ from carevault.audit.events import SecurityEvent
 from carevault.audit.log import AuditLog, ProofUnavailable
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.db.tables import AUDIT_TABLES, audit_blocks, audit_entries, audit_retention
 from tests.audit import rfc9162
 from tests.audit.conftest import cli_env, owner, run_cli, sql, verify_db
@@ -66,7 +66,7 @@ async def _with_log(settings: Settings, work: Any) -> Any:
         return await work(trail)
     finally:
         await trail.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def _build(trail: AuditLog) -> None:

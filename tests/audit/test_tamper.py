@@ -30,7 +30,7 @@ from carevault.audit.entry import AuditEntry, Outcome, format_time
 from carevault.audit.log import AuditLog, checkpoint_note
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.db.tables import (
     AUDIT_TABLES,
     audit_blocks,
@@ -78,7 +78,7 @@ async def _build_trail(settings: Settings) -> None:
         assert await trail.size() == SIZE
     finally:
         await trail.close()
-        await engine.dispose()
+        await dispose(engine)
 
 
 @pytest.fixture(scope="module")
@@ -596,7 +596,7 @@ async def test_a_change_in_the_unsigned_tail_is_not_signed_over(
         except Exception:  # noqa: BLE001, S110 - refusing to sign is one right answer
             pass
     finally:
-        await engine.dispose()
+        await dispose(engine)
     problem = verify_db(trail).problem  # with the audit key: the MAC gives it away
     assert problem is not None and (problem.kind, problem.seq) == ("modified", 310)
     signed = [r[0] for r in sql(trail, "SELECT size FROM audit_checkpoints ORDER BY size")]

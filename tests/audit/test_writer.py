@@ -12,7 +12,7 @@ from carevault.audit.log import AuditLog
 from carevault.audit.writer import AuditWriter
 from carevault.config import Settings
 from carevault.crypto.custody import KeyCustody
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from tests.audit.conftest import verify_db
 from tests.audit.trail import audit_documents
 
@@ -45,5 +45,5 @@ async def test_a_cancelled_waiter_leaves_its_entries_and_its_neighbours_committe
         assert written == ["first", "before", "gone", "after"]
     finally:
         await trail.close()
-        await engine.dispose()
+        await dispose(engine)
     assert verify_db(settings).ok

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect, select, text
 from carevault.config import Settings
 from carevault.db import migrate
 from carevault.db.engine import create_engine as create_async
-from carevault.db.engine import sync_url
+from carevault.db.engine import dispose, sync_url
 from carevault.db.tables import data_keys, metadata, vault_metadata
 
 
@@ -93,7 +93,7 @@ async def test_sqlite_runs_in_wal_with_foreign_keys(settings):
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
             assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 def test_upgrade_is_idempotent(settings):

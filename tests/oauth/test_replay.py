@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from carevault.config import Settings
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.db.tables import oauth_replay
 from carevault.oauth.replay import (
     DatabaseReplayCache,
@@ -132,7 +132,7 @@ async def make_cache(replay_store: Store) -> Any:
     for cache in caches:
         await cache.close()
     for engine in engines:
-        await engine.dispose()
+        await dispose(engine)
 
 
 def new_key() -> str:
@@ -151,7 +151,7 @@ async def _rows(settings: Settings, keys: list[str]) -> dict[str, float]:
             )
             return {row.key: row.expires_at for row in result}
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 # --- the contract ---------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ import asyncio, json, os, sys, time
 from pathlib import Path
 
 from carevault.config import Settings
-from carevault.db.engine import create_engine
+from carevault.db.engine import create_engine, dispose
 from carevault.oauth.replay import DatabaseReplayCache, RedisReplayCache
 
 spec = json.loads(sys.argv[1])
@@ -342,7 +342,7 @@ async def main():
     results = await asyncio.gather(*(cache.first_use(k, expires) for k in spec["keys"]))
     await cache.close()
     if engine is not None:
-        await engine.dispose()
+        await dispose(engine)
     print(json.dumps(results))
 
 asyncio.run(main())
@@ -428,7 +428,7 @@ async def test_database_unreachable_is_unavailable() -> None:
         with pytest.raises(ReplayCacheUnavailable):
             await DatabaseReplayCache(engine).first_use(new_key(), time.time() + 60)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_sqlite_file_unopenable_is_unavailable(tmp_path: Path) -> None:
@@ -437,7 +437,7 @@ async def test_sqlite_file_unopenable_is_unavailable(tmp_path: Path) -> None:
         with pytest.raises(ReplayCacheUnavailable):
             await DatabaseReplayCache(engine).first_use(new_key(), time.time() + 60)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_missing_table_is_unavailable_not_first_use(tmp_path: Path) -> None:
@@ -449,7 +449,7 @@ async def test_missing_table_is_unavailable_not_first_use(tmp_path: Path) -> Non
             with pytest.raises(ReplayCacheUnavailable):
                 await cache.first_use("same", time.time() + 60)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_sqlite_store_gone_mid_life_is_unavailable(tmp_path: Path) -> None:
@@ -463,7 +463,7 @@ async def test_sqlite_store_gone_mid_life_is_unavailable(tmp_path: Path) -> None
         with pytest.raises(ReplayCacheUnavailable):
             await cache.first_use(new_key(), time.time() + 60)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ async def test_build_replay_cache_picks_the_backend(replay_store: Store) -> None
         await redis_cache.close()
         assert await database_cache.first_use(new_key(), time.time() + 60) is True
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 @DATABASE_ONLY
@@ -505,5 +505,5 @@ async def test_rows_count_matches_uses(make_cache: Any, replay_store: Store) -> 
                 .where(oauth_replay.c.key.in_([stored_key(k) for k in keys]))
             )
     finally:
-        await engine.dispose()
+        await dispose(engine)
     assert count == 5
