@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -433,11 +434,30 @@ async def test_database_unreachable_is_unavailable() -> None:
 
 async def test_sqlite_file_unopenable_is_unavailable(tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'cv.db'}")
+    before = set(threading.enumerate())
     try:
         with pytest.raises(ReplayCacheUnavailable):
             await DatabaseReplayCache(engine).first_use(new_key(), time.time() + 60)
     finally:
         await dispose(engine)
+        await _connection_threads_ended(before)
+
+
+async def _connection_threads_ended(before: set[threading.Thread]) -> None:
+    """aiosqlite stops the thread of a connection that failed to open by queueing a stop whose
+    answer goes to the event loop. Once the test's loop is closed, that answer raises in the
+    thread ('Event loop is closed'), reported against whichever test runs next: let the thread
+    finish while the loop still runs."""
+
+    def running() -> bool:
+        return any(
+            t.is_alive() and "_connection_worker_thread" in t.name
+            for t in set(threading.enumerate()) - before
+        )
+
+    async with asyncio.timeout(5):
+        while running():  # noqa: ASYNC110 - another thread's state: no event to wait on
+            await asyncio.sleep(0.001)
 
 
 async def test_missing_table_is_unavailable_not_first_use(tmp_path: Path) -> None:
