@@ -555,9 +555,10 @@ def test_suite_is_the_default_scenario_set() -> None:
     assert args.scenarios == "suite"
     assert args.stores == ["sqlite", "postgresql"]  # PostgreSQL skipped with a reason if absent
     assert (args.server_workers, args.patients, args.duration) == ([1, 2], 10_000, 10.0)
-    assert (args.warmup, args.rounds, args.rate_limit) == (2.0, 2, "off")
+    assert (args.warmup, args.rounds, args.rate_limit, args.warm_reads) == (2.0, 2, "off", 3)
     quick = parse_args(["--quick"])
     assert (quick.patients, quick.duration, quick.warmup, quick.rounds) == (1000, 3.0, 1.0, 1)
+    assert quick.warm_reads == 1 and parse_args(["--warm-reads", "0"]).warm_reads == 0
     assert parse_args(["auth", "--stores", "sqlite"]).stores == ["sqlite"]  # the others stay
 
 
@@ -675,5 +676,7 @@ def test_suite_runs_end_to_end(tmp_path: Any) -> None:
     assert storm["requests"] > 0 and storm["error_count"] == 0
     assert run["server"]["checks"]["search_name_entries"] == [1] * 10
     assert run["server"]["checks"]["search_patient_entries"] == 5
+    warm = run["server"]["warm_pass"]  # every patient read 3 times before the rounds
+    assert warm["reads_wanted"] == 60 and warm["reads"] >= 60 and warm["cold_read_rps"] > 0
     assert 1000 < run["server"]["patient_body_bytes"] < 1300
     assert set(run["scenarios"]["fhir-read"]["vs_medplum"]) >= {"rps_ratio", "p99_lower"}
