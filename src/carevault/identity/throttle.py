@@ -137,26 +137,46 @@ class LoginThrottle:
         Confirmed failures plus attempts still being checked may not exceed the limit, so a
         burst of parallel guesses gets no more tries than a sequence would; legitimate
         parallel logins (below the limit) all proceed.
+
+        A refusal changes nothing, so it is decided on the committed row, read without a lock
+        or a write: the locked path would refuse the same way had it run at that moment. Only
+        an attempt that row would let through takes the row's lock (an upsert, which writes a
+        row version on PostgreSQL and takes SQLite's write lock) and is decided again there.
+        So guesses against a locked account, however many, write nothing.
         """
         key = f"acct:{account_key}"
+        rows = await read_by_key(self._engine, _ROW, {"throttle_key": key})
+        if rows:
+            verdict, _, _ = self._decide(rows[0], self._clock())
+            if not verdict.allowed:
+                return verdict
         async with write_by_key(self._engine) as writes:
             now = self._clock()
             row = await _lock_row(writes, self._dialect, key, now)
-            failures = row.failures
-            in_flight = row.in_flight
-            if row.in_flight_at is None or now - row.in_flight_at > IN_FLIGHT_STALE_SECONDS:
-                in_flight = 0  # left behind by a crashed worker
-            if row.locked_until is not None:
-                if now < row.locked_until:
-                    return AttemptVerdict(False, "locked")
-                failures = 0  # the lockout has run its course: start afresh
-            elif failures and now < row.last_failure_at + self.backoff_seconds(failures):
-                return AttemptVerdict(False, "backoff")
-            if failures + in_flight >= self._s.login_max_failures:
-                return AttemptVerdict(False, "backoff")
+            verdict, failures, in_flight = self._decide(row, now)
+            if not verdict.allowed:
+                return verdict
             reserved = {"new_failures": failures, "new_in_flight": in_flight + 1, "now": now}
             await writes.count(_RESERVED, {"throttle_key": key, **reserved})
-            return AttemptVerdict(True)
+            return verdict
+
+    def _decide(self, row: Any, now: float) -> tuple[AttemptVerdict, int, int]:
+        """The verdict on an attempt given the account's row, and the failures and attempts in
+        flight it counts from (a lockout that has run its course and a crashed worker's
+        attempts no longer count)."""
+        failures = row.failures
+        in_flight = row.in_flight
+        if row.in_flight_at is None or now - row.in_flight_at > IN_FLIGHT_STALE_SECONDS:
+            in_flight = 0  # left behind by a crashed worker
+        if row.locked_until is not None:
+            if now < row.locked_until:
+                return AttemptVerdict(False, "locked"), failures, in_flight
+            failures = 0  # the lockout has run its course: start afresh
+        elif failures and now < row.last_failure_at + self.backoff_seconds(failures):
+            return AttemptVerdict(False, "backoff"), failures, in_flight
+        if failures + in_flight >= self._s.login_max_failures:
+            return AttemptVerdict(False, "backoff"), failures, in_flight
+        return AttemptVerdict(True), failures, in_flight
 
     async def failed(self, account_key: str) -> bool:
         """Record a failed attempt; return True when it locked the account."""
