@@ -422,6 +422,32 @@ def runner_with(runner: Any, connections: int) -> Any:
     return PythonLoadRunner(connections, runner.cpu)
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all CPU time, the part stolen by the hypervisor), in ticks since boot, from the first
+    line of /proc/stat; None where there is none. On a virtual machine whose host is busy, the
+    guest's CPUs run slower in every respect: a round measured while the host took a fifth of
+    the time is not comparable with one measured while it took none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[7]
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPUs' time the hypervisor took between two `cpu_ticks` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
+
+
+STEAL_WARN = 0.05  # a chosen round with more than this share stolen is flagged under the table
+
+
 @dataclass
 class Measured:
     load: LoadResult
@@ -591,6 +617,7 @@ def measure_server(
                             SUITE_SCRIPT,
                             load.env,
                         )
+                    ticks = cpu_ticks()
                     result = runner.run(
                         url,
                         args.duration,
@@ -599,12 +626,16 @@ def measure_server(
                         SUITE_SCRIPT,
                         load.env,
                     )
+                    stolen = steal_share(ticks, cpu_ticks())
                 except BaseException:
                     if storm is not None:
                         storm.kill()
                     raise
                 measured[name] = Measured(result, storm.wait() if storm is not None else None)
                 measured[name].load.extra["waited_for_quiet_s"] = round(waited, 2)
+                measured[name].load.extra["cpu_steal_share"] = (
+                    None if stolen is None else round(stolen, 4)
+                )
                 steps.done()
             rounds.append(measured)
         info = {
@@ -1215,6 +1246,7 @@ def suite_main(
         write(False)
 
     wall = time.monotonic()
+    ticks_at_start = cpu_ticks()
     try:
         with Progress(
             TextColumn("{task.description}"),
@@ -1240,6 +1272,8 @@ def suite_main(
         runner.close()
     machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine["wall_seconds"] = round(time.monotonic() - wall, 1)
+    stolen = steal_share(ticks_at_start, cpu_ticks())
+    machine["cpu_steal_share"] = None if stolen is None else round(stolen, 4)
     chart_path = chart(runs, png)
     write(True, chart_path=chart_path)
     if runs:
@@ -1270,15 +1304,25 @@ def suite_main(
                 f"{_ms(storm.latency_us['p99'])} ms, {storm.error_count} errors",
                 highlight=False,
             )
+        for name, measured in run.chosen.items():
+            share = measured.load.extra.get("cpu_steal_share")
+            if share is not None and share > STEAL_WARN:
+                console.print(
+                    f"[yellow]note: {run.label} {name}: the hypervisor took {share:.0%} of the "
+                    "CPUs' time while it was measured; its figures are not comparable with "
+                    "those of an undisturbed round[/yellow]"
+                )
     for store, reason in skipped.items():
         console.print(f"[yellow]{store} skipped: {reason}[/yellow]")
     passed = bool(runs) and not failures and all(run.passed for run in runs)
     for label, message in failures.items():
         console.print(f"[red]{label} failed: {message[:300]}[/red]")
     load = machine["loadavg_at_start"]
+    steal = machine["cpu_steal_share"]
     console.print(
         f"load average at start {load}, at end {machine['loadavg_at_end']} ({cpus} CPUs); "
-        f"{machine['wall_seconds'] / 60:.1f} minutes",
+        f"{machine['wall_seconds'] / 60:.1f} minutes"
+        + (f"; CPU time taken by the hypervisor {steal:.1%}" if steal is not None else ""),
         highlight=False,
     )
     if load and load[0] > 0.5 * cpus:

@@ -562,6 +562,16 @@ def test_suite_is_the_default_scenario_set() -> None:
     assert parse_args(["auth", "--stores", "sqlite"]).stores == ["sqlite"]  # the others stay
 
 
+def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_readings() -> None:
+    from bench.suite import cpu_ticks, steal_share
+
+    assert steal_share((1000, 10), (1400, 110)) == 0.25
+    assert steal_share((1000, 10), (1000, 10)) is None  # no time passed: no share
+    assert steal_share(None, (1400, 110)) is None
+    total, stolen = cpu_ticks() or (0, 0)  # this machine's own counters (Linux)
+    assert total > 0 and 0 <= stolen <= total
+
+
 def test_suite_data_set_is_deterministic_valid_and_realistic() -> None:
     import orjson
 
@@ -672,6 +682,8 @@ def test_suite_runs_end_to_end(tmp_path: Any) -> None:
     for name, scenario in run["scenarios"].items():
         assert scenario["requests"] > 0, name
         assert scenario["error_count"] == 0, name
+        assert 0 <= scenario["extra"]["cpu_steal_share"] <= 1, name  # Linux: /proc/stat
+    assert 0 <= report["machine"]["cpu_steal_share"] <= 1
     storm = run["scenarios"]["read-during-login-storm"]["storm_logins"]
     assert storm["requests"] > 0 and storm["error_count"] == 0
     assert run["server"]["checks"]["search_name_entries"] == [1] * 10
