@@ -263,10 +263,7 @@ LOGIN_ACCOUNTS = 64
 LOGIN_ROLE = "physician"  # a person's account (MFA is off for the run: see bench/server.py)
 SERVER_START_TIMEOUT_S = 300  # two workers importing the app on a loaded 2-core machine: ~50 s
 NAME_CHECKS = 10  # name searches checked to have exactly one hit before the load
-# Before the rounds, the read load runs until it has sent this many reads per seeded patient
-# (each worker keeps its own caches of data keys and access facts, and keep-alive connections
-# stay with one worker), in pieces of at most WARM_PIECE_S, for at most WARM_MAX_S.
-WARM_READS_PER_PATIENT = 3
+# The warm pass (`warm_pass`) reads in pieces of at most WARM_PIECE_S, for at most WARM_MAX_S.
 WARM_PIECE_S = 5.0
 WARM_MAX_S = 120.0
 
